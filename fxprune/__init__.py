@@ -1,0 +1,32 @@
+"""fxprune: structured pruning as compiler passes over torch.export graphs.
+
+    graph  = fxprune.trace(model, kwargs=inputs)      # capture
+    groups = fxprune.analyze(graph)                   # coupled dependency groups
+    pruned = fxprune.rewrite(model, graph, plan)      # smaller module, verified
+"""
+
+from fxprune.errors import (
+    AnalysisError,
+    CaptureError,
+    DataError,
+    FxpruneError,
+    OutputExistsError,
+    PlanError,
+    ScoringError,
+    VerificationError,
+)
+from fxprune.graph import Group, Member, PrunableGraph
+from fxprune.passes.analysis import analyze
+from fxprune.passes.capture import meta_model, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnalysisError", "CaptureError", "DataError", "FxpruneError", "OutputExistsError", "PlanError",
+    "ScoringError", "VerificationError", "Group", "Member", "PrunableGraph", "analyze",
+    "meta_model", "trace",
+]
+
+from fxprune.passes.rewrite import rewrite, rewrite_graph, verify, zeroed_copy  # noqa: E402
+
+__all__ += ["rewrite", "rewrite_graph", "verify", "zeroed_copy"]

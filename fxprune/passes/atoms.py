@@ -1,0 +1,324 @@
+"""Index-space algebra behind the analysis: atoms, their splits, and a union-find over them.
+
+Every tensor dimension is a row-major product of *atoms*.  Ops tie the atoms of their inputs and
+outputs together (``unify_prod``), split one atom into a product of smaller ones (a reshape of
+4096 into 32 heads x 128), or into a concatenation of segments (``carve``: a slice, a fused-QKV
+split, RoPE's two halves).  Atoms that end up in the same union-find class are one index space;
+the *leaf* classes (never split) are the units of pruning.
+
+Splits live on class roots, so every atom in a class shares the same sub-atoms: refining one view
+of an index space refines them all.  When two views cannot be reconciled (a product against a
+concatenation, sizes that do not divide), the spaces involved are frozen instead of guessed at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence, Union
+
+import sympy
+
+Size = Union[int, sympy.Expr]
+
+
+@dataclasses.dataclass
+class Split:
+    kind: str  # "prod" (row-major product) or "sum" (concatenation)
+    parts: list[int]
+
+
+class AtomStore:
+    """Union-find over atoms with per-class splits, freeze reasons and inexact reasons."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[Size] = []
+        self.split: dict[int, Split] = {}
+        self.split_parents: dict[int, set[int]] = {}  # root -> atoms whose split contains it
+        self.frozen: dict[int, str] = {}
+        self.inexact: dict[int, list[str]] = {}
+        self.tags: dict[int, set[str]] = {}
+
+    # ----------------------------------------------------------------- basics
+    def new(self, size: Size, frozen: str | None = None) -> int:
+        atom = len(self.parent)
+        self.parent.append(atom)
+        self.size.append(size)
+        if frozen:
+            self.frozen[atom] = frozen
+        elif not isinstance(size, int):
+            self.frozen[atom] = "symbolic (dynamic) dimension"
+        return atom
+
+    def find(self, atom: int) -> int:
+        root = atom
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[atom] != root:  # path compression
+            self.parent[atom], atom = root, self.parent[atom]
+        return root
+
+    def is_int(self, atom: int) -> bool:
+        return isinstance(self.size[self.find(atom)], int)
+
+    def freeze(self, atoms: Iterable[int], reason: str) -> None:
+        for atom in atoms:
+            root = self.find(atom)
+            self.frozen.setdefault(root, reason)
+
+    def mark_inexact(self, atoms: Iterable[int], reason: str) -> None:
+        for atom in atoms:
+            reasons = self.inexact.setdefault(self.find(atom), [])
+            if reason not in reasons and len(reasons) < 8:
+                reasons.append(reason)
+
+    def tag(self, atoms: Iterable[int], tag: str) -> None:
+        for atom in atoms:
+            self.tags.setdefault(self.find(atom), set()).add(tag)
+
+    def set_split(self, atom: int, kind: str, parts: Sequence[int]) -> None:
+        root = self.find(atom)
+        assert root not in self.split
+        self.split[root] = Split(kind, list(parts))
+        for part in parts:
+            self.split_parents.setdefault(self.find(part), set()).add(root)
+
+    def make(self, kind: str, parts: Sequence[int]) -> int:
+        """A fresh atom that is the product or concatenation of ``parts``."""
+        if len(parts) == 1:
+            return parts[0]
+        sizes = [self.size[self.find(p)] for p in parts]
+        if kind == "prod":
+            total: Size = 1
+            for s in sizes:
+                total = total * s
+        else:
+            total = sum(sizes)
+        atom = self.new(total, frozen=None if isinstance(total, int) else "symbolic")
+        self.set_split(atom, kind, parts)
+        return atom
+
+    # -------------------------------------------------------------- unification
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            self._conflict([ra, rb], f"size mismatch {self.size[ra]} vs {self.size[rb]}")
+            return
+        sa, sb = self.split.pop(ra, None), self.split.pop(rb, None)
+        self.parent[rb] = ra
+        if rb in self.frozen:
+            self.frozen.setdefault(ra, self.frozen.pop(rb))
+        if rb in self.inexact:
+            for r in self.inexact.pop(rb):
+                self.mark_inexact([ra], r)
+        if rb in self.tags:
+            self.tags.setdefault(ra, set()).update(self.tags.pop(rb))
+        if rb in self.split_parents:
+            self.split_parents.setdefault(ra, set()).update(self.split_parents.pop(rb))
+        if sa is not None:
+            self.split[ra] = sa
+        elif sb is not None:
+            self.split[ra] = sb
+        if sa is not None and sb is not None:
+            if sa.kind != sb.kind:
+                self._conflict(sa.parts + sb.parts + [ra], "a space is both a product and a concatenation")
+            elif sa.kind == "prod":
+                self.unify_prod(sa.parts, sb.parts)
+            else:
+                self.unify_sum(sa.parts, sb.parts)
+
+    def _conflict(self, atoms: Iterable[int], reason: str) -> None:
+        """Freeze every space involved in a tie we cannot express, recursively through splits."""
+        stack = list(atoms)
+        seen: set[int] = set()
+        while stack:
+            root = self.find(stack.pop())
+            if root in seen:
+                continue
+            seen.add(root)
+            self.frozen.setdefault(root, reason)
+            if root in self.split:
+                stack.extend(self.split[root].parts)
+
+    def unify_prod(self, seq_a: Sequence[int], seq_b: Sequence[int]) -> bool:
+        """Tie two row-major products of atoms that index the same space, refining as needed."""
+        a = list(reversed(seq_a))
+        b = list(reversed(seq_b))
+        while a and b:
+            x, y = self.find(a.pop()), self.find(b.pop())
+            if x == y:
+                continue
+            sx, sy = self.size[x], self.size[y]
+            if sx == sy:
+                self.union(x, y)
+                continue
+            split_x, split_y = self.split.get(x), self.split.get(y)
+            if split_x is not None and split_x.kind == "prod":
+                a.extend(reversed(split_x.parts))
+                b.append(y)
+                continue
+            if split_y is not None and split_y.kind == "prod":
+                b.extend(reversed(split_y.parts))
+                a.append(x)
+                continue
+            if not (isinstance(sx, int) and isinstance(sy, int)):
+                self._conflict([x, y, *a, *b], "symbolic sizes do not line up")
+                return False
+            big, small, big_stack = (x, y, a) if sx > sy else (y, x, b)
+            sbig, ssmall = max(sx, sy), min(sx, sy)
+            if sbig % ssmall != 0 or big in self.split:
+                self._conflict([x, y, *a, *b], f"sizes {sx} and {sy} do not factor")
+                return False
+            head, tail = self.new(ssmall), self.new(sbig // ssmall)
+            self.set_split(big, "prod", [head, tail])
+            self.union(head, small)
+            big_stack.append(tail)
+        if a or b:
+            self._conflict([*a, *b], "products of different sizes")
+            return False
+        return True
+
+    def unify_sum(self, seq_a: Sequence[int], seq_b: Sequence[int]) -> bool:
+        """Tie two concatenations of segments that index the same space, aligning offsets."""
+        a = list(reversed(seq_a))
+        b = list(reversed(seq_b))
+        guard = 0
+        while a and b:
+            guard += 1
+            if guard > 10_000:
+                self._conflict([*a, *b], "concatenation alignment did not converge")
+                return False
+            x, y = self.find(a.pop()), self.find(b.pop())
+            if x == y:
+                continue
+            sx, sy = self.size[x], self.size[y]
+            if sx == sy:
+                self.union(x, y)
+                continue
+            if not (isinstance(sx, int) and isinstance(sy, int)):
+                self._conflict([x, y, *a, *b], "symbolic concatenation")
+                return False
+            big, small, big_stack = (x, y, a) if sx > sy else (y, x, b)
+            small_stack = b if big_stack is a else a
+            split_big = self.split.get(big)
+            if split_big is not None and split_big.kind == "sum":
+                big_stack.extend(reversed(split_big.parts))
+                small_stack.append(small)
+                continue
+            if split_big is not None:
+                self._conflict([x, y, *a, *b], "a product split meets a concatenation")
+                return False
+            ssmall, sbig = min(sx, sy), max(sx, sy)
+            head, tail = self.new(ssmall), self.new(sbig - ssmall)
+            self.set_split(big, "sum", [head, tail])
+            self.union(head, small)
+            big_stack.append(tail)
+        if a or b:
+            self._conflict([*a, *b], "concatenations of different sizes")
+            return False
+        return True
+
+    def carve(self, atoms: Sequence[int], start: int, end: int) -> list[int] | None:
+        """Atoms whose concatenation is exactly indices [start, end) of the product ``atoms``.
+
+        Refines splits as needed.  Returns None (after freezing) when the range cuts across a
+        product in a way no concatenation can describe.
+        """
+        if not atoms:
+            return None
+        atom = atoms[0] if len(atoms) == 1 else self.make("prod", atoms)
+        return self._carve_one(atom, start, end)
+
+    def _carve_one(self, atom: int, start: int, end: int) -> list[int] | None:
+        root = self.find(atom)
+        n = self.size[root]
+        if not isinstance(n, int):
+            return None
+        if start == 0 and end == n:
+            return [root]
+        split = self.split.get(root)
+        if split is None:
+            cuts = sorted({0, start, end, n})
+            parts = [self.new(hi - lo) for lo, hi in zip(cuts, cuts[1:])]
+            self.set_split(root, "sum", parts)
+            return [p for p, lo in zip(parts, cuts) if start <= lo < end]
+        if split.kind == "sum":
+            out: list[int] = []
+            offset = 0
+            for part in split.parts:
+                psize = self.size[self.find(part)]
+                lo, hi = max(start, offset), min(end, offset + psize)
+                if lo < hi:
+                    sub = self._carve_one(part, lo - offset, hi - offset)
+                    if sub is None:
+                        return None
+                    out.extend(sub)
+                offset += psize
+            return out
+        inner = 1
+        for part in split.parts[1:]:
+            inner *= self.size[self.find(part)]
+        if start % inner or end % inner:
+            self._conflict([root], "a slice cuts across a product of atoms")
+            return None
+        outer = self._carve_one(split.parts[0], start // inner, end // inner)
+        if outer is None:
+            return None
+        return [self.make("prod", [o, *split.parts[1:]]) for o in outer]
+
+    # ------------------------------------------------------------------ layout
+    def layout(self, atoms: Sequence[int]) -> tuple:
+        """The layout (see fxprune.graph) of a product of atoms, in terms of leaf classes."""
+        factors: list = []
+        for atom in atoms:
+            factors.extend(self._atom_layout(atom))
+        return tuple(factors)
+
+    def _atom_layout(self, atom: int) -> list:
+        root = self.find(atom)
+        split = self.split.get(root)
+        if split is None:
+            size = self.size[root]
+            return [("atom", root, size if isinstance(size, int) else -1)]
+        if split.kind == "prod":
+            out: list = []
+            for part in split.parts:
+                out.extend(self._atom_layout(part))
+            return out
+        return [("sum", tuple(tuple(self._atom_layout(p)) for p in split.parts))]
+
+    def ancestors(self, root: int) -> set[int]:
+        """Every class whose split (transitively) contains ``root``."""
+        seen: set[int] = set()
+        stack = [root]
+        while stack:
+            r = self.find(stack.pop())
+            for parent in self.split_parents.get(r, ()):
+                p = self.find(parent)
+                if p not in seen:
+                    seen.add(p)
+                    stack.append(p)
+        return seen
+
+    def frozen_reason(self, root: int) -> str | None:
+        root = self.find(root)
+        if root in self.frozen:
+            return self.frozen[root]
+        for anc in self.ancestors(root):
+            if anc in self.frozen:
+                return self.frozen[anc]
+        return None
+
+    def inexact_reasons(self, root: int) -> list[str]:
+        root = self.find(root)
+        reasons = list(self.inexact.get(root, ()))
+        for anc in self.ancestors(root):
+            for r in self.inexact.get(anc, ()):
+                if r not in reasons:
+                    reasons.append(r)
+        return reasons
+
+    def all_tags(self, root: int) -> set[str]:
+        return set(self.tags.get(self.find(root), ()))

@@ -1,0 +1,219 @@
+"""Capture pass: trace an ``nn.Module`` with ``torch.export`` into an ATen graph.
+
+Batch and sequence dims are dynamic by default, so the pruned program and its ONNX export serve
+any shape.  Example inputs of size 1 on a dynamic dim are widened to 2 first: torch.export
+specialises size-1 dims silently, and the program would then fail at batch 3.  A model on the
+``meta`` device is traced without materialising a single weight (``meta_model``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from fxprune.errors import CaptureError
+from fxprune.graph import PrunableGraph
+
+BATCH = "batch"
+SEQ = "seq"
+
+
+def meta_model(factory: Callable[..., torch.nn.Module], *args: Any, **kwargs: Any) -> torch.nn.Module:
+    """Build a model on the meta device: shapes and structure only, no weight memory.
+
+    ``fxprune.meta_model(LlamaForCausalLM, config)`` builds a 70B-shaped Llama in seconds;
+    ``trace`` and ``analyze`` then work on it as on a real one.
+    """
+    with torch.device("meta"):
+        model = factory(*args, **kwargs)
+    return model.eval()
+
+
+def trace(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    dynamic: bool = True,
+    dynamic_shapes: Any = None,
+    strict: bool = False,
+) -> PrunableGraph:
+    """Trace ``model`` with torch.export and return the shared graph object.
+
+    Args:
+        model: any exportable module (Hugging Face models first). It is not modified.
+        args, kwargs: example inputs. Tensors only, plus constants such as ``use_cache``.
+        dynamic: make batch (dim 0 of every tensor) and sequence (dim 1 of integer/bool
+            tensors of rank >= 2) dynamic. Ignored when ``dynamic_shapes`` is given.
+        dynamic_shapes: an explicit torch.export ``dynamic_shapes`` spec.
+        strict: passed to torch.export (non-strict tracing handles more Python).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    kwargs = dict(kwargs or {})
+    args = tuple(args)
+    on_meta = _on_meta(model)
+    tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    constant_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    constant_kwargs = _default_constants(model, constant_kwargs)
+
+    if dynamic and dynamic_shapes is None:
+        args, tensor_kwargs = _widen_size_one(args, tensor_kwargs)
+        dynamic_shapes = _auto_dynamic_shapes(args, tensor_kwargs, constant_kwargs)
+    elif not dynamic:
+        dynamic_shapes = None
+
+    trace_args = tuple(_to_device(a, "meta") if on_meta else a for a in args)
+    trace_kwargs = {k: (_to_device(v, "meta") if on_meta else v) for k, v in tensor_kwargs.items()}
+    all_kwargs = {**trace_kwargs, **constant_kwargs}
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with _eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(
+                model, trace_args, all_kwargs, dynamic_shapes=dynamic_shapes, strict=strict
+            )
+        except Exception as exc:  # noqa: BLE001 - re-raised with the reason and a way forward
+            raise CaptureError(_export_failure_message(model, exc)) from exc
+    timings["export"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        # An empty table keeps linear/sdpa/conv as they are but inlines higher-order ops
+        # (no_grad/autocast regions) and functionalises, giving one flat ATen graph.
+        ep = ep.run_decompositions({})
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(f"torch.export traced {type(model).__name__} but lowering to ATen failed: {exc}") from exc
+    timings["lower"] = time.perf_counter() - t0
+
+    return PrunableGraph(
+        exported_program=ep,
+        module=model,
+        example_args=args,
+        example_kwargs=tensor_kwargs,
+        constant_kwargs=constant_kwargs,
+        dynamic_shapes=dynamic_shapes,
+        aliases=_aliases(model),
+        on_meta=on_meta,
+        timings=timings,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+def _on_meta(model: torch.nn.Module) -> bool:
+    for p in model.parameters():
+        return p.device.type == "meta"
+    return False
+
+
+def _to_device(x: Any, device: str) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _default_constants(model: torch.nn.Module, constants: dict) -> dict:
+    """Freeze HF cache switches off: a traced KV cache is a separate export (see export pass)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return constants
+    out = dict(constants)
+    if "use_cache" in params and "use_cache" not in out:
+        out["use_cache"] = False
+    return out
+
+
+def _widen_size_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Repeat size-1 batch/seq dims to 2 so torch.export keeps them dynamic."""
+    widened: list[str] = []
+
+    def widen(name: str, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        for dim in _dynamic_dims(t):
+            if t.shape[dim] == 1:
+                reps = [1] * t.dim()
+                reps[dim] = 2
+                t = t.repeat(*reps)
+                widened.append(f"{name}[{dim}]")
+        return t
+
+    new_args = tuple(widen(f"arg{i}", a) for i, a in enumerate(args))
+    new_kwargs = {k: widen(k, v) for k, v in kwargs.items()}
+    if widened:
+        warnings.warn(
+            "fxprune: example inputs had size 1 on dynamic dims "
+            f"{', '.join(widened)}; repeated them to size 2 so the trace stays dynamic "
+            "(torch.export specialises size-1 dims).",
+            stacklevel=3,
+        )
+    return new_args, new_kwargs
+
+
+def _dynamic_dims(t: torch.Tensor) -> list[int]:
+    dims = [0]
+    if t.dim() >= 2 and not t.is_floating_point():
+        dims.append(1)
+    return dims
+
+
+def _auto_dynamic_shapes(args: tuple, kwargs: dict, constants: dict) -> Any:
+    batch = torch.export.Dim(BATCH, min=1, max=1 << 16)
+    seq = torch.export.Dim(SEQ, min=1, max=1 << 17)
+
+    def spec(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dims = {}
+        for d in _dynamic_dims(t):
+            dims[d] = batch if d == 0 else seq
+        return dims
+
+    if kwargs and not args:
+        shapes: dict = {k: spec(v) for k, v in kwargs.items()}
+        shapes.update({k: None for k in constants})
+        return shapes
+    if args and not kwargs and not constants:
+        return tuple(spec(a) for a in args)
+    # mixed positional and keyword inputs: torch.export wants a dict keyed by parameter names
+    return None
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _export_failure_message(model: torch.nn.Module, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()
+    head = "\n  ".join(reason[:6]) if reason else type(exc).__name__
+    return (
+        f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {head}\n"
+        "Try other example inputs or kwargs (tensors of size >= 2 on batch/sequence dims, the "
+        "kwargs your forward really uses, e.g. use_cache=False), dynamic=False, or an explicit "
+        "dynamic_shapes spec."
+    )
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """FQN -> all FQNs of the same tensor, so tied weights shrink together in the module."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(b), []).append(name)
+    out: dict[str, list[str]] = {}
+    for names in by_id.values():
+        for n in names:
+            out[n] = names
+    return out

@@ -1,0 +1,1173 @@
+"""Per-op dimension rules for the analysis pass, in one registry keyed by ATen op.
+
+A rule says how the index spaces (atoms) of an op's inputs map onto its output's, what the
+rewrite must recompute (shape constants, offsets, group counts), how zeros flow through it, and
+where it reduces over a space (which makes a group inexact).  Ops tagged ``pointwise`` in ATen
+share one broadcasting rule; an op with no rule freezes every space it touches.
+
+To support a new op, register a function ``rule(ctx, node)`` with ``@register_rule(op)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxprune.passes.analysis import AnalysisContext, TRef, _flat_args, _is_one, register_rule
+
+aten = torch.ops.aten
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _tensor_inputs(ctx: AnalysisContext, node: fx.Node) -> list[TRef]:
+    return [r for r in (ctx.ref(a) for a in _flat_args(node)) if r is not None]
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _int_size(ctx: AnalysisContext, ref: TRef, dim: int) -> int | None:
+    s = ctx.shape(ref)[dim]
+    return s if isinstance(s, int) else None
+
+
+def _trace_to_param(ctx: AnalysisContext, ref: TRef, depth: int = 0) -> bool:
+    """Whether a tensor is a parameter seen through layout ops (a weight, not an activation)."""
+    node = ctx.node_by_name[ref[0]]
+    if node.op == "placeholder":
+        return ctx.zero_specs.get(ref) is not None and ctx.zero_specs[ref].kind == "param"
+    if depth > 8 or node.op != "call_function":
+        return False
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet in _LAYOUT_PACKETS and node.args and isinstance(node.args[0], fx.Node):
+        src = ctx.ref(node.args[0])
+        return src is not None and _trace_to_param(ctx, src, depth + 1)
+    return False
+
+
+# ------------------------------------------------------------------------------------------
+# Identity-like and pointwise ops
+# ------------------------------------------------------------------------------------------
+@register_rule("pointwise")
+def pointwise_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    out = ctx.out(node)
+    inputs = [ctx.ref(a) for a in _flat_args(node)]
+    tensors = [r for r in inputs if r is not None]
+    ctx.broadcast(out, tensors)
+    ctx.zero_probe(out, tensors)
+
+
+@register_rule(
+    aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
+    aten.to, aten.type_as, aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.copy,
+    aten.fill, aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like,
+    aten.randn_like, aten._assert_tensor_metadata, aten.positive, aten.resolve_conj, aten.resolve_neg,
+)
+def identity_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    outs = ctx.output_refs(node)
+    if not outs:
+        return
+    out = outs[0]
+    src = ctx.ref(node.args[0])
+    if src is None:
+        ctx.zero_never(out)
+        return
+    ctx.tie_all(out, src)
+    if node.target.overloadpacket in (aten.zeros_like, aten.ones_like, aten.empty_like,
+                                      aten.full_like, aten.rand_like, aten.randn_like, aten.fill):
+        ctx.zero_never(out)
+    else:
+        ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.native_dropout)
+def native_dropout_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src = ctx.ref(node.args[0])
+    for ref in ctx.output_refs(node):
+        ctx.tie_all(ref, src)
+    ctx.zero_pass((node.name, 0), [src])
+    ctx.zero_never((node.name, 1))
+
+
+# ------------------------------------------------------------------------------------------
+# Layout ops: reshape family, permute, squeeze, expand, repeat
+# ------------------------------------------------------------------------------------------
+def _reshape_ties(ctx: AnalysisContext, src: TRef, out: TRef) -> None:
+    """Line up input and output dims in chunks of equal product and tie their atoms."""
+    in_shape, out_shape = ctx.shape(src), ctx.shape(out)
+    in_dims = [i for i, s in enumerate(in_shape) if not _is_one(s)]
+    out_dims = [j for j, s in enumerate(out_shape) if not _is_one(s)]
+    chunks = _product_chunks([in_shape[i] for i in in_dims], [out_shape[j] for j in out_dims])
+    if chunks is None:
+        reason = f"reshape {in_shape} -> {out_shape} at {out[0]} does not factor"
+        ctx.freeze_ref(src, reason)
+        ctx.freeze_ref(out, reason)
+        return
+    for ci, cj in chunks:
+        a_dims = [in_dims[i] for i in ci]
+        b_dims = [out_dims[j] for j in cj]
+        sizes = [in_shape[i] for i in a_dims] + [out_shape[j] for j in b_dims]
+        a_atoms = [a for i in a_dims for a in ctx.d(src)[i]]
+        b_atoms = [a for j in b_dims for a in ctx.d(out)[j]]
+        if all(isinstance(s, int) for s in sizes):
+            ctx.store.unify_prod(a_atoms, b_atoms)
+        elif len(a_dims) == 1 and len(b_dims) == 1:
+            ctx.store.unify_prod(a_atoms, b_atoms)
+        else:
+            reason = f"reshape of dynamic dims at {out[0]}"
+            ctx.store.freeze(a_atoms + b_atoms, reason)
+
+
+def _product_chunks(a: Sequence, b: Sequence) -> list[tuple[list[int], list[int]]] | None:
+    """Split two size lists with equal products into minimal chunks of equal products."""
+    import sympy
+
+    chunks = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        ci, cj = [i], [j]
+        pa, pb = sympy.sympify(a[i]), sympy.sympify(b[j])
+        i += 1
+        j += 1
+        guard = 0
+        while sympy.simplify(pa - pb) != 0:
+            guard += 1
+            if guard > 64:
+                return None
+            ratio = sympy.simplify(pb / pa)
+            num, den = sympy.fraction(ratio)
+            if den == 1 and i < len(a):
+                pa = pa * a[i]
+                ci.append(i)
+                i += 1
+            elif j < len(b):
+                pb = pb * b[j]
+                cj.append(j)
+                j += 1
+            elif i < len(a):
+                pa = pa * a[i]
+                ci.append(i)
+                i += 1
+            else:
+                return None
+        chunks.append((ci, cj))
+    if i != len(a) or j != len(b):
+        return None
+    return chunks
+
+
+@register_rule(aten.view, aten._unsafe_view, aten.reshape, aten.view_copy, aten.unflatten, aten.flatten)
+def reshape_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    _reshape_ties(ctx, src, out)
+    ctx.zero_pass(out, [src])
+    packet = node.target.overloadpacket
+    if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.view_copy):
+        shape = node.args[1]
+        for i, s in enumerate(shape):
+            if isinstance(s, int) and s != -1:
+                ctx.size_arg(node, ("args", 1, i), out, i)
+    elif packet is aten.unflatten:
+        dim = _norm_dim(node.args[1], ctx.rank(src))
+        for i, s in enumerate(node.args[2]):
+            if isinstance(s, int) and s != -1:
+                ctx.size_arg(node, ("args", 2, i), out, dim + i)
+
+
+@register_rule(aten.permute, aten.permute_copy)
+def permute_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    for i, d in enumerate(node.args[1]):
+        ctx.tie(out, i, src, _norm_dim(d, rank))
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.transpose, aten.transpose_copy, aten.t, aten.numpy_T, aten.swapaxes)
+def transpose_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    if node.target.overloadpacket in (aten.t, aten.numpy_T):
+        perm = list(reversed(range(rank)))
+    else:
+        a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+    for i, d in enumerate(perm):
+        ctx.tie(out, i, src, d)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.unsqueeze, aten.squeeze, aten.unsqueeze_copy, aten.squeeze_copy)
+def squeeze_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    a = [i for i, s in enumerate(ctx.shape(src)) if not _is_one(s)]
+    b = [j for j, s in enumerate(ctx.shape(out)) if not _is_one(s)]
+    if len(a) != len(b):
+        ctx.unsupported_op(node, "squeeze of a dynamic dim")
+        return
+    for i, j in zip(a, b):
+        ctx.tie(src, i, out, j)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.expand, aten.expand_copy)
+def expand_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    ri, ro = ctx.rank(src), ctx.rank(out)
+    for k in range(1, ro + 1):
+        so = ctx.shape(out)[ro - k]
+        si = ctx.shape(src)[ri - k] if k <= ri else 1
+        if k <= ri and not _is_one(si):
+            ctx.tie(src, ri - k, out, ro - k)
+        elif not _is_one(so):
+            ctx.tag(out, ro - k, "broadcast")
+    sizes = node.args[1]
+    for i, s in enumerate(sizes):
+        if isinstance(s, int) and s != -1:
+            ctx.size_arg(node, ("args", 1, i), out, i)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.repeat)
+def repeat_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    repeats = list(node.args[1])
+    ri, ro = ctx.rank(src), ctx.rank(out)
+    for k in range(1, ro + 1):
+        r = repeats[ro - k]
+        if not isinstance(r, int):
+            ctx.freeze_dim(out, ro - k, "symbolic repeat")
+            continue
+        in_atoms = ctx.d(src)[ri - k] if k <= ri else []
+        if r == 1:
+            if k <= ri:
+                ctx.tie(src, ri - k, out, ro - k)
+            continue
+        rep = ctx.store.new(r)
+        ctx.store.tag([rep], "broadcast")
+        ctx.store.unify_prod(ctx.d(out)[ro - k], [rep, *in_atoms])
+        ctx.size_arg_atoms(node, ("args", 1, ro - k), [rep])
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.repeat_interleave)
+def repeat_interleave_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    repeats = _arg(node, 1, "repeats")
+    if node.target is not aten.repeat_interleave.self_int or not isinstance(repeats, int):
+        ctx.unsupported_op(node, "tensor repeats")
+        return
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    dim = _arg(node, 2, "dim")
+    if dim is None:
+        ctx.unsupported_op(node, "flattening repeat_interleave")
+        return
+    dim = _norm_dim(dim, ctx.rank(src))
+    for i in range(ctx.rank(src)):
+        if i != dim:
+            ctx.tie(src, i, out, i)
+    rep = ctx.store.new(repeats) if repeats > 1 else None
+    parts = list(ctx.d(src)[dim]) + ([rep] if rep is not None else [])
+    if rep is not None:
+        ctx.store.tag([rep], "broadcast")
+        ctx.size_arg_atoms(node, ("args", 1), [rep])
+    ctx.store.unify_prod(ctx.d(out)[dim], parts)
+    if _arg(node, 3, "output_size") is not None:
+        path = ("args", 3) if len(node.args) > 3 else ("kwargs", "output_size")
+        ctx.size_arg(node, path, out, dim)
+    ctx.zero_pass(out, [src])
+
+
+# ------------------------------------------------------------------------------------------
+# Offsets: slice, select, cat, split, stack, pad
+# ------------------------------------------------------------------------------------------
+_INT_MAX = 2**62
+
+
+@register_rule(aten.slice, aten.slice_copy)
+def slice_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    start = _arg(node, 2, "start", None)
+    end = _arg(node, 3, "end", None)
+    step = _arg(node, 4, "step", 1)
+    for i in range(rank):
+        if i != dim:
+            ctx.tie(src, i, out, i)
+    ctx.zero_pass(out, [src])
+    n = _int_size(ctx, src, dim)
+    if n is None or not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
+        ctx.freeze_dim(src, dim, f"dynamic slice at {node.name}")
+        ctx.freeze_dim(out, dim, f"dynamic slice at {node.name}")
+        return
+    lo, hi, step = slice(start, end, step).indices(n)
+    if step == 1 and lo == 0 and hi == n:
+        ctx.tie(src, dim, out, dim)
+        return
+    if step == 1:
+        parts = ctx.store.carve(ctx.d(src)[dim], lo, hi)
+        if parts is None:
+            ctx.freeze_dim(out, dim, f"slice at {node.name} cuts across atoms")
+            return
+        if hi > lo:
+            ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
+        if start is not None and lo != 0:
+            ctx.offset_arg(node, ("args", 2), src, dim, lo)
+        if end is not None and hi != n:
+            ctx.offset_arg(node, ("args", 3), src, dim, hi)
+        return
+    # strided slice: [n] = [n/step, step]; selecting one phase of the inner atom
+    count = len(range(lo, hi, step))
+    if n % step == 0 and lo < step and count == n // step:
+        outer, phase = ctx.store.new(n // step), ctx.store.new(step)
+        ctx.store.freeze([phase], f"strided slice phase at {node.name}")
+        ctx.store.unify_prod(ctx.d(src)[dim], [outer, phase])
+        ctx.store.unify_prod(ctx.d(out)[dim], [outer])
+        return
+    ctx.freeze_dim(src, dim, f"irregular strided slice at {node.name}")
+    ctx.freeze_dim(out, dim, f"irregular strided slice at {node.name}")
+
+
+@register_rule(aten.narrow)
+def narrow_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    ctx.unsupported_op(node, "narrow is decomposed to slice by export; not expected here")
+
+
+@register_rule(aten.select, aten.select_copy)
+def select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    dim = _norm_dim(node.args[1], rank)
+    ctx.freeze_dim(src, dim, f"select of one position at {node.name}")
+    rest = [i for i in range(rank) if i != dim]
+    for j, i in enumerate(rest):
+        ctx.tie(src, i, out, j)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.unbind, aten.unbind_copy)
+def unbind_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src = ctx.ref(node.args[0])
+    rank = ctx.rank(src)
+    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    ctx.freeze_dim(src, dim, f"unbind at {node.name}")
+    rest = [i for i in range(rank) if i != dim]
+    for out in ctx.output_refs(node):
+        for j, i in enumerate(rest):
+            ctx.tie(src, i, out, j)
+        ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.cat, aten.concat, aten.concatenate)
+def cat_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    out = ctx.out(node)
+    rank = ctx.rank(out)
+    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    inputs = [ctx.ref(t) for t in node.args[0]]
+    inputs = [r for r in inputs if r is not None and ctx.rank(r) == rank]
+    for r in inputs:
+        for i in range(rank):
+            if i != dim:
+                ctx.tie(r, i, out, i)
+    ctx.zero_pass(out, inputs)
+    sizes = [ctx.shape(r)[dim] for r in inputs]
+    if not all(isinstance(s, int) for s in sizes):
+        ctx.freeze_dim(out, dim, f"concat of dynamic dims at {node.name}")
+        for r in inputs:
+            ctx.freeze_dim(r, dim, f"concat of dynamic dims at {node.name}")
+        return
+    parts = []
+    for r, s in zip(inputs, sizes):
+        if s == 0:
+            continue
+        atoms = ctx.d(r)[dim]
+        if not atoms:  # a size-1 piece: an offset position that cannot be removed
+            one = ctx.store.new(1, frozen=f"single position in concat at {node.name}")
+            parts.append(one)
+        else:
+            parts.append(ctx.store.make("prod", atoms))
+    if parts:
+        ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)])
+
+
+@register_rule(aten.split, aten.split_with_sizes, aten.split_copy, aten.split_with_sizes_copy,
+               aten.chunk, aten.tensor_split)
+def split_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src = ctx.ref(node.args[0])
+    rank = ctx.rank(src)
+    dim = _norm_dim(_arg(node, 2, "dim", 0), rank)
+    outs = ctx.output_refs(node)
+    n = _int_size(ctx, src, dim)
+    for out in outs:
+        for i in range(rank):
+            if i != dim:
+                ctx.tie(src, i, out, i)
+        ctx.zero_pass(out, [src])
+    if n is None:
+        ctx.freeze_ref(src, f"split of a dynamic dim at {node.name}")
+        return
+    offset = 0
+    for k, out in enumerate(outs):
+        size = ctx.shape(out)[dim]
+        parts = ctx.store.carve(ctx.d(src)[dim], offset, offset + size) if size else []
+        if parts:
+            ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
+        elif size:
+            ctx.freeze_dim(out, dim, f"split at {node.name} cuts across atoms")
+        ctx.size_arg(node, ("split", k), out, dim)
+        offset += size
+
+
+@register_rule(aten.stack)
+def stack_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    out = ctx.out(node)
+    rank = ctx.rank(out)
+    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    inputs = [ctx.ref(t) for t in node.args[0]]
+    for r in inputs:
+        rest = [i for i in range(rank) if i != dim]
+        for j, i in enumerate(rest):
+            ctx.tie(r, j, out, i)
+    ctx.freeze_dim(out, dim, f"stack positions at {node.name}")
+    ctx.zero_pass(out, inputs)
+
+
+@register_rule(aten.constant_pad_nd, aten.pad, aten.reflection_pad1d, aten.reflection_pad2d,
+               aten.replication_pad1d, aten.replication_pad2d)
+def pad_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    pad = list(node.args[1])
+    padded = {rank - 1 - k // 2 for k in range(len(pad)) if pad[k] != 0}
+    for i in range(rank):
+        if i in padded:
+            ctx.freeze_dim(src, i, f"padding at {node.name}")
+            ctx.freeze_dim(out, i, f"padding at {node.name}")
+        else:
+            ctx.tie(src, i, out, i)
+    ctx.zero_never(out)
+
+
+@register_rule(aten.flip, aten.roll)
+def flip_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    dims = node.args[1] if node.target.overloadpacket is aten.flip else _arg(node, 2, "dims", [])
+    dims = {_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    if not dims and node.target.overloadpacket is aten.roll:
+        ctx.freeze_ref(src, "roll over the flattened tensor")
+        ctx.freeze_ref(out, "roll over the flattened tensor")
+        return
+    for i in range(rank):
+        if i in dims:
+            ctx.freeze_dim(src, i, f"position-dependent op at {node.name}")
+            ctx.freeze_dim(out, i, f"position-dependent op at {node.name}")
+        else:
+            ctx.tie(src, i, out, i)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.tril, aten.triu)
+def tri_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    for i in range(rank):
+        if i >= rank - 2:
+            ctx.freeze_dim(src, i, f"position-dependent op at {node.name}")
+        ctx.tie(src, i, out, i)
+    ctx.zero_pass(out, [src])
+
+
+# ------------------------------------------------------------------------------------------
+# Contractions
+# ------------------------------------------------------------------------------------------
+def _attention_tags(ctx: AnalysisContext, a: TRef, b: TRef, a_dims: Sequence[int], contract_dim: int) -> None:
+    """An activation x activation matmul is attention: its batch dims are heads."""
+    if _trace_to_param(ctx, a) or _trace_to_param(ctx, b):
+        return
+    if len(a_dims) >= 1:
+        ctx.tag(a, a_dims[-1], "heads")
+    ctx.tag(a, contract_dim, "head_dim")
+
+
+@register_rule(aten.linear)
+def linear_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    x, w = ctx.ref(node.args[0]), ctx.ref(node.args[1])
+    b = ctx.ref(_arg(node, 2, "bias"))
+    out = ctx.out(node)
+    rx = ctx.rank(x)
+    for i in range(rx - 1):
+        ctx.tie(x, i, out, i)
+    if ctx.rank(w) == 2:
+        ctx.tie(x, rx - 1, w, 1)
+        ctx.tie(out, rx - 1, w, 0)
+        if b is not None:
+            ctx.tie(out, rx - 1, b, 0)
+        ctx.contraction(w, 1, [x, w], f"linear at {node.name}")
+    else:  # 1-D weight: a dot product over the last dim
+        ctx.tie(x, rx - 1, w, 0)
+        ctx.contraction(w, 0, [x, w], f"linear at {node.name}")
+    ctx.zero_contract(out, [x, w], [b] if b is not None else [])
+
+
+def _matmul_dims(ctx: AnalysisContext, a: TRef, b: TRef, out: TRef, bias: TRef | None, name: str) -> None:
+    ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(out)
+    if ra == 1 and rb == 1:
+        ctx.tie(a, 0, b, 0)
+        ctx.contraction(a, 0, [a, b], f"dot at {name}")
+    elif ra == 1:
+        ctx.tie(a, 0, b, rb - 2)
+        ctx.contraction(a, 0, [a, b], f"matmul at {name}")
+        for i in range(rb - 2):
+            ctx.tie(b, i, out, i)
+        ctx.tie(b, rb - 1, out, ro - 1)
+    elif rb == 1:
+        ctx.tie(a, ra - 1, b, 0)
+        ctx.contraction(b, 0, [a, b], f"matmul at {name}")
+        for i in range(ra - 1):
+            ctx.tie(a, i, out, i)
+    else:
+        ctx.tie(a, ra - 1, b, rb - 2)
+        ctx.contraction(a, ra - 1, [a, b], f"matmul at {name}")
+        ctx.tie(a, ra - 2, out, ro - 2)
+        ctx.tie(b, rb - 1, out, ro - 1)
+        for k in range(3, ro + 1):  # broadcast batch dims
+            for t, r in ((a, ra), (b, rb)):
+                if k <= r and not _is_one(ctx.shape(t)[r - k]):
+                    ctx.tie(t, r - k, out, ro - k)
+        batch = list(range(ra - 2))
+        _attention_tags(ctx, a, b, batch, ra - 1)
+    if bias is not None:
+        ctx.broadcast(out, [bias])
+    ctx.zero_contract(out, [a, b], [bias] if bias is not None else [])
+
+
+@register_rule(aten.mm, aten.bmm, aten.matmul, aten.mv, aten.dot)
+def matmul_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    a, b = ctx.ref(node.args[0]), ctx.ref(node.args[1])
+    _matmul_dims(ctx, a, b, ctx.out(node), None, node.name)
+
+
+@register_rule(aten.addmm, aten.baddbmm, aten.addmv)
+def addmm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    bias, a, b = (ctx.ref(x) for x in node.args[:3])
+    beta = _arg(node, 3, "beta", 1)
+    _matmul_dims(ctx, a, b, ctx.out(node), bias if beta != 0 else None, node.name)
+
+
+@register_rule(aten.einsum)
+def einsum_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    eq = node.args[0].replace(" ", "")
+    operands = [ctx.ref(t) for t in node.args[1]]
+    if "..." in eq or "->" not in eq:
+        ctx.unsupported_op(node, "einsum with ellipsis or implicit output")
+        return
+    lhs, rhs = eq.split("->")
+    specs = lhs.split(",")
+    out = ctx.out(node)
+    first: dict[str, tuple[TRef, int]] = {}
+    for ref, spec in zip(operands, specs):
+        for i, letter in enumerate(spec):
+            if _is_one(ctx.shape(ref)[i]):
+                continue
+            if letter in first:
+                ctx.tie(first[letter][0], first[letter][1], ref, i)
+            else:
+                first[letter] = (ref, i)
+    for j, letter in enumerate(rhs):
+        if letter in first:
+            ctx.tie(first[letter][0], first[letter][1], out, j)
+    for letter, (ref, i) in first.items():
+        if letter not in rhs:
+            ctx.contraction(ref, i, operands, f"einsum at {node.name}")
+    ctx.zero_contract(out, operands)
+
+
+def _conv_rule(ctx: AnalysisContext, node: fx.Node, transposed: bool, groups: int, groups_path: tuple) -> None:
+    x, w = ctx.ref(node.args[0]), ctx.ref(node.args[1])
+    b = ctx.ref(_arg(node, 2, "bias"))
+    out = ctx.out(node)
+    rank = ctx.rank(x)
+    ctx.tie(x, 0, out, 0)
+    for i in range(2, rank):
+        ctx.freeze_dim(x, i, f"conv spatial position at {node.name}")
+        ctx.freeze_dim(out, i, f"conv spatial position at {node.name}")
+    w_in, w_out = (0, 1) if transposed else (1, 0)
+    if groups == 1:
+        ctx.tie(x, 1, w, w_in)
+        ctx.tie(out, 1, w, w_out)
+        if b is not None:
+            ctx.tie(out, 1, b, 0)
+    else:
+        st = ctx.store
+        g_atom = st.new(groups)
+        ci = ctx.shape(w)[w_in] if not transposed else ctx.shape(x)[1] // groups
+        co = ctx.shape(out)[1] // groups
+        ci_atoms = [st.new(ci)] if ci > 1 else []
+        co_atoms = [st.new(co)] if co > 1 else []
+        st.unify_prod(ctx.d(x)[1], [g_atom, *ci_atoms])
+        st.unify_prod(ctx.d(out)[1], [g_atom, *co_atoms])
+        if transposed:
+            st.unify_prod(ctx.d(w)[0], [g_atom, *ci_atoms])
+            st.unify_prod(ctx.d(w)[1], co_atoms)
+        else:
+            st.unify_prod(ctx.d(w)[1], ci_atoms)
+            st.unify_prod(ctx.d(w)[0], [g_atom, *co_atoms])
+        if b is not None:
+            ctx.tie(out, 1, b, 0)
+        ctx.size_arg_atoms(node, groups_path, [g_atom])
+    ctx.contraction(w, w_in, [x, w], f"conv at {node.name}")
+    ctx.zero_contract(out, [x, w], [b] if b is not None else [])
+
+
+@register_rule(aten.convolution, aten._convolution)
+def convolution_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    transposed = bool(node.args[6])
+    _conv_rule(ctx, node, transposed, int(node.args[8]), ("args", 8))
+
+
+@register_rule(aten.conv1d, aten.conv2d, aten.conv3d)
+def conv_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    groups = _arg(node, 6, "groups", 1)
+    path = ("args", 6) if len(node.args) > 6 else ("kwargs", "groups")
+    _conv_rule(ctx, node, False, int(groups), path)
+
+
+@register_rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def conv_transpose_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    groups = _arg(node, 6, "groups", 1)
+    path = ("args", 6) if len(node.args) > 6 else ("kwargs", "groups")
+    _conv_rule(ctx, node, True, int(groups), path)
+
+
+@register_rule(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu)
+def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    q, k, v = (ctx.ref(a) for a in node.args[:3])
+    mask = ctx.ref(_arg(node, 3, "attn_mask"))
+    outs = ctx.output_refs(node)
+    out = outs[0]
+    rq, rk = ctx.rank(q), ctx.rank(k)
+    ctx.attention_nodes.append(node.name)
+    # leading batch dims
+    for i in range(rq - 3):
+        for t in (k, v):
+            if not _is_one(ctx.shape(t)[i]) and not _is_one(ctx.shape(q)[i]):
+                ctx.tie(q, i, t, i)
+        ctx.tie(q, i, out, i)
+    if rq >= 3:
+        hq, hk = ctx.shape(q)[rq - 3], ctx.shape(k)[rk - 3]
+        ctx.tie(k, rk - 3, v, rk - 3)
+        ctx.tie(q, rq - 3, out, rq - 3)
+        if hq == hk:
+            ctx.tie(q, rq - 3, k, rk - 3)
+        elif isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0:
+            rep = ctx.store.new(hq // hk)
+            ctx.store.tag([rep], "broadcast")
+            ctx.store.unify_prod(ctx.d(q)[rq - 3], [*ctx.d(k)[rk - 3], rep])
+        else:
+            ctx.freeze_dim(q, rq - 3, f"attention heads do not line up at {node.name}")
+        ctx.tag(q, rq - 3, "heads")
+    ctx.tie(q, rq - 1, k, rk - 1)
+    ctx.contraction(q, rq - 1, [q, k], f"attention q.k at {node.name}")
+    ctx.tag(q, rq - 1, "head_dim")
+    ctx.tag(v, rk - 1, "head_dim")
+    ctx.tie(k, rk - 2, v, rk - 2)
+    ctx.inexact(k, rk - 2, f"softmax over keys at {node.name}")
+    ctx.tie(q, rq - 2, out, rq - 2)
+    ctx.tie(v, rk - 1, out, rq - 1)
+    if mask is not None:
+        rm = ctx.rank(mask)
+        for kk in range(1, rm + 1):
+            if _is_one(ctx.shape(mask)[rm - kk]):
+                continue
+            if kk == 1:
+                ctx.tie(mask, rm - 1, k, rk - 2)
+            elif kk <= rq:
+                ctx.tie(mask, rm - kk, q, rq - kk)
+    ctx.zero_contract(out, [v])
+    for extra in outs[1:]:
+        ctx.zero_never(extra)
+        ctx.freeze_ref(extra, f"attention statistics at {node.name}")
+
+
+# ------------------------------------------------------------------------------------------
+# Normalisations
+# ------------------------------------------------------------------------------------------
+def _affine_norm(ctx: AnalysisContext, node: fx.Node, out: TRef, x: TRef, w: TRef | None, b: TRef | None,
+                 norm_dims: Sequence[int], shape_arg: int | None) -> None:
+    rank = ctx.rank(x)
+    ctx.tie_all(out, x)
+    k = len(norm_dims)
+    for j, d in enumerate(norm_dims):
+        for p in (w, b):
+            if p is not None:
+                ctx.tie(p, ctx.rank(p) - k + j, x, d)
+        ctx.inexact(x, d, f"normalisation over this dim at {node.name}")
+        ctx.tag(x, d, "normalized")
+        if shape_arg is not None:
+            ctx.size_arg(node, ("args", shape_arg, j), x, d)
+    if w is not None:
+        ctx.zero_contract(out, [w], [b] if b is not None else [])
+    else:
+        ctx.zero_never(out)
+
+
+@register_rule(aten.layer_norm, aten.rms_norm)
+def layer_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    x = ctx.ref(node.args[0])
+    shape = list(node.args[1])
+    w = ctx.ref(_arg(node, 2, "weight"))
+    b = ctx.ref(_arg(node, 3, "bias")) if node.target.overloadpacket is aten.layer_norm else None
+    rank = ctx.rank(x)
+    _affine_norm(ctx, node, ctx.out(node), x, w, b, list(range(rank - len(shape), rank)), 1)
+
+
+@register_rule(aten.native_layer_norm, aten._fused_rms_norm)
+def native_layer_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    x = ctx.ref(node.args[0])
+    shape = list(node.args[1])
+    w = ctx.ref(_arg(node, 2, "weight"))
+    b = ctx.ref(_arg(node, 3, "bias")) if node.target.overloadpacket is aten.native_layer_norm else None
+    rank = ctx.rank(x)
+    outs = ctx.output_refs(node)
+    _affine_norm(ctx, node, outs[0], x, w, b, list(range(rank - len(shape), rank)), 1)
+    for stat in outs[1:]:
+        for i in range(ctx.rank(stat)):
+            if not _is_one(ctx.shape(stat)[i]) and i < rank:
+                ctx.tie(stat, i, x, i)
+        ctx.zero_never(stat)
+
+
+@register_rule(aten.group_norm, aten.native_group_norm)
+def group_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    x = ctx.ref(node.args[0])
+    native = node.target.overloadpacket is aten.native_group_norm
+    if native:
+        w, b = ctx.ref(node.args[1]), ctx.ref(node.args[2])
+        groups = int(node.args[6])
+    else:
+        groups = int(node.args[1])
+        w, b = ctx.ref(_arg(node, 2, "weight")), ctx.ref(_arg(node, 3, "bias"))
+    outs = ctx.output_refs(node)
+    out = outs[0]
+    ctx.tie_all(out, x)
+    c = ctx.shape(x)[1]
+    st = ctx.store
+    g_atom = st.new(groups) if groups > 1 else None
+    per = [st.new(c // groups)] if c // groups > 1 else []
+    st.unify_prod(ctx.d(x)[1], ([g_atom] if g_atom is not None else []) + per)
+    st.mark_inexact(per, f"group norm within a group at {node.name}")
+    st.tag(per, "normalized")
+    for p in (w, b):
+        if p is not None:
+            ctx.tie(p, 0, x, 1)
+    if native:
+        ctx.size_arg(node, ("args", 4), x, 1)
+        if g_atom is not None:
+            ctx.size_arg_atoms(node, ("args", 6), [g_atom])
+        for stat in outs[1:]:
+            ctx.tie(stat, 0, x, 0)
+            if g_atom is not None:
+                st.unify_prod(ctx.d(stat)[1], [g_atom])
+            ctx.zero_never(stat)
+    elif g_atom is not None:
+        ctx.size_arg_atoms(node, ("args", 1), [g_atom])
+    if w is not None:
+        ctx.zero_contract(out, [w], [b] if b is not None else [])
+    else:
+        ctx.zero_never(out)
+
+
+@register_rule(aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit_no_training,
+               aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit,
+               aten.instance_norm)
+def batch_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    x = ctx.ref(node.args[0])
+    params = [ctx.ref(a) for a in node.args[1:5]]
+    outs = ctx.output_refs(node)
+    out = outs[0]
+    ctx.tie_all(out, x)
+    for p in params:
+        if p is not None and ctx.rank(p) == 1:
+            ctx.tie(p, 0, x, 1)
+    if node.target.overloadpacket is aten.instance_norm:
+        for i in range(2, ctx.rank(x)):
+            ctx.inexact(x, i, "instance norm")
+    for extra in outs[1:]:
+        if ctx.rank(extra) == 1 and ctx.shape(extra)[0] == ctx.shape(x)[1]:
+            ctx.tie(extra, 0, x, 1)
+        ctx.zero_never(extra)
+    w, b = params[0], params[1]
+    if w is not None:
+        ctx.zero_contract(out, [w], [b] if b is not None else [])
+    else:
+        ctx.zero_never(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Embedding and indexing
+# ------------------------------------------------------------------------------------------
+@register_rule(aten.embedding)
+def embedding_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    w, ids = ctx.ref(node.args[0]), ctx.ref(node.args[1])
+    out = ctx.out(node)
+    ro, ri = ctx.rank(out), ctx.rank(ids)
+    ctx.tie(out, ro - 1, w, 1)
+    for i in range(ri):
+        ctx.tie(out, i, ids, i)
+    ctx.freeze_dim(w, 0, f"embedding rows are indexed by token ids at {node.name}")
+    ctx.tag(w, 1, "embedding_dim")
+    ctx.zero_contract(out, [w])
+
+
+@register_rule(aten.index)
+def index_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    indices = list(node.args[1])
+    rank, ro = ctx.rank(src), ctx.rank(out)
+    used = [i for i, t in enumerate(indices) if t is not None]
+    idx_refs = [ctx.ref(indices[i]) for i in used]
+    for i in used:
+        ctx.freeze_dim(src, i, f"indexed by values at {node.name}")
+    contiguous = used == list(range(used[0], used[-1] + 1)) if used else True
+    bshape_rank = max((ctx.rank(r) for r in idx_refs if r is not None), default=0)
+    if not contiguous:
+        ctx.freeze_ref(out, f"non-contiguous advanced indexing at {node.name}")
+        ctx.zero_never(out)
+        return
+    first = used[0] if used else 0
+    # leading untouched dims
+    for i in range(first):
+        ctx.tie(src, i, out, i)
+    for r in idx_refs:
+        if r is None:
+            continue
+        rr = ctx.rank(r)
+        for k in range(1, rr + 1):
+            if not _is_one(ctx.shape(r)[rr - k]):
+                ctx.tie(r, rr - k, out, first + bshape_rank - k)
+    trailing = list(range(used[-1] + 1, rank)) if used else []
+    for j, i in enumerate(trailing):
+        ctx.tie(src, i, out, first + bshape_rank + j)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.index_select)
+def index_select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    dim = _norm_dim(node.args[1], ctx.rank(src))
+    idx = ctx.ref(node.args[2])
+    for i in range(ctx.rank(src)):
+        if i == dim:
+            ctx.freeze_dim(src, i, f"indexed by values at {node.name}")
+            if idx is not None and ctx.rank(idx) == 1:
+                ctx.tie(idx, 0, out, i)
+        else:
+            ctx.tie(src, i, out, i)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.gather)
+def gather_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    dim = _norm_dim(node.args[1], ctx.rank(src))
+    idx = ctx.ref(node.args[2])
+    ctx.tie_all(out, idx)
+    ctx.freeze_dim(src, dim, f"gathered by values at {node.name}")
+    for i in range(ctx.rank(src)):
+        if i != dim and ctx.shape(src)[i] == ctx.shape(idx)[i]:
+            ctx.tie(src, i, out, i)
+        elif i != dim:
+            ctx.freeze_dim(src, i, f"partial gather at {node.name}")
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.index_add, aten.index_copy)
+def index_add_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    dim = _norm_dim(node.args[1], ctx.rank(src))
+    values = ctx.ref(node.args[3])
+    ctx.tie_all(out, src)
+    ctx.freeze_dim(src, dim, f"written at index values at {node.name}")
+    for i in range(ctx.rank(src)):
+        if i != dim:
+            ctx.tie(values, i, src, i)
+    ctx.zero_pass(out, [src, values])
+
+
+@register_rule(aten.index_put)
+def index_put_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    indices = list(node.args[1])
+    values = ctx.ref(node.args[2])
+    ctx.tie_all(out, src)
+    used = [i for i, t in enumerate(indices) if t is not None]
+    for i in used:
+        ctx.freeze_dim(src, i, f"written at index values at {node.name}")
+    trailing = [i for i in range(ctx.rank(src)) if i > (used[-1] if used else -1)]
+    rv = ctx.rank(values)
+    for k, i in enumerate(reversed(trailing)):
+        if k < rv and not _is_one(ctx.shape(values)[rv - 1 - k]):
+            ctx.tie(values, rv - 1 - k, src, i)
+    ctx.zero_pass(out, [src, values])
+
+
+@register_rule(aten.one_hot)
+def one_hot_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    for i in range(ctx.rank(src)):
+        ctx.tie(src, i, out, i)
+    ctx.freeze_dim(out, ctx.rank(out) - 1, f"one-hot classes at {node.name}")
+    ctx.zero_never(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Reductions
+# ------------------------------------------------------------------------------------------
+def _reduce(ctx: AnalysisContext, node: fx.Node, src: TRef, dims: Sequence[int] | None, keepdim: bool,
+            mode: str) -> None:
+    """mode: 'sum' (exact on zeroed input), 'inexact' (mean, var, max...), 'index' (argmax)."""
+    rank = ctx.rank(src)
+    dims = list(range(rank)) if dims is None or len(dims) == 0 else [_norm_dim(d, rank) for d in dims]
+    outs = ctx.output_refs(node)
+    for out in outs:
+        j = 0
+        for i in range(rank):
+            if i in dims:
+                if keepdim:
+                    j += 1
+                continue
+            if j < ctx.rank(out):
+                ctx.tie(src, i, out, j)
+            j += 1
+    for d in dims:
+        if mode == "sum":
+            ctx.contraction(src, d, [src], f"sum at {node.name}")
+        elif mode == "index":
+            ctx.freeze_dim(src, d, f"{node.target} returns positions along this dim at {node.name}")
+        else:
+            ctx.inexact(src, d, f"{node.target.overloadpacket.__name__} over this dim at {node.name}")
+            if mode == "mean" and d == rank - 1:
+                ctx.tag(src, d, "normalized")
+    for k, out in enumerate(outs):
+        if mode in ("sum", "mean") or (mode == "inexact" and k == 0 and "max" in str(node.target)):
+            ctx.zero_pass(out, [src])
+        else:
+            ctx.zero_never(out)
+
+
+_REDUCTIONS = {
+    aten.sum: "sum", aten.nansum: "sum", aten.mean: "mean", aten.var: "mean", aten.std: "mean",
+    aten.var_mean: "mean", aten.std_mean: "mean", aten.amax: "inexact", aten.amin: "inexact",
+    aten.logsumexp: "inexact", aten.norm: "inexact", aten.linalg_vector_norm: "inexact",
+    aten.prod: "inexact", aten.any: "inexact", aten.all: "inexact", aten.max: "inexact",
+    aten.min: "inexact", aten.argmax: "index", aten.argmin: "index",
+}
+
+
+@register_rule(*_REDUCTIONS)
+def reduction_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    packet = node.target.overloadpacket
+    mode = _REDUCTIONS[packet]
+    src = ctx.ref(node.args[0])
+    schema_args = node.target._schema.arguments
+    names = [a.name for a in schema_args]
+    dims = None
+    keepdim = False
+    for i, name in enumerate(names):
+        val = node.args[i] if i < len(node.args) else node.kwargs.get(name)
+        if name == "dim" and val is not None:
+            dims = [val] if isinstance(val, int) else list(val)
+        if name == "keepdim" and val is not None:
+            keepdim = bool(val)
+    if packet in (aten.max, aten.min) and dims is not None and len(ctx.output_refs(node)) == 2:
+        _reduce(ctx, node, src, dims, keepdim, "inexact")
+        rank = ctx.rank(src)
+        ctx.freeze_dim(src, _norm_dim(dims[0], rank), f"max/min indices along this dim at {node.name}")
+        return
+    if packet in (aten.norm, aten.linalg_vector_norm) and dims is None and "dim" not in names:
+        dims = None
+    _reduce(ctx, node, src, dims, keepdim, mode)
+    if packet in (aten.var, aten.std, aten.var_mean, aten.std_mean):
+        rank = ctx.rank(src)
+        for d in (dims or range(rank)):
+            ctx.tag(src, _norm_dim(d, rank), "normalized")
+
+
+@register_rule(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
+def softmax_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    dim = _norm_dim(node.args[1], ctx.rank(src))
+    ctx.tie_all(out, src)
+    ctx.inexact(src, dim, f"softmax over this dim at {node.name}")
+    ctx.zero_never(out)
+
+
+@register_rule(aten.cumsum, aten.cumprod, aten.cummax, aten.logcumsumexp)
+def cumulative_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src = ctx.ref(node.args[0])
+    dim = _norm_dim(node.args[1], ctx.rank(src))
+    for out in ctx.output_refs(node):
+        ctx.tie_all(out, src)
+        ctx.zero_never(out)
+    if node.target.overloadpacket is aten.cumsum:
+        ctx.contraction(src, dim, [src], f"cumsum at {node.name}")
+    else:
+        ctx.inexact(src, dim, f"cumulative op at {node.name}")
+
+
+@register_rule(aten.topk, aten.sort, aten.argsort, aten.kthvalue)
+def topk_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src = ctx.ref(node.args[0])
+    rank = ctx.rank(src)
+    schema = [a.name for a in node.target._schema.arguments]
+    dim = -1
+    if "dim" in schema:
+        i = schema.index("dim")
+        dim = node.args[i] if i < len(node.args) else node.kwargs.get("dim", -1)
+    dim = _norm_dim(dim, rank)
+    ctx.freeze_dim(src, dim, f"{node.target.overloadpacket.__name__} picks positions along this dim at {node.name}")
+    for out in ctx.output_refs(node):
+        for i in range(rank):
+            if i != dim:
+                ctx.tie(src, i, out, i)
+            else:
+                ctx.freeze_dim(out, i, f"selected positions at {node.name}")
+        ctx.zero_never(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Sources and spatial ops
+# ------------------------------------------------------------------------------------------
+@register_rule(aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.new_zeros, aten.new_ones,
+               aten.new_full, aten.new_empty, aten.scalar_tensor, aten.rand, aten.randn, aten.linspace,
+               aten.eye, aten.empty_strided, aten.new_empty_strided, aten.randint)
+def source_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    for out in ctx.output_refs(node):
+        ctx.zero_never(out)
+    ctx.sources.add(node.name)
+
+
+@register_rule(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.max_pool1d, aten.max_pool2d,
+               aten.max_pool3d, aten.max_pool2d_with_indices, aten.adaptive_avg_pool1d,
+               aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d,
+               aten.upsample_nearest2d, aten.upsample_bilinear2d, aten._adaptive_avg_pool3d,
+               aten.adaptive_avg_pool3d)
+def spatial_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src = ctx.ref(node.args[0])
+    rank = ctx.rank(src)
+    outs = ctx.output_refs(node)
+    for i in range(rank - 2, rank):
+        ctx.freeze_dim(src, i, f"spatial position at {node.name}")
+    for k, out in enumerate(outs):
+        ro = ctx.rank(out)
+        lead = ro - 2 if ro == rank else ro - 1
+        for i in range(min(lead, rank - 2)):
+            ctx.tie(src, i, out, i)
+        for i in range(lead, ro):
+            ctx.freeze_dim(out, i, f"spatial position at {node.name}")
+        if k == 0:
+            ctx.zero_pass(out, [src])
+        else:
+            ctx.zero_never(out)
+
+
+@register_rule(aten.item, aten._local_scalar_dense)
+def scalar_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src = ctx.ref(node.args[0])
+    ctx.freeze_ref(src, f"value read into Python at {node.name}")
+
+
+# ------------------------------------------------------------------------------------------
+# Zero probes for pointwise ops
+# ------------------------------------------------------------------------------------------
+_PROBE_CACHE: dict[tuple, bool] = {}
+
+
+def probe_zero(node: fx.Node, pattern: tuple[bool, ...]) -> bool:
+    """Whether a pointwise op maps zeros (where ``pattern`` says) to zero, for any other values.
+
+    Runs the op on tiny CPU tensors, zeros in the flagged inputs and random non-zero values
+    elsewhere, several times.  Conservative: any failure means "not zero".
+    """
+    key = (node.target, pattern, _const_signature(node))
+    if key in _PROBE_CACHE:
+        return _PROBE_CACHE[key]
+    ok = True
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for trial in range(3):
+            k = iter(pattern)
+
+            def make(a: Any) -> Any:
+                if isinstance(a, fx.Node):
+                    val = a.meta.get("val")
+                    if not isinstance(val, torch.Tensor):
+                        return _concrete_scalar(val)
+                    is_zero = next(k)
+                    return _probe_tensor(val.dtype, is_zero, gen, trial)
+                if isinstance(a, (list, tuple)):
+                    return type(a)(make(x) for x in a)
+                return a
+
+            args = tuple(make(a) for a in node.args)
+            kwargs = {n: make(v) for n, v in node.kwargs.items()}
+            kwargs.pop("device", None)
+            out = node.target(*args, **kwargs)
+            if not isinstance(out, torch.Tensor) or not bool((out == 0).all()):
+                ok = False
+                break
+    except Exception:  # noqa: BLE001 - unknown behaviour is treated as "not zero"
+        ok = False
+    _PROBE_CACHE[key] = ok
+    return ok
+
+
+def _const_signature(node: fx.Node) -> str:
+    parts = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        if isinstance(a, fx.Node):
+            val = a.meta.get("val")
+            parts.append(f"T{getattr(val, 'dtype', type(val).__name__)}")
+        else:
+            parts.append(repr(a))
+    return "|".join(parts)
+
+
+def _concrete_scalar(val: Any) -> Any:
+    try:
+        return int(val)
+    except Exception:  # noqa: BLE001
+        return 2
+
+
+def _probe_tensor(dtype: torch.dtype, zero: bool, gen: torch.Generator, trial: int) -> torch.Tensor:
+    if zero:
+        return torch.zeros(4, dtype=dtype)
+    if dtype == torch.bool:
+        return torch.tensor([True, False, True, True]) if trial % 2 else torch.ones(4, dtype=torch.bool)
+    if dtype.is_floating_point or dtype.is_complex:
+        vals = (torch.rand(4, generator=gen) * 4 - 2) * (10 ** trial)
+        vals = torch.where(vals.abs() < 1e-3, torch.full_like(vals, 0.5), vals)
+        return vals.to(dtype)
+    return torch.randint(1, 7, (4,), generator=gen).to(dtype)
+
+
+_LAYOUT_PACKETS = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand,
+    aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.unsqueeze, aten.squeeze, aten.to,
+    aten.detach, aten.slice,
+}
