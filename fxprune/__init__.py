@@ -30,3 +30,7 @@ __all__ = [
 from fxprune.passes.rewrite import rewrite, rewrite_graph, verify, zeroed_copy  # noqa: E402
 
 __all__ += ["rewrite", "rewrite_graph", "verify", "zeroed_copy"]
+
+from fxprune.io import load, save  # noqa: E402
+
+__all__ += ["load", "save"]

@@ -81,7 +81,15 @@ def trace(
                 model, trace_args, all_kwargs, dynamic_shapes=dynamic_shapes, strict=strict
             )
         except Exception as exc:  # noqa: BLE001 - re-raised with the reason and a way forward
-            raise CaptureError(_export_failure_message(model, exc)) from exc
+            auto = _as_auto(dynamic_shapes) if dynamic and "Constraints violated" in str(exc) else None
+            if auto is None:
+                raise CaptureError(_export_failure_message(model, exc)) from exc
+            # The model bounds a dim (BERT: seq <= max positions): let export infer the range.
+            try:
+                ep = torch.export.export(model, trace_args, all_kwargs, dynamic_shapes=auto, strict=strict)
+                dynamic_shapes = auto
+            except Exception as exc2:  # noqa: BLE001
+                raise CaptureError(_export_failure_message(model, exc2)) from exc2
     timings["export"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
@@ -182,6 +190,19 @@ def _auto_dynamic_shapes(args: tuple, kwargs: dict, constants: dict) -> Any:
         return tuple(spec(a) for a in args)
     # mixed positional and keyword inputs: torch.export wants a dict keyed by parameter names
     return None
+
+
+def _as_auto(spec: Any) -> Any:
+    """The same dynamic dims, as Dim.AUTO (export infers their ranges instead of failing)."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        return {k: _as_auto(v) for k, v in spec.items()} if not all(isinstance(k, int) for k in spec) else {
+            d: torch.export.Dim.AUTO for d in spec
+        }
+    if isinstance(spec, tuple):
+        return tuple(_as_auto(v) for v in spec)
+    return spec
 
 
 @contextlib.contextmanager

@@ -60,7 +60,13 @@ def _trace_to_param(ctx: AnalysisContext, ref: TRef, depth: int = 0) -> bool:
 # ------------------------------------------------------------------------------------------
 # Identity-like and pointwise ops
 # ------------------------------------------------------------------------------------------
-@register_rule("pointwise")
+@register_rule(
+    "pointwise", aten.__and__, aten.__or__, aten.__xor__, aten.bitwise_and, aten.bitwise_or,
+    aten.bitwise_xor, aten.where, aten.floor_divide, aten.remainder, aten.fmod, aten.masked_fill,
+    aten.clamp_min, aten.clamp_max, aten.logical_and, aten.logical_or, aten.lerp, aten.addcmul,
+    aten.addcdiv, aten.hardtanh, aten.leaky_relu, aten.elu, aten.softplus, aten.gelu, aten.silu,
+    aten.mish, aten.hardswish, aten.hardsigmoid, aten.threshold,
+)
 def pointwise_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     out = ctx.out(node)
     inputs = [ctx.ref(a) for a in _flat_args(node)]
@@ -606,6 +612,8 @@ def _conv_rule(ctx: AnalysisContext, node: fx.Node, transposed: bool, groups: in
         ctx.freeze_dim(x, i, f"conv spatial position at {node.name}")
         ctx.freeze_dim(out, i, f"conv spatial position at {node.name}")
     w_in, w_out = (0, 1) if transposed else (1, 0)
+    for i in range(2, ctx.rank(w)):
+        ctx.freeze_dim(w, i, f"conv kernel position at {node.name}")
     if groups == 1:
         ctx.tie(x, 1, w, w_in)
         ctx.tie(out, 1, w, w_out)
@@ -1013,6 +1021,19 @@ def softmax_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     dim = _norm_dim(node.args[1], ctx.rank(src))
     ctx.tie_all(out, src)
     ctx.inexact(src, dim, f"softmax over this dim at {node.name}")
+    ctx.zero_never(out)
+
+
+@register_rule(aten.diff)
+def diff_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    dim = _norm_dim(_arg(node, 2, "dim", -1), ctx.rank(src))
+    for i in range(ctx.rank(src)):
+        if i == dim:
+            ctx.freeze_dim(src, i, f"diff along this dim at {node.name}")
+            ctx.freeze_dim(out, i, f"diff along this dim at {node.name}")
+        else:
+            ctx.tie(src, i, out, i)
     ctx.zero_never(out)
 
 

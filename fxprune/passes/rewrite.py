@@ -97,15 +97,24 @@ class RewrittenProgram:
     """The pruned graph: a runnable GraphModule and, when re-exported, a fresh ExportedProgram."""
 
     graph_module: fx.GraphModule
-    exported_program: Any
+    source: PrunableGraph
     constant_kwargs: dict
     changed_constants: dict[str, dict[tuple, tuple[int, int]]]  # node -> path -> (old, new)
+    removed: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # class -> units
+    _exported: Any = None
+
+    @property
+    def exported_program(self):
+        """The pruned program re-exported (fresh shape metadata); built on first use."""
+        if self._exported is None:
+            self._exported = _reexport(self.graph_module, self.source)
+        return self._exported
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **{**kwargs, **self.constant_kwargs})
 
 
-def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexport: bool = True) -> RewrittenProgram:
+def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexport: bool = False) -> RewrittenProgram:
     """Apply ``plan`` to the exported program and return the smaller program."""
     removed = removed_by_class(graph, plan)
     analysis = graph.analysis
@@ -189,13 +198,18 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
                 u.replace_input_with(last, sel)
             last = sel
             changed.setdefault(name, {})[("index_select", d)] = (_lay_size(lay), len(kept))
+    # 6. a view that was legal on the original strides may not be after pruning (a kernel can
+    #    pick another output layout for the new head_dim), so views become reshapes.
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
     gm.graph.lint()
     gm.recompile()
 
-    ep = None
+    program = RewrittenProgram(gm, graph, dict(graph.constant_kwargs), changed, removed)
     if reexport:
-        ep = _reexport(gm, graph)
-    return RewrittenProgram(gm, ep, dict(graph.constant_kwargs), changed)
+        program.exported_program  # noqa: B018 - validates that the smaller graph traces
+    return program
 
 
 def _reexport(gm: fx.GraphModule, graph: PrunableGraph):
@@ -328,6 +342,13 @@ except ImportError:  # pragma: no cover
     pass
 
 
+# Size attributes the fixers above own: the graph-driven int fix-up must leave them alone.
+MANAGED_ATTRS = {
+    "in_features", "out_features", "in_channels", "out_channels", "num_embeddings",
+    "embedding_dim", "num_features", "num_channels", "nf", "normalized_shape",
+}
+
+
 def _fix_module(m: torch.nn.Module) -> None:
     for cls in type(m).__mro__:
         if cls in MODULE_FIXERS:
@@ -341,6 +362,7 @@ class ModuleRewrite:
     attribute_changes: dict[str, dict[str, tuple[int, int]]]  # module path -> attr -> (old, new)
     problems: list[str]
     config_updated: bool
+    conflicts: list[tuple[str, str, int, list[int]]] = dataclasses.field(default_factory=list)
 
 
 def apply_shapes_to_module(
@@ -381,9 +403,8 @@ def rewrite_module(
     removed = removed_by_class(graph, plan)
     new_model = copy.deepcopy(model)
     apply_shapes_to_module(new_model, new_tensor_shapes(graph, removed), graph.aliases)
-    changes, problems = _fix_int_attributes(new_model, graph, program)
-    config_updated = _update_config(new_model, model, changes)
-    return ModuleRewrite(new_model, changes, problems, config_updated)
+    changes, problems, conflicts = _fix_int_attributes(new_model, graph, program)
+    return ModuleRewrite(new_model, changes, problems, False, conflicts)
 
 
 _SKIP_ATTR = re.compile(r"(idx|index|layer|seed|id$|_id$|vocab|position|max_|rank)", re.I)
@@ -401,6 +422,11 @@ def _fix_int_attributes(model: torch.nn.Module, graph: PrunableGraph, program: R
         if node is None:
             continue
         mod_path = _module_path(node)
+        splits = {p: lay for p, lay in entries.items() if p[0] == "split" and lay is not None}
+        if splits and node.target in (aten.split.Tensor, aten.split_copy.Tensor):
+            news = {kept_size(lay, program.removed) for lay in splits.values()}
+            if len(news) == 1:  # still an even split: its split_size follows the module attr
+                all_constants.append((mod_path, node.args[1], news.pop()))
         for path, lay in entries.items():
             if lay is None or path[0] == "split":
                 continue
@@ -419,6 +445,7 @@ def _fix_int_attributes(model: torch.nn.Module, graph: PrunableGraph, program: R
                     vals.add(n)
     changes: dict[str, dict[str, tuple[int, int]]] = {}
     problems: list[str] = []
+    conflicts: list[tuple[str, str, int, list[int]]] = []
     for (owner, attr), vals in requirements.items():
         old = olds[(owner, attr)]
         if len(vals) == 1:
@@ -431,7 +458,8 @@ def _fix_int_attributes(model: torch.nn.Module, graph: PrunableGraph, program: R
                 f"{owner or '<root>'}.{attr}={old} would need several values {sorted(vals)}: "
                 "the module uses one attribute for spaces that were pruned differently"
             )
-    return changes, problems
+            conflicts.append((owner, attr, old, sorted(vals)))
+    return changes, problems, conflicts
 
 
 def _module_path(node: fx.Node) -> str:
@@ -463,6 +491,7 @@ def _candidate_attrs(model: torch.nn.Module, mod_path: str, old: int) -> list[tu
             (owner, k)
             for k, v in vars(mod).items()
             if type(v) is int and v == old and not k.startswith("_") and not _SKIP_ATTR.search(k)
+            and not (k in MANAGED_ATTRS and type(mod) in _managed_types())
         ]
         if found:
             return found
@@ -471,21 +500,29 @@ def _candidate_attrs(model: torch.nn.Module, mod_path: str, old: int) -> list[tu
     return []
 
 
-def _update_config(new_model: torch.nn.Module, old_model: torch.nn.Module, changes) -> bool:
-    """Update an HF config when the pruning is uniform, proven by rebuilding the skeleton.
+def _managed_types() -> set[type]:
+    return {t for t in MODULE_FIXERS} | {
+        t for t in list(MODULE_FIXERS) for t in t.__subclasses__()
+    }
 
-    Candidate fields are int config entries whose old value changed to a single new value
-    somewhere in the model.  A candidate assignment is accepted only if the model class built
-    from the new config (on the meta device) has exactly the pruned parameter shapes, so plain
-    ``save_pretrained``/``from_pretrained`` round-trips.
+
+def _config_candidates(new_model: torch.nn.Module, old_model: torch.nn.Module, changes):
+    """Yield HF configs whose rebuilt skeleton has exactly the pruned parameter shapes.
+
+    Candidate fields are int config entries whose old value changed somewhere in the model (and
+    head counts scaled by a width ratio).  Assignments with the fewest changed fields come first.
+    Equal shapes are necessary, not sufficient (4 heads of 6 vs 2 heads of 12), so the caller
+    also checks each candidate against the rewritten graph.
     """
+    import itertools
+
     config = getattr(new_model, "config", None)
     if config is None or not hasattr(config, "to_dict") or not hasattr(type(new_model), "_from_config"):
-        return False
+        return
     target = {n: tuple(p.shape) for n, p in new_model.state_dict().items()}
     original = {n: tuple(p.shape) for n, p in old_model.state_dict().items()}
     if target == original:
-        return True
+        return
     value_map: dict[int, set[int]] = {}
     for n, shape in original.items():
         for a, b in zip(shape, target.get(n, shape)):
@@ -503,12 +540,6 @@ def _update_config(new_model: torch.nn.Module, old_model: torch.nn.Module, chang
             candidates[k] = set(news)
     for k, vals in _derived_count_candidates(new_model, old_model, fields).items():
         candidates.setdefault(k, set()).update(vals)
-    if not candidates:
-        return False
-    # Search assignments with the fewest changed fields first; accept the first whose rebuilt
-    # skeleton has exactly the pruned shapes (that is the proof that the config is right).
-    import itertools
-
     keys = sorted(candidates)
     options = [[None, *sorted(candidates[k])] for k in keys]
     combos = sorted(itertools.product(*options), key=lambda c: sum(v is not None for v in c))
@@ -518,10 +549,35 @@ def _update_config(new_model: torch.nn.Module, old_model: torch.nn.Module, chang
             if v is not None:
                 setattr(cfg, k, v)
         if _mismatch(new_model, cfg, target) == 0:
-            new_model.config = cfg
-            _copy_int_attrs(_skeleton(new_model, cfg), new_model)
+            yield cfg
+
+
+def _update_config(mod: "ModuleRewrite", old_model: torch.nn.Module, check: Callable[[], bool]) -> bool:
+    """Adopt the first candidate config under which the module still matches the graph."""
+    model = mod.module
+    before_cfg = getattr(model, "config", None)
+    snapshot = _int_attr_snapshot(model)
+    for cfg in _config_candidates(model, old_model, mod.attribute_changes):
+        model.config = cfg
+        _copy_int_attrs(_skeleton(model, cfg), model)
+        if check():
             return True
+        model.config = before_cfg
+        _restore_int_attrs(model, snapshot)
     return False
+
+
+def _int_attr_snapshot(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    return {
+        name: {k: v for k, v in vars(m).items() if type(v) is int and not k.startswith("_")}
+        for name, m in model.named_modules()
+    }
+
+
+def _restore_int_attrs(model: torch.nn.Module, snapshot: dict[str, dict[str, int]]) -> None:
+    for name, m in model.named_modules():
+        for k, v in snapshot.get(name, {}).items():
+            setattr(m, k, v)
 
 
 def _skeleton(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
@@ -730,6 +786,7 @@ def rewrite(
     verify_outputs: bool = True,
     inputs: dict | None = None,
     return_graph_on_mismatch: bool = True,
+    reexport: bool = False,
 ) -> torch.nn.Module:
     """Apply ``plan`` ({group_id: units to remove}) and return a smaller model.
 
@@ -746,17 +803,20 @@ def rewrite(
         mod = rewrite_module(model, graph, plan, program)
         _attach(mod.module, program, mod, None, graph, plan)
         return mod.module
-    program = rewrite_graph(graph, plan, reexport=True)
+    program = rewrite_graph(graph, plan, reexport=reexport)
     mod = rewrite_module(model, graph, plan, program)
     result_model: Any = mod.module
     kwargs = {**(inputs or graph.example_kwargs), **graph.constant_kwargs}
     args = graph.example_args if inputs is None else ()
     with torch.no_grad():
-        try:
-            eager_out = _call(mod.module, args, kwargs)
-            ok, worst, why = compare_outputs(program(*args, **(inputs or graph.example_kwargs)), eager_out)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            ok, why = False, f"{type(exc).__name__}: {exc}"
+        graph_out = program(*args, **(inputs or graph.example_kwargs))
+    ok, why = _matches_graph(mod.module, graph_out, args, kwargs)
+    if not ok and mod.conflicts:
+        ok = _resolve_conflicts(mod, graph_out, args, kwargs)
+    if ok:
+        mod.config_updated = _update_config(
+            mod, model, lambda: _matches_graph(mod.module, graph_out, args, kwargs)[0]
+        )
     if not ok:
         reason = "; ".join(mod.problems) or why
         if not return_graph_on_mismatch:
@@ -772,6 +832,46 @@ def rewrite(
         report = verify(model, result_model if result_model is mod.module else program, plan, graph, inputs)
     _attach(result_model, program, mod, report, graph, plan)
     return result_model
+
+
+def _matches_graph(module: torch.nn.Module, graph_out: Any, args: tuple, kwargs: dict) -> tuple[bool, str]:
+    with torch.no_grad():
+        try:
+            ok, _, why = compare_outputs(graph_out, _call(module, args, kwargs))
+            return ok, why
+        except Exception as exc:  # noqa: BLE001 - a failing forward is a mismatch
+            return False, f"{type(exc).__name__}: {exc}"
+
+
+def _resolve_conflicts(mod: ModuleRewrite, graph_out: Any, args: tuple, kwargs: dict) -> bool:
+    """Settle attributes whose old value several constants shared (kv heads == repeats, say).
+
+    Values are tried jointly per attribute name (every layer's ``num_key_value_groups`` takes
+    the same choice), smallest search first; the rewritten graph is the judge.
+    """
+    import itertools
+
+    by_name: dict[str, list[tuple[str, int, list[int]]]] = {}
+    for owner, attr, old, vals in mod.conflicts:
+        by_name.setdefault(attr, []).append((owner, old, vals))
+    names = sorted(by_name)
+    options = [sorted({v for _, old, vals in by_name[n] for v in vals} | {None}, key=lambda v: (v is not None, v or 0)) for n in names]
+    for trial, combo in enumerate(itertools.product(*options)):
+        if trial >= 32:
+            break
+        for name, choice in zip(names, combo):
+            for owner, old, vals in by_name[name]:
+                target = old if choice is None or choice not in vals else choice
+                setattr(mod.module.get_submodule(owner) if owner else mod.module, name, target)
+        if _matches_graph(mod.module, graph_out, args, kwargs)[0]:
+            for name, choice in zip(names, combo):
+                for owner, old, vals in by_name[name]:
+                    target = old if choice is None or choice not in vals else choice
+                    if target != old:
+                        mod.attribute_changes.setdefault(owner, {})[name] = (old, target)
+            mod.problems.clear()
+            return True
+    return False
 
 
 def _attach(module: Any, program: RewrittenProgram, mod: ModuleRewrite, report, graph, plan) -> None:

@@ -1,0 +1,585 @@
+"""Planner: choose which units to remove so that a target fraction of parameters goes away.
+
+Input: the analysis' groups, the scoring pass' per-unit scores and a ratio of the model's total
+parameters to remove.  Output: a plan ``{group_id: sorted units to remove}`` and an info dict.
+
+Why it is built this way:
+
+* **Exact parameter accounting.**  Several groups can shrink the same tensor (``heads`` and
+  ``head_dim`` both shrink ``q_proj.weight`` dim 0; ``hidden`` shrinks its dim 1), so summing
+  "parameters per unit" over groups over-counts.  The planner counts a parameter's remaining
+  size as ``rest * prod(kept size of each pruned dim)`` (see :func:`count_params_after`), where a
+  dim's kept size comes from its layout with every group's removed units applied together.
+* **Searches over plans that are monotone in one variable**, so bisection hits the target:
+  ``uniform`` bisects one fraction shared by every searched group (LLM-Pruner's layer-uniform
+  ratio), then tops up with at most one extra rounding step per group to close the gap;
+  ``global`` sorts every removable chunk of units by score and bisects the prefix length.
+* **Conservative defaults.**  Only ``channels`` (MLP), ``heads`` and ``kv_heads`` are pruned
+  unless ``kinds`` says otherwise: ``hidden`` touches every layer and the embeddings and is
+  usually inexact (norms), ``head_dim`` breaks RoPE frequency pairs and head_dim-specific
+  kernels, and ``head_repeat`` changes the GQA ratio; each of these costs far more quality per
+  parameter in the literature (LLM-Pruner, SliceGPT, FLAP all keep them).  ``experts`` removal
+  is coarse (a whole expert per unit) and stays opt-in too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from fxprune.errors import PlanError
+from fxprune.graph import Group, Member
+
+__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "count_params_after", "make_plan"]
+
+DEFAULT_KINDS: dict[str, bool] = {
+    "channels": True,
+    "heads": True,
+    "kv_heads": True,
+    "head_dim": False,
+    "head_repeat": False,
+    "hidden": False,
+    "experts": False,
+}
+"""Which group kinds are pruned when ``kinds`` does not mention them (unknown kinds: not pruned)."""
+
+ALLOCATIONS = ("uniform", "global")
+
+Plan = dict[str, list[int]]
+
+
+# --------------------------------------------------------------------------------------------
+# Exact parameter counting
+# --------------------------------------------------------------------------------------------
+
+
+UnitsOf = Callable[[str], Sequence[int]]  # group id -> removed units (only asked when needed)
+
+
+def _kept_by_count(layout: tuple, removed: Mapping[int, int]) -> int:
+    """``graph.kept_size`` from unit *counts*: the kept size of a dim depends only on them."""
+    n = 1
+    for factor in layout:
+        if factor[0] == "atom":
+            n *= factor[2] - removed.get(factor[1], 0)
+        else:
+            n *= sum(_kept_by_count(part, removed) for part in factor[1])
+    return n
+
+
+@dataclasses.dataclass
+class _Dim:
+    """All members (from any group) that shrink one dim of one parameter."""
+
+    size: int
+    members: list[tuple[str, Member]]  # (group id, member)
+
+    def kept(self, counts: Mapping[str, int], units_of: UnitsOf) -> int:
+        """Kept size of this dim when ``counts[gid]`` units of each group go (exact, all groups
+        applied together)."""
+        active = [(gid, m) for gid, m in self.members if counts.get(gid)]
+        if not active:
+            return self.size
+        layouts = {m.layout for _, m in active}
+        if len(layouts) == 1:
+            removed = {m.class_id: counts[gid] for gid, m in active}
+            return _kept_by_count(next(iter(layouts)), removed)
+        gone: set[int] = set()  # members disagree on the layout: fall back to index sets
+        for gid, m in active:
+            gone.update(m.indices(units_of(gid)))
+        return self.size - len(gone)
+
+
+class ParamCounter:
+    """Counts parameters remaining after a plan, exactly, for the parameters groups touch."""
+
+    def __init__(self, groups: Iterable[Group], numel: Mapping[str, int],
+                 shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+        self.numel = dict(numel)
+        self.total = int(sum(self.numel.values()))
+        self.dims: dict[str, dict[int, _Dim]] = {}
+        self.touches: dict[str, set[str]] = {}  # group id -> parameter names
+        self.unknown: set[str] = set()
+        for g in groups:
+            for m in g.params:
+                if m.name not in self.numel:
+                    self.unknown.add(m.name)
+                    continue
+                if shapes is not None and m.name in shapes:
+                    self._check_shape(g, m, tuple(shapes[m.name]))
+                d = self.dims.setdefault(m.name, {}).setdefault(m.dim, _Dim(m.dim_size, []))
+                if d.size != m.dim_size:
+                    raise PlanError(
+                        f"groups disagree on the size of {m.name!r} dim {m.dim}: "
+                        f"{d.size} vs {m.dim_size} (group {g.id!r})."
+                    )
+                if all(gid != g.id or mm != m for gid, mm in d.members):
+                    d.members.append((g.id, m))
+                self.touches.setdefault(g.id, set()).add(m.name)
+        self.rest = {name: self._rest(name) for name in self.dims}
+
+    @staticmethod
+    def _check_shape(g: Group, m: Member, shape: tuple) -> None:
+        if not 0 <= m.dim < len(shape) or shape[m.dim] != m.dim_size:
+            raise PlanError(
+                f"group {g.id!r}: member {m.name!r} dim {m.dim} has size {m.dim_size} but the "
+                f"parameter's shape is {shape}."
+            )
+
+    def _rest(self, name: str) -> int:
+        covered = math.prod(d.size for d in self.dims[name].values())
+        n = self.numel[name]
+        if covered == 0 or n % covered:
+            raise PlanError(
+                f"numel[{name!r}] = {n} is not a multiple of the sizes of its pruned dims "
+                f"({covered}); is numel from the same model as the groups?"
+            )
+        return n // covered
+
+    def removed_counts(self, counts: Mapping[str, int], units_of: UnitsOf) -> int:
+        """Parameters removed when ``counts[gid]`` units of each group go (exact)."""
+        names = set().union(*(self.touches.get(gid, set()) for gid, n in counts.items() if n))
+        total = 0
+        for name in names:
+            kept = self.rest[name] * math.prod(d.kept(counts, units_of) for d in self.dims[name].values())
+            total += self.numel[name] - kept
+        return total
+
+    def removed(self, plan: Mapping[str, Sequence[int]]) -> int:
+        """Parameters removed by ``plan`` ``{gid: units}`` (exact)."""
+        plan = {gid: sorted(set(int(u) for u in units)) for gid, units in plan.items()}
+        return self.removed_counts({gid: len(u) for gid, u in plan.items()}, plan.__getitem__)
+
+
+def count_params_after(
+    groups: Iterable[Group],
+    plan: Mapping[str, Sequence[int]],
+    param_shapes: Mapping[str, Sequence[int]],
+) -> int:
+    """Total parameters left in ``param_shapes`` after applying ``plan``, counted exactly.
+
+    A parameter with pruned dims ``d0, d1, ...`` keeps ``prod(kept sizes)`` elements, where a
+    dim's kept size combines every group that shrinks it (e.g. heads and head_dim on q_proj);
+    member ``m`` of a group removes ``len(m.indices(units))`` indices of its dim.
+    """
+    numel = {n: math.prod(tuple(s)) for n, s in param_shapes.items()}
+    counter = ParamCounter(groups, numel, param_shapes)
+    return counter.total - counter.removed(plan)
+
+
+# --------------------------------------------------------------------------------------------
+# Which groups, how far
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Candidate:
+    """A group the planner may prune: its units by ascending score and allowed removal counts."""
+
+    index: int
+    group: Group
+    order: np.ndarray  # units sorted by (score, unit)
+    scores: np.ndarray
+    steps: list[int]  # allowed numbers of removed units, ascending, steps[0] == 0
+    fixed: float | None = None  # per-kind fixed fraction, or None when searched
+
+    def units(self, count: int) -> list[int]:
+        return sorted(int(u) for u in self.order[:count])
+
+    def step_at_most(self, count: float) -> int:
+        """Largest allowed removal count <= count."""
+        i = bisect.bisect_right(self.steps, count + 1e-9) - 1
+        return self.steps[max(i, 0)]
+
+    def nearest_step(self, count: float) -> int:
+        return min(self.steps, key=lambda s: (abs(s - count), s))
+
+    def chunk_scores(self) -> np.ndarray:
+        """Mean score of the units removed by going from step j to step j+1, for every j."""
+        cum = np.concatenate([[0.0], np.cumsum(self.scores[self.order])])
+        steps = np.asarray(self.steps)
+        return (cum[steps[1:]] - cum[steps[:-1]]) / np.diff(steps)
+
+
+def allowed_removals(size: int, round_to: int, max_ratio: float) -> list[int]:
+    """Removal counts that keep a multiple of ``round_to`` (>= round_to, >= 1) within the cap.
+
+    A group smaller than ``round_to`` (or whose only options break the cap) cannot be pruned.
+    """
+    cap = min(math.floor(max_ratio * size + 1e-9), size - max(round_to, 1))
+    steps = {size - k for k in range(round_to, size + 1, round_to) if 0 < size - k <= cap}
+    return [0, *sorted(steps)]
+
+
+def _kind_setting(kind: str, kinds: Mapping[str, Any] | None) -> float | bool:
+    """``False`` (off), ``True`` (searched) or a fixed fraction for ``kind``."""
+    value = (kinds or {}).get(kind, DEFAULT_KINDS.get(kind, False))
+    if value is None or value is True:
+        return True
+    if value is False:
+        return False
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"kinds[{kind!r}] must be a bool, None or a ratio in [0, 1), got {value!r}.") from None
+    if not 0.0 <= f < 1.0:
+        raise PlanError(f"kinds[{kind!r}] = {f} is outside [0, 1).")
+    return False if f == 0.0 else f
+
+
+_INDEX_RE = re.compile(r"^(.*?)(\d+)$")
+
+
+def _blocks_kept(groups: Sequence[Group], first: int, last: int) -> set[str]:
+    """Blocks among the first/last N of their family (``model.layers.<i>``), by numeric index."""
+    if first <= 0 and last <= 0:
+        return set()
+    families: dict[str, list[tuple[int, str]]] = {}
+    for g in groups:
+        match = _INDEX_RE.match(g.block) if g.block else None
+        if match:
+            families.setdefault(match.group(1), []).append((int(match.group(2)), g.block))
+    kept: set[str] = set()
+    for blocks in families.values():
+        ordered = [b for _, b in sorted(set(blocks))]
+        kept.update(ordered[: max(first, 0)])
+        kept.update(ordered[len(ordered) - max(last, 0) :] if last > 0 else [])
+    return kept
+
+
+def _is_ignored(name: str, prefixes: Sequence[str]) -> bool:
+    """Prefix match on module boundaries: 'model.layers.1' ignores layer 1, not layer 10."""
+    for p in prefixes:
+        if name == p or (name.startswith(p) and (p.endswith(".") or name[len(p)] == ".")):
+            return True
+    return False
+
+
+def _round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
+    r = round_to.get(kind, 1) if isinstance(round_to, Mapping) else round_to
+    if not isinstance(r, (int, np.integer)) or r < 1:
+        raise PlanError(f"round_to must be a positive integer, got {r!r} for kind {kind!r}.")
+    return int(r)
+
+
+def _candidates(
+    groups: Sequence[Group],
+    scores: Mapping[str, np.ndarray],
+    counter: ParamCounter,
+    *,
+    kinds: Mapping[str, Any] | None,
+    max_group_ratio: float,
+    kept_blocks: set[str],
+    ignore: Sequence[str],
+    round_to: int | Mapping[str, int],
+) -> tuple[list[_Candidate], dict[str, str]]:
+    """The prunable groups, and why every other group is skipped."""
+    cands: list[_Candidate] = []
+    skipped: dict[str, str] = {}
+    for i, g in enumerate(groups):
+        setting = _kind_setting(g.kind, kinds)
+        reason = _skip_reason(g, setting, counter, kept_blocks, ignore)
+        if reason:
+            skipped[g.id] = reason
+            continue
+        s = _group_scores(g, scores)
+        steps = allowed_removals(g.size, _round_for(g.kind, round_to), max_group_ratio)
+        if len(steps) == 1:
+            skipped[g.id] = f"size {g.size} leaves no removable multiple of round_to within the cap"
+            continue
+        order = np.lexsort((np.arange(g.size), s))
+        fixed = setting if isinstance(setting, float) else None
+        cands.append(_Candidate(i, g, order, s, steps, fixed))
+    return cands, skipped
+
+
+def _skip_reason(g: Group, setting: float | bool, counter: ParamCounter,
+                 kept_blocks: set[str], ignore: Sequence[str]) -> str | None:
+    if setting is False:
+        return f"kind {g.kind!r} is not pruned (enable it with kinds={{{g.kind!r}: True}})"
+    if g.block is not None and g.block in kept_blocks:
+        return f"block {g.block!r} is kept (keep_blocks_first/last)"
+    if any(_is_ignored(n, ignore) for n in g.param_names):
+        return "a parameter matches `ignore`"
+    if g.id not in counter.touches:
+        return "no counted parameter members (nothing to save)"
+    if g.size < 2:
+        return "a single unit cannot be pruned"
+    return None
+
+
+def _group_scores(g: Group, scores: Mapping[str, np.ndarray]) -> np.ndarray:
+    if g.id not in scores:
+        raise PlanError(f"no scores for group {g.id!r}; score every group you plan to prune.")
+    s = np.asarray(scores[g.id], dtype=np.float64)
+    if s.shape != (g.size,):
+        raise PlanError(f"scores for group {g.id!r} have shape {s.shape}, expected ({g.size},).")
+    if not np.all(np.isfinite(s)):
+        raise PlanError(f"scores for group {g.id!r} contain NaN/inf.")
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation strategies
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_from_counts(cands: Sequence[_Candidate], counts: Mapping[int, int]) -> Plan:
+    return {c.group.id: c.units(counts[c.index]) for c in cands if counts.get(c.index, 0) > 0}
+
+
+def _removed_fn(cands: Sequence[_Candidate], counter: ParamCounter) -> Callable[[Mapping[int, int]], int]:
+    """``removed(counts by candidate index)``, without materialising unit lists when possible."""
+    by_index = {c.index: c for c in cands}
+    by_id = {c.group.id: c for c in cands}
+
+    def removed(counts: Mapping[int, int]) -> int:
+        named = {by_index[i].group.id: n for i, n in counts.items() if n}
+        return counter.removed_counts(named, lambda gid: by_id[gid].units(named[gid]))
+
+    return removed
+
+
+def _largest_within(n: int, removed_at: Any, target: float) -> int:
+    """Largest ``k`` in [0, n] with ``removed_at(k) <= target`` (removed_at is monotone)."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if removed_at(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _closer(removed_at: Any, k: int, n: int, target: float) -> int:
+    """Take one more step when it lands closer to the target than stopping short."""
+    if k < n and removed_at(k + 1) - target < target - removed_at(k):
+        return k + 1
+    return k
+
+
+def _uniform(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter,
+             target: float) -> tuple[dict[int, int], dict[str, Any]]:
+    """One fraction for every searched group (bisection), then <= 1 extra step per group."""
+    searched = [c for c in cands if c.fixed is None]
+    fractions = sorted({s / c.group.size for c in searched for s in c.steps})
+
+    def counts_at(i: int) -> dict[int, int]:
+        f = fractions[i] if fractions else 0.0
+        return {**fixed, **{c.index: c.step_at_most(f * c.group.size) for c in searched}}
+
+    removed = _removed_fn(cands, counter)
+
+    i = _largest_within(len(fractions) - 1, lambda i: removed(counts_at(i)), target) if fractions else 0
+    counts = counts_at(i)
+    fraction = fractions[i] if fractions else 0.0
+    counts = _top_up(searched, counts, removed, target)
+    return counts, {"fraction": fraction}
+
+
+def _top_up(searched: Sequence[_Candidate], counts: dict[int, int], removed: Any,
+            target: float) -> dict[int, int]:
+    """Close the gap left by the shared fraction: give the cheapest-to-lose groups one more step."""
+    extra = []
+    for c in searched:
+        j = c.steps.index(counts[c.index])
+        if j + 1 < len(c.steps):
+            extra.append((float(c.chunk_scores()[j]), c.index, c.steps[j + 1]))
+    extra.sort()
+    current = removed(counts)
+    overshoots = []
+    for _, idx, nxt in extra:
+        trial = {**counts, idx: nxt}
+        r = removed(trial)
+        if r <= target:
+            counts, current = trial, r
+        else:
+            overshoots.append((r, idx, nxt))
+    if overshoots:
+        r, idx, nxt = min(overshoots)
+        if r - target < target - current:
+            counts = {**counts, idx: nxt}
+    return counts
+
+
+def _global(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter,
+            target: float) -> tuple[dict[int, int], dict[str, Any]]:
+    """Rank every chunk of units of every searched group by score; take the cheapest prefix."""
+    searched = [c for c in cands if c.fixed is None]
+    # one row per chunk: (score, candidate index, chunk number); a group's chunk scores are made
+    # non-decreasing so that sorting keeps each group's chunks in order (a prefix is a plan)
+    chunk_score = np.concatenate([np.maximum.accumulate(c.chunk_scores()) for c in searched])
+    chunk_group = np.concatenate([np.full(len(c.steps) - 1, c.index) for c in searched])
+    chunk_num = np.concatenate([np.arange(len(c.steps) - 1) for c in searched])
+    order = np.lexsort((chunk_num, chunk_group, chunk_score))
+    chunk_score, chunk_group = chunk_score[order], chunk_group[order].astype(np.int64)
+    steps_of = {c.index: c.steps for c in cands}
+    removed = _removed_fn(cands, counter)
+
+    def counts_at(k: int) -> dict[int, int]:
+        taken = np.bincount(chunk_group[:k])
+        counts = dict(fixed)
+        for idx in np.nonzero(taken)[0]:
+            counts[int(idx)] = steps_of[int(idx)][int(taken[idx])]
+        return counts
+
+    def removed_at(k: int) -> int:
+        return removed(counts_at(k))
+
+    k = _largest_within(len(chunk_group), removed_at, target)
+    k = _closer(removed_at, k, len(chunk_group), target)
+    threshold = float(chunk_score[k - 1]) if k else None
+    return counts_at(k), {"score_threshold": threshold}
+
+
+_STRATEGIES = {"uniform": _uniform, "global": _global}
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def make_plan(
+    groups: Sequence[Group],
+    scores: Mapping[str, np.ndarray],
+    ratio: float,
+    *,
+    numel: Mapping[str, int],
+    allocation: str = "uniform",
+    max_group_ratio: float = 0.9,
+    keep_blocks_first: int = 0,
+    keep_blocks_last: int = 0,
+    ignore: Sequence[str] | str = (),
+    round_to: int | Mapping[str, int] = 1,
+    kinds: Mapping[str, Any] | None = None,
+) -> tuple[Plan, dict[str, Any]]:
+    """Choose units to remove so that about ``ratio`` of all parameters go.
+
+    Args:
+        groups: the analysis' groups.
+        scores: ``{group_id: per-unit scores}`` from :func:`fxprune.passes.scoring.score`
+            (higher = keep).  Needed for every group that may be pruned; for ``global`` they
+            must be comparable across groups (the scoring pass normalizes them by default).
+        ratio: fraction in [0, 1) of the model's *total* parameters (``sum(numel.values())``,
+            one entry per distinct tensor) to remove.
+        numel: parameter FQN -> number of elements.
+        allocation: ``"uniform"`` (the same fraction of every searched group, like LLM-Pruner;
+            bisected to hit the target, then at most one extra rounding step per group, given to
+            the groups whose next units score lowest) or ``"global"`` (the lowest-scoring units
+            anywhere, in chunks of ``round_to``, until the target).
+        max_group_ratio: never remove more than this fraction of any group.
+        keep_blocks_first / keep_blocks_last: leave groups in the first / last N blocks of each
+            block family (e.g. ``model.layers.<i>``, ordered by ``i``) untouched.
+        ignore: module/parameter prefixes (matched on ``.`` boundaries); a group with any
+            parameter member under one of them is not pruned.
+        round_to: kept size of every pruned group is a multiple of this (int, or per kind);
+            groups are never pruned below ``round_to`` units nor emptied.
+        kinds: per-kind switches and ratios merged over :data:`DEFAULT_KINDS`: ``False``/``0``
+            disables a kind, ``True``/``None`` lets the allocation decide, a float in (0, 1)
+            removes that fraction of every group of the kind (lowest scores first) and the
+            searched kinds fill the rest of the budget.
+
+    Returns:
+        ``(plan, info)``: the plan ``{group_id: sorted units}`` and a dict with ``allocation``,
+        ``target_ratio``, ``achieved_ratio``, ``total_params``, ``target_params``,
+        ``removed_params`` (exact, see :func:`count_params_after`), ``removed_units``
+        ``{group_id: count}``, ``skipped`` ``{group_id: reason}``, ``max_step_params`` (the
+        largest single rounding step, i.e. the precision the target can be hit with) and
+        strategy details (``fraction`` for uniform, ``score_threshold`` for global).
+
+    Raises:
+        PlanError: ratio outside [0, 1), unknown allocation, bad kinds/round_to/max_group_ratio,
+            missing or malformed scores, numel inconsistent with the groups.
+    """
+    _check_args(ratio, allocation, max_group_ratio, kinds)
+    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    groups = list(groups)
+    counter = ParamCounter(groups, numel)
+    kept_blocks = _blocks_kept(groups, keep_blocks_first, keep_blocks_last)
+    cands, skipped = _candidates(
+        groups, scores, counter, kinds=kinds, max_group_ratio=max_group_ratio,
+        kept_blocks=kept_blocks, ignore=ignore, round_to=round_to,
+    )
+    target = ratio * counter.total
+    fixed = {c.index: c.nearest_step(c.fixed * c.group.size) for c in cands if c.fixed is not None}
+    fixed_removed = _removed_fn(cands, counter)(fixed)
+    if ratio == 0 or not cands:
+        counts, details = ({}, {})
+    elif fixed_removed >= target:
+        warnings.warn(
+            f"the fixed per-kind ratios alone remove {fixed_removed / max(counter.total, 1):.3f} "
+            f"of the parameters, more than ratio={ratio}; the searched kinds are not pruned.",
+            stacklevel=2,
+        )
+        counts, details = fixed, {}
+    else:
+        counts, details = _STRATEGIES[allocation](cands, fixed, counter, target)
+    plan = _plan_from_counts(cands, counts)
+    return plan, _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
+
+
+def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter) -> int:
+    """Upper bound on the parameters one rounding step removes: the precision of the target.
+
+    A unit's cost in isolation (``Group.params_per_unit``) bounds its marginal cost when other
+    groups shrink the same tensors, so ``cost * largest chunk`` bounds every step.
+    """
+    best = 0
+    for c in cands:
+        chunk = max(b - a for a, b in zip(c.steps, c.steps[1:]))
+        known = [m for m in c.group.params if m.name in counter.numel]
+        per_unit = sum(counter.numel[m.name] // m.dim_size * m.unit_width for m in known)
+        best = max(best, per_unit * chunk)
+    return best
+
+
+def _check_args(ratio: float, allocation: str, max_group_ratio: float,
+                kinds: Mapping[str, Any] | None) -> None:
+    if not isinstance(ratio, (int, float, np.floating)) or not math.isfinite(ratio) or not 0 <= ratio < 1:
+        raise PlanError(
+            f"ratio must be a fraction of the parameters in [0, 1), got {ratio!r} "
+            "(e.g. 0.2 removes 20% of the parameters)."
+        )
+    if allocation not in _STRATEGIES:
+        raise PlanError(f"unknown allocation {allocation!r}; choose one of {list(_STRATEGIES)}.")
+    if not 0 < max_group_ratio <= 1:
+        raise PlanError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}.")
+    for kind in kinds or {}:
+        _kind_setting(kind, kinds)  # validates the value
+
+
+def _info(plan: Plan, groups: Sequence[Group], cands: Sequence[_Candidate],
+          skipped: dict[str, str], counter: ParamCounter, ratio: float, target: float,
+          allocation: str, details: dict[str, Any]) -> dict[str, Any]:
+    removed = counter.removed(plan)
+    total = counter.total
+    max_step = _max_step_params(cands, counter)
+    if target and removed < target - max(max_step, 1):
+        warnings.warn(
+            f"could only reach {removed / total:.4f} of the parameters for ratio={ratio} "
+            "(groups capped by max_group_ratio/round_to, or too few prunable kinds).",
+            stacklevel=3,
+        )
+    sizes = {g.id: g.size for g in groups}
+    return {
+        "allocation": allocation,
+        "target_ratio": float(ratio),
+        "achieved_ratio": removed / total if total else 0.0,
+        "total_params": total,
+        "target_params": int(round(target)),
+        "removed_params": removed,
+        "removed_units": {gid: len(u) for gid, u in plan.items()},
+        "group_ratio": {gid: len(u) / sizes[gid] for gid, u in plan.items()},
+        "skipped": skipped,
+        "max_step_params": max_step,
+        "unknown_params": sorted(counter.unknown),
+        **details,
+    }

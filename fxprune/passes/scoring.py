@@ -1,0 +1,1113 @@
+"""Scoring pass: how important is each unit of each prunable group?
+
+The analysis pass hands us ``list[Group]``; this pass turns it into ``{group_id: scores}`` where
+``scores`` is a float64 array with one entry per unit (higher = more important).  The planner
+then decides which units to remove.
+
+Design, and why:
+
+* **Criteria live in a registry** (:data:`IMPORTANCE`, filled with :func:`register_importance`)
+  so new criteria are a class away and ``score(importance="name")`` never grows an if-chain.
+  A criterion accumulates *per-index* statistics for every (parameter, dim) that is a member of
+  some group, e.g. ``sum(w * g)`` over all dims but ``dim``.  Per-unit scores are then the sum of
+  those per-index values over ``member.indices([u])``, passed through the criterion's
+  :meth:`Importance.finalize` (``abs`` for the vector-wise Taylor score, ``sqrt`` for L2...).
+  Keeping the abs/sqrt *after* the unit sum is what makes the Taylor score vector-wise
+  (``|sum_k w_k g_k|`` over the unit's slice), as in LLM-Pruner.
+* **Gradients never pile up.**  Gradient criteria hook every member parameter with
+  ``Tensor.register_post_accumulate_grad_hook``: the hook folds ``p.grad`` into the small
+  per-index accumulators and sets ``p.grad = None`` straight away.  Parameters that are not
+  members of any group get ``requires_grad=False`` for the pass, so autograd neither computes
+  nor stores their gradients.  Peak memory is therefore weights + activations + one gradient at
+  a time, instead of weights + all gradients for a plain ``loss.backward()``.
+* **Member scores are combined by an aggregation** from :data:`AGGREGATES` (sum, mean, max,
+  prod) and **groups are normalized** with :data:`NORMALIZERS` so a global planner can rank
+  units of different groups against each other.
+* Everything the pass touches on the model (requires_grad flags, hooks, existing ``.grad``,
+  train/eval mode, device) is restored in a ``finally`` block, also when scoring fails.
+
+Only *parameter* members are scored; buffer and activation members carry no weights to judge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+import zlib
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxprune.errors import DataError, ScoringError
+from fxprune.graph import Group, Member, layout_coords
+
+__all__ = [
+    "AGGREGATES",
+    "IMPORTANCE",
+    "NORMALIZERS",
+    "Importance",
+    "ScoreResult",
+    "register_aggregate",
+    "register_importance",
+    "register_normalizer",
+    "score",
+    "score_with_stats",
+]
+
+Batch = Any  # dict of tensors, tuple/list of positional args, or a single tensor
+LossFn = Callable[[Any, Batch], torch.Tensor]
+
+# --------------------------------------------------------------------------------------------
+# Registries
+# --------------------------------------------------------------------------------------------
+
+IMPORTANCE: dict[str, type["Importance"]] = {}
+"""Importance criteria by name.  Add one with :func:`register_importance`."""
+
+AGGREGATES: dict[str, Callable[[list[np.ndarray]], np.ndarray]] = {}
+"""How the per-unit scores of a group's members combine into one score per unit."""
+
+NORMALIZERS: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {}
+"""How one group's scores are rescaled so that groups can be ranked against each other."""
+
+
+def register_importance(name: str) -> Callable[[type["Importance"]], type["Importance"]]:
+    """Class decorator: make an :class:`Importance` subclass available as ``importance=name``."""
+
+    def deco(cls: type[Importance]) -> type[Importance]:
+        if not (isinstance(cls, type) and issubclass(cls, Importance)):
+            raise TypeError(f"@register_importance({name!r}) needs an Importance subclass")
+        cls.name = name
+        IMPORTANCE[name] = cls
+        return cls
+
+    return deco
+
+
+def register_aggregate(name: str) -> Callable:
+    """Function decorator: register ``fn(list_of_member_scores) -> scores`` as ``aggregate=name``."""
+
+    def deco(fn: Callable[[list[np.ndarray]], np.ndarray]) -> Callable:
+        AGGREGATES[name] = fn
+        return fn
+
+    return deco
+
+
+def register_normalizer(name: str | None) -> Callable:
+    """Function decorator: register ``fn(scores) -> scores`` as ``normalize=name``."""
+
+    def deco(fn: Callable[[np.ndarray], np.ndarray]) -> Callable:
+        NORMALIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _lookup(registry: Mapping, key: Any, what: str) -> Any:
+    try:
+        return registry[key]
+    except (KeyError, TypeError):
+        known = sorted((k for k in registry if k is not None), key=str)
+        extra = " or None" if None in registry else ""
+        raise ScoringError(f"unknown {what} {key!r}; choose one of {known}{extra}.") from None
+
+
+@register_aggregate("sum")
+def _agg_sum(xs: list[np.ndarray]) -> np.ndarray:
+    return np.sum(xs, axis=0)
+
+
+@register_aggregate("mean")
+def _agg_mean(xs: list[np.ndarray]) -> np.ndarray:
+    return np.mean(xs, axis=0)
+
+
+@register_aggregate("max")
+def _agg_max(xs: list[np.ndarray]) -> np.ndarray:
+    return np.max(xs, axis=0)
+
+
+@register_aggregate("prod")
+def _agg_prod(xs: list[np.ndarray]) -> np.ndarray:
+    return np.prod(xs, axis=0)
+
+
+def _safe_divide(s: np.ndarray, denom: float) -> np.ndarray:
+    """Divide unless the denominator is 0 or not finite (an all-zero group stays all zero)."""
+    if denom == 0 or not math.isfinite(denom):
+        return s
+    return s / denom
+
+
+@register_normalizer("mean")
+def _norm_mean(s: np.ndarray) -> np.ndarray:
+    """Scores relative to the group's average unit: 1.0 = an average unit of this group."""
+    return _safe_divide(s, float(np.mean(s)) if len(s) else 0.0)
+
+
+@register_normalizer("max")
+def _norm_max(s: np.ndarray) -> np.ndarray:
+    """Scores relative to the group's best unit, in [0, 1]."""
+    return _safe_divide(s, float(np.max(s)) if len(s) else 0.0)
+
+
+@register_normalizer("sum")
+def _norm_sum(s: np.ndarray) -> np.ndarray:
+    """Scores as each unit's share of the group's total importance."""
+    return _safe_divide(s, float(np.sum(s)))
+
+
+@register_normalizer(None)
+def _norm_none(s: np.ndarray) -> np.ndarray:
+    """Raw scores (only comparable within a group)."""
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# What gets scored
+# --------------------------------------------------------------------------------------------
+
+# Module types whose weight multiplies an input feature along a known weight dim.
+# value: the weight dim indexed by input features.
+_INPUT_DIM: dict[type, int] = {
+    nn.Linear: 1,
+    nn.Conv1d: 1,
+    nn.Conv2d: 1,
+    nn.Conv3d: 1,
+}
+try:  # GPT-2 style transposed linear: weight is [in, out]
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+
+    _INPUT_DIM[_HFConv1D] = 0
+except Exception:  # pragma: no cover - transformers is a hard dependency, but stay importable
+    pass
+
+
+def _input_dim_of(module: nn.Module | None) -> int | None:
+    for cls in type(module).__mro__ if module is not None else ():
+        if cls in _INPUT_DIM:
+            return _INPUT_DIM[cls]
+    return None
+
+
+@dataclasses.dataclass
+class Target:
+    """One parameter tensor that is a member of some group, with every dim that gets scored.
+
+    Tied parameters (one tensor under several names) are a single target with several names.
+    ``module``/``attr`` locate the owning module (for activation statistics).
+    """
+
+    param: nn.Parameter
+    names: list[str]
+    dims: set[int]
+    module: nn.Module | None
+    attr: str
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def input_dim(self) -> int | None:
+        """Weight dim indexed by the owning layer's input features, or None (bias, norm...)."""
+        if self.attr != "weight":
+            return None
+        return _input_dim_of(self.module)
+
+
+@dataclasses.dataclass
+class InputStats:
+    """Running first and second moments of one layer's input features over calibration tokens."""
+
+    total: torch.Tensor  # float64 [features]
+    total_sq: torch.Tensor  # float64 [features]
+    count: int = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """Squared L2 norm of each feature over all tokens (Wanda's ``||X_j||^2``)."""
+        return self.total_sq
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance of each feature over tokens (FLAP's fluctuation)."""
+        n = max(self.count, 1)
+        return (self.total_sq / n - self.mean**2).clamp_min(0.0)
+
+
+@dataclasses.dataclass
+class ScoringContext:
+    """What a criterion can see: the scored targets and, after the passes, the statistics."""
+
+    targets: dict[int, Target]  # keyed by id(param)
+    input_stats: dict[int, InputStats] = dataclasses.field(default_factory=dict)  # id(module)
+    n_batches: int = 0
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, Target]:
+        return {name: t for t in self.targets.values() for name in t.names}
+
+    def stats_for(self, target: Target) -> InputStats | None:
+        if target.module is None:
+            return None
+        return self.input_stats.get(id(target.module))
+
+    @property
+    def max_tokens(self) -> int:
+        """Largest number of input rows any hooked layer saw (the 'N tokens' of the pass)."""
+        return max((s.count for s in self.input_stats.values()), default=0)
+
+
+def _collect_targets(model: nn.Module, groups: Sequence[Group]) -> dict[int, Target]:
+    """Resolve every parameter member to its tensor; check dims against the real shapes."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    targets: dict[int, Target] = {}
+    for group in groups:
+        for m in group.params:
+            p = params.get(m.name) if m.name is not None else None
+            if p is None:
+                raise ScoringError(
+                    f"group {group.id!r}: member {m.name!r} is not a parameter of the model; "
+                    "were the groups computed for a different model?"
+                )
+            if not 0 <= m.dim < p.dim() or p.shape[m.dim] != m.dim_size:
+                raise ScoringError(
+                    f"group {group.id!r}: member {m.name!r} dim {m.dim} has size {m.dim_size} in "
+                    f"the group but the parameter has shape {tuple(p.shape)}."
+                )
+            t = targets.get(id(p))
+            if t is None:
+                mod_name, _, attr = m.name.rpartition(".")
+                module = model.get_submodule(mod_name) if mod_name else model
+                t = targets[id(p)] = Target(p, [m.name], set(), module, attr)
+            elif m.name not in t.names:
+                t.names.append(m.name)
+            t.dims.add(m.dim)
+    return targets
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_index_map(layout: tuple, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(units, indices)`` pairs such that index ``indices[k]`` is covered by unit ``units[k]``.
+
+    Vectorised equivalent of calling ``member.indices([u])`` for every unit: an index can be
+    covered by several occurrences of the class (RoPE halves), so pairs are de-duplicated.
+    """
+    coords = layout_coords(layout).get(class_id, [])
+    if not coords:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    idx = [np.nonzero(arr >= 0)[0] for arr in coords]
+    units = np.concatenate([arr[i] for arr, i in zip(coords, idx)])
+    idx_all = np.concatenate(idx)
+    if len(coords) > 1:
+        size = len(coords[0])
+        codes = np.unique(units * size + idx_all)
+        units, idx_all = codes // size, codes % size
+    return units, idx_all
+
+
+def unit_sums(member: Member, per_index: np.ndarray, size: int) -> np.ndarray:
+    """Sum a per-index vector over each unit's indices: ``out[u] = sum(per_index[m.indices([u])])``."""
+    units, idx = _unit_index_map(member.layout, member.class_id)
+    if len(units) and units.max() >= size:
+        raise ScoringError(
+            f"member {member.name!r} has units up to {int(units.max())} but its group has {size}."
+        )
+    return np.bincount(units, weights=per_index[idx], minlength=size).astype(np.float64)
+
+
+def _reduce_to(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum ``t`` over every dim except ``dim``; float64 result, float32 work for low precision."""
+    others = [d for d in range(t.dim()) if d != dim]
+    kwargs = {"dtype": torch.float32} if t.dtype in (torch.float16, torch.bfloat16) else {}
+    out = t.sum(dim=others, **kwargs) if others else t.to(**kwargs) if kwargs else t
+    return out.detach().to(torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Criteria
+# --------------------------------------------------------------------------------------------
+
+
+class Importance:
+    """Base class of scoring criteria.
+
+    Subclasses say what they need (``needs_grad``: backward passes with gradient hooks;
+    ``needs_inputs``: forward passes with input-statistics hooks) and implement
+    :meth:`index_scores` (one value per index along a member's dim) and optionally
+    :meth:`finalize` (applied after summing over each unit's indices) or :meth:`group_scores`
+    (to bypass members altogether, like ``random``).
+    """
+
+    name: ClassVar[str] = "?"
+    needs_grad: ClassVar[bool] = False
+    needs_inputs: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._acc: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._batch_checks: list[tuple[str, torch.Tensor]] = []
+
+    @property
+    def needs_data(self) -> bool:
+        return self.needs_grad or self.needs_inputs
+
+    # -- accumulation helpers --------------------------------------------------------------
+    def _add(self, target: Target, dim: int, slot: str, value: torch.Tensor) -> None:
+        key = (id(target.param), dim, slot)
+        prev = self._acc.get(key)
+        self._acc[key] = value if prev is None else prev + value
+        # checked once per batch (one device sync), see pop_nonfinite()
+        self._batch_checks.append((target.name, torch.isfinite(value).all()))
+
+    def _get(self, target: Target, dim: int, slot: str) -> torch.Tensor | None:
+        return self._acc.get((id(target.param), dim, slot))
+
+    def pop_nonfinite(self) -> str | None:
+        """Name of the first parameter whose contribution this batch was NaN/inf, if any."""
+        checks, self._batch_checks = self._batch_checks, []
+        if not checks:
+            return None
+        ok = torch.stack([c for _, c in checks]).cpu()
+        if bool(ok.all()):
+            return None
+        return checks[int((~ok).nonzero()[0, 0])][0]
+
+    # -- hooks the scoring loop calls ----------------------------------------------------------
+    def on_grad(self, target: Target, grad: torch.Tensor) -> None:
+        """Fold one accumulated gradient into the statistics.  ``grad`` may be overwritten."""
+
+    # -- turning statistics into scores -------------------------------------------------------
+    def index_scores(self, target: Target, dim: int, ctx: ScoringContext) -> torch.Tensor | None:
+        """Per-index importance along ``dim`` of ``target`` (None: this member cannot be scored)."""
+        raise NotImplementedError
+
+    def finalize(self, unit_values: np.ndarray) -> np.ndarray:
+        """Map summed per-unit values to scores (identity by default)."""
+        return unit_values
+
+    def member_scores(
+        self, group: Group, member: Member, target: Target, ctx: ScoringContext
+    ) -> np.ndarray | None:
+        per_index = self.index_scores(target, member.dim, ctx)
+        if per_index is None:
+            return None
+        values = per_index.detach().to("cpu", torch.float64).numpy()
+        return self.finalize(unit_sums(member, values, group.size))
+
+    def group_scores(
+        self,
+        group: Group,
+        ctx: ScoringContext,
+        aggregate: Callable[[list[np.ndarray]], np.ndarray],
+    ) -> np.ndarray:
+        """Per-unit scores of one group: aggregate the scores of its distinct parameter members."""
+        seen: set[tuple] = set()
+        per_member: list[np.ndarray] = []
+        for m in group.params:
+            target = ctx.by_name[m.name]
+            key = (id(target.param), m.dim, m.layout, m.class_id)
+            if key in seen:  # tied aliases / duplicate members count once
+                continue
+            seen.add(key)
+            s = self.member_scores(group, m, target, ctx)
+            if s is not None:
+                per_member.append(s)
+        if not per_member:
+            warnings.warn(
+                f"importance {self.name!r} cannot score any member of group {group.id!r}; "
+                "its units all score 0.",
+                stacklevel=3,
+            )
+            return np.zeros(group.size, dtype=np.float64)
+        return np.asarray(aggregate(per_member), dtype=np.float64)
+
+
+class _GradImportance(Importance):
+    """Shared plumbing of the Taylor family: multiply the gradient by the weight in place."""
+
+    needs_grad = True
+
+    def on_grad(self, target: Target, grad: torch.Tensor) -> None:
+        w = target.param.detach()
+        # The gradient is ours to destroy (it is dropped right after this hook), so reuse its
+        # storage for w*g instead of allocating a second weight-sized tensor.
+        if grad.is_contiguous() and grad.dtype == w.dtype and not grad.is_sparse:
+            prod = grad.mul_(w)
+        else:
+            prod = grad.to_dense() * w if grad.is_sparse else grad * w
+        self.fold(target, prod)
+
+    def fold(self, target: Target, prod: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _mean(self, target: Target, dim: int, slot: str, ctx: ScoringContext) -> torch.Tensor:
+        acc = self._get(target, dim, slot)
+        if acc is None:  # parameter received no gradient (unused in the loss)
+            return torch.zeros(target.param.shape[dim], dtype=torch.float64)
+        return acc / max(ctx.n_batches, 1)
+
+
+@register_importance("taylor")
+class TaylorImportance(_GradImportance):
+    """First-order Taylor, vector-wise (LLM-Pruner): ``|sum_{k in unit} w_k * G_k|``.
+
+    ``G`` is the gradient of the mean calibration loss (the per-batch gradients averaged), so the
+    score estimates ``|L(w) - L(w with the unit zeroed)|`` to first order.  The sign is kept per
+    index and the absolute value is taken only after summing over the unit's slice of a member.
+    """
+
+    def fold(self, target: Target, prod: torch.Tensor) -> None:
+        for d in target.dims:
+            self._add(target, d, "wg", _reduce_to(prod, d))
+
+    def index_scores(self, target, dim, ctx):
+        return self._mean(target, dim, "wg", ctx)
+
+    def finalize(self, unit_values: np.ndarray) -> np.ndarray:
+        return np.abs(unit_values)
+
+
+@register_importance("taylor-element")
+class TaylorElementImportance(_GradImportance):
+    """First-order Taylor, element-wise: ``sum_{k in unit} |w_k * g_k|``.
+
+    Unlike LLM-Pruner's element-wise variant (which takes ``|w*G|`` of the gradient accumulated
+    over the whole calibration set), the absolute value is taken per batch, averaged over batches:
+    keeping ``G`` element-wise until the end would need a weight-sized buffer per parameter,
+    exactly the memory this pass avoids.
+    """
+
+    def fold(self, target: Target, prod: torch.Tensor) -> None:
+        prod = prod.abs_()
+        for d in target.dims:
+            self._add(target, d, "abs_wg", _reduce_to(prod, d))
+
+    def index_scores(self, target, dim, ctx):
+        return self._mean(target, dim, "abs_wg", ctx)
+
+
+@register_importance("taylor-2")
+class SecondOrderTaylorImportance(_GradImportance):
+    """Second-order Taylor with a diagonal Fisher Hessian (LLM-Pruner's ``param_mix``).
+
+    Per unit: ``| sum_{k in unit} ( w_k G_k - 1/2 * w_k^2 F_kk ) |`` where ``G`` is the mean
+    gradient over calibration batches and ``F_kk = mean_b g_{b,k}^2`` approximates the Hessian
+    diagonal (empirical Fisher).  This is the Taylor estimate of the loss change when the unit is
+    removed: ``-g.w + 1/2 w^T H w`` with ``H`` diagonal (same magnitude, LLM-Pruner's sign).
+    The sum runs over the unit's slice before the absolute value (vector-wise), because the
+    element-wise form would need weight-sized ``G``/``F`` buffers.  With ``batch_size > 1`` the
+    Fisher uses per-batch rather than per-sample gradients.
+    """
+
+    def fold(self, target: Target, prod: torch.Tensor) -> None:
+        for d in target.dims:
+            self._add(target, d, "wg", _reduce_to(prod, d))
+        prod = prod.square_()  # (w*g)^2 = w^2 g^2
+        for d in target.dims:
+            self._add(target, d, "w2g2", _reduce_to(prod, d))
+
+    def index_scores(self, target, dim, ctx):
+        first = self._mean(target, dim, "wg", ctx)
+        fisher = self._mean(target, dim, "w2g2", ctx)
+        return first - 0.5 * fisher
+
+    def finalize(self, unit_values: np.ndarray) -> np.ndarray:
+        return np.abs(unit_values)
+
+
+@register_importance("l1")
+class L1Importance(Importance):
+    """Weight magnitude ``sum |w|`` over the unit's slices.  Needs no data."""
+
+    def index_scores(self, target, dim, ctx):
+        return _reduce_to(target.param.detach().abs(), dim)
+
+
+@register_importance("l2")
+class L2Importance(Importance):
+    """Weight norm ``sqrt(sum w^2)`` over each member's slice of the unit.  Needs no data."""
+
+    def index_scores(self, target, dim, ctx):
+        w = target.param.detach()
+        return _reduce_to(w * w, dim)
+
+    def finalize(self, unit_values: np.ndarray) -> np.ndarray:
+        return np.sqrt(unit_values)
+
+
+def _broadcast_input_stat(target: Target, stat: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-input-feature vector so it broadcasts against the weight's elements.
+
+    Handles Linear ``[out, in]``, HF Conv1D ``[in, out]`` and ConvNd ``[out, in/groups, *k]``
+    (for grouped convolutions, output channel ``o`` sees input channels of its own group).
+    """
+    w = target.param
+    in_dim = target.input_dim
+    assert in_dim is not None
+    shape = [1] * w.dim()
+    groups = getattr(target.module, "groups", 1) if isinstance(target.module, nn.modules.conv._ConvNd) else 1
+    if groups == 1:
+        shape[in_dim] = w.shape[in_dim]
+        return stat.to(w.device).view(shape)
+    out = w.shape[0]
+    per_group = stat.view(groups, -1).repeat_interleave(out // groups, dim=0)  # [out, in/groups]
+    return per_group.to(w.device).view(out, w.shape[1], *([1] * (w.dim() - 2)))
+
+
+@register_importance("activation")
+class ActivationImportance(Importance):
+    """Wanda-sp: ``|W_ij| * ||X_j||_2`` summed over the unit's slices.
+
+    ``||X_j||`` is the L2 norm over all calibration tokens of input feature ``j`` of the
+    Linear/Conv layer that owns the weight, gathered by forward hooks.  The element score is the
+    same whichever dim the member prunes: for an input-dim member (a column) it is
+    ``||X_j|| * sum_i |W_ij|`` (structured Wanda as in the FLAP paper), for an output-dim member
+    (a row) it is ``sum_j |W_ij| * ||X_j||``, the row's contribution weighted by how large its
+    inputs are.  Parameters that do not multiply a layer input (biases, norm scales, embedding
+    tables) are treated as weights on a constant input of 1 over the N calibration tokens:
+    ``|w| * sqrt(N)``, which keeps them on the same scale as the Linear terms.
+    """
+
+    needs_inputs = True
+
+    def index_scores(self, target, dim, ctx):
+        w = target.param.detach()
+        stats = ctx.stats_for(target)
+        if target.input_dim is not None and stats is not None:
+            norm = _broadcast_input_stat(target, stats.sq_norm.sqrt().to(torch.float32))
+            return _reduce_to(w.abs().float() * norm, dim)
+        return _reduce_to(w.abs(), dim) * math.sqrt(max(ctx.max_tokens, 1))
+
+
+@register_importance("flap")
+class FlapImportance(Importance):
+    """FLAP fluctuation metric: ``Var(X_j) * ||W_{:,j}||^2`` for input channel ``j``.
+
+    ``Var`` is the population variance over calibration tokens of the owning layer's input
+    feature (forward hooks).  A feature that barely fluctuates can be replaced by its mean, which
+    is why FLAP pairs this metric with bias compensation (``b += W[:, removed] @ mean``); the
+    per-feature means are returned by :func:`score_with_stats` as ``ScoreResult.input_mean``.
+    Only members on a Linear/Conv weight's *input* dim are scored (that is where the metric is
+    defined: ``o_proj``/``down_proj`` columns for heads/MLP channels); other members are skipped.
+    """
+
+    needs_inputs = True
+
+    def index_scores(self, target, dim, ctx):
+        stats = ctx.stats_for(target)
+        if target.input_dim is None or dim != target.input_dim or stats is None:
+            return None
+        w = target.param.detach().float()
+        var = _broadcast_input_stat(target, stats.var.to(torch.float32))
+        return _reduce_to(w * w * var, dim)
+
+
+@register_importance("random")
+class RandomImportance(Importance):
+    """Uniform random scores, seeded per (seed, group id): a baseline for ablations.
+
+    Seeding per group id (not by position) keeps a group's scores the same whatever other groups
+    are scored alongside it.
+    """
+
+    def index_scores(self, target, dim, ctx):  # pragma: no cover - group_scores overrides
+        return None
+
+    def group_scores(self, group, ctx, aggregate):
+        rng = np.random.default_rng([self.seed, zlib.crc32(group.id.encode())])
+        return rng.random(group.size)
+
+
+# --------------------------------------------------------------------------------------------
+# Running the model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    """Scores plus the side statistics some criteria gather.
+
+    ``input_mean`` maps the weight FQN of every hooked Linear/Conv layer to the mean of each of
+    its input features over the calibration tokens (only filled by criteria with forward hooks,
+    ``activation`` and ``flap``); the rewrite can use it for FLAP-style bias compensation.
+    """
+
+    scores: dict[str, np.ndarray]
+    importance: str
+    n_batches: int = 0
+    n_tokens: int = 0
+    input_mean: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    input_count: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    """The single device the model lives on, or None if it is spread over several."""
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    return devices.pop() if len(devices) == 1 else None
+
+
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
+    """Move the model to ``device`` for the pass and back afterwards (also on error)."""
+    home = _model_device(model)
+    if home is None:
+        warnings.warn("model spans several devices; scoring it where it is", stacklevel=4)
+        yield next(model.parameters()).device
+        return
+    if home == device or (home.type == device.type and device.index is None):
+        yield home
+        return
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(home)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _with_labels(model: nn.Module, batch: Batch) -> Batch | None:
+    """For HF-style models whose forward takes ``labels``: the batch with ``labels=input_ids``.
+
+    Padding (attention_mask == 0) is masked with -100 so it does not count in the loss.  Returns
+    None when the model or batch does not fit that convention.
+    """
+    params = _forward_params(model)
+    if "labels" not in params:
+        return None
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        return None
+    batch = dict(batch)
+    if "labels" not in batch:
+        labels = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, -100)
+        batch["labels"] = labels
+    if "use_cache" in params and "use_cache" not in batch:
+        batch["use_cache"] = False  # no KV cache to hold during scoring
+    return batch
+
+
+def _call(model: nn.Module, batch: Batch) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _tensor_leaves(out: Any) -> Iterator[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        if out.is_floating_point():
+            yield out
+    elif isinstance(out, Mapping):
+        for v in out.values():
+            yield from _tensor_leaves(v)
+    elif isinstance(out, (tuple, list)):
+        for v in out:
+            yield from _tensor_leaves(v)
+
+
+def default_loss(output: Any, batch: Batch = None) -> torch.Tensor:
+    """Sum of squares of every floating-point tensor in the output.
+
+    Used when there are no labels and no ``loss_fn``: its gradient measures how much each weight
+    contributes to the *energy* of the output, which is a data-only proxy for "removing this
+    changes the output a lot".  Supply ``loss_fn`` for a task loss.
+    """
+    leaves = list(_tensor_leaves(output))
+    if not leaves:
+        raise ScoringError("model output has no floating-point tensors to build a loss from; pass loss_fn.")
+    return sum(t.float().pow(2).sum() for t in leaves)
+
+
+def _loss_for(
+    model: nn.Module, batch: Batch, loss_fn: LossFn | None
+) -> torch.Tensor:
+    """Loss of one batch: ``loss_fn`` if given, else the HF ``labels`` loss, else :func:`default_loss`."""
+    if loss_fn is not None:
+        return loss_fn(_call(model, batch), batch)
+    labelled = _with_labels(model, batch)
+    if labelled is not None:
+        out = _call(model, labelled)
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is not None:
+            return loss
+        return default_loss(out, batch)
+    return default_loss(_call(model, batch), batch)
+
+
+def _count_tokens(batch: Batch) -> int:
+    if isinstance(batch, Mapping):
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            return int(ids.numel())
+        batch = list(batch.values())
+    if isinstance(batch, torch.Tensor):  # token ids: every id is a token; features: rows
+        if not batch.dim():
+            return 1
+        return int(batch.numel()) if not batch.is_floating_point() else int(batch.shape[0])
+    for v in batch if isinstance(batch, (tuple, list)) else ():
+        if isinstance(v, torch.Tensor):
+            return _count_tokens(v)
+    return 0
+
+
+def _unique_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def _gradient_session(
+    model: nn.Module, targets: dict[int, Target], crit: Importance
+) -> Iterator[None]:
+    """Only member parameters require grad; each folds its gradient away as soon as it is ready.
+
+    On exit (also on error) the hooks are removed, requires_grad flags and any ``.grad`` the
+    user had are restored, and no gradient of ours is left behind.
+    """
+    all_params = _unique_params(model.parameters())
+    saved_flags = {id(p): p.requires_grad for p in all_params}
+    saved_grads = {id(p): p.grad for p in all_params}
+    handles = []
+
+    def make_hook(target: Target) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            grad = p.grad
+            p.grad = None  # drop our reference first: the criterion may reuse the storage
+            if grad is not None:
+                crit.on_grad(target, grad)
+
+        return hook
+
+    try:
+        for p in all_params:
+            p.grad = None
+            p.requires_grad_(id(p) in targets)
+        for target in targets.values():
+            handles.append(target.param.register_post_accumulate_grad_hook(make_hook(target)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in all_params:
+            p.requires_grad_(saved_flags[id(p)])
+            p.grad = saved_grads[id(p)]
+
+
+@contextlib.contextmanager
+def _input_hooks(targets: dict[int, Target], ctx: ScoringContext) -> Iterator[None]:
+    """Forward pre-hooks on every Linear/Conv owning a member weight: accumulate input moments."""
+    handles = []
+    modules = {}
+    for t in targets.values():
+        if t.input_dim is not None:
+            modules[id(t.module)] = t.module
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        x = args[0].detach()
+        if isinstance(module, nn.modules.conv._ConvNd):
+            feat_dim = 1 if x.dim() == module.weight.dim() else 0  # batched or unbatched
+            x = x.movedim(feat_dim, -1)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        stats = ctx.input_stats.get(id(module))
+        if stats is None:
+            zeros = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+            stats = ctx.input_stats[id(module)] = InputStats(zeros, zeros.clone())
+        stats.total += x.sum(0)
+        stats.total_sq += (x * x).sum(0)
+        stats.count += x.shape[0]
+
+    try:
+        for m in modules.values():
+            handles.append(m.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Score in eval mode (dropout off, deterministic) and restore the caller's mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _progress(batches: Iterable[Batch], name: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc=f"scoring ({name})", disable=not enabled, leave=False)
+
+
+def _run_backward(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    crit: Importance,
+    ctx: ScoringContext,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+    loss_fn: LossFn | None,
+    progress: bool,
+) -> int:
+    """One forward+backward per batch; gradients are folded by the hooks.  Returns #tokens."""
+    tokens = 0
+    bar = _progress(batches, crit.name, progress)
+    for i, batch in enumerate(bar):
+        batch = _to_device(batch, device)
+        with autocast:
+            loss = _loss_for(model, batch, loss_fn)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ScoringError(f"batch {i}: the loss must be a scalar tensor, got {type(loss).__name__}.")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ScoringError(f"batch {i}: loss is {value}; check the model and this batch's inputs.")
+        if not loss.requires_grad:
+            raise ScoringError(
+                f"batch {i}: the loss does not depend on any grouped parameter, so it has no gradient."
+            )
+        loss.backward()
+        del loss
+        bad = crit.pop_nonfinite()
+        if bad is not None:
+            raise ScoringError(f"batch {i}: non-finite gradient for parameter {bad!r}.")
+        ctx.n_batches += 1
+        tokens += _count_tokens(batch)
+        if progress:
+            bar.set_postfix(loss=f"{value:.4g}")
+    return tokens
+
+
+def _run_forward(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    crit: Importance,
+    ctx: ScoringContext,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+    progress: bool,
+) -> int:
+    """Forward passes only (no graph kept); the input hooks gather statistics.  Returns #tokens."""
+    tokens = 0
+    with torch.no_grad():
+        for batch in _progress(batches, crit.name, progress):
+            batch = _to_device(batch, device)
+            with autocast:
+                _call(model, batch)
+            ctx.n_batches += 1
+            tokens += _count_tokens(batch)
+    return tokens
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None, model: nn.Module) -> Any:
+    """Compute in ``dtype`` via autocast, never by casting the weights.
+
+    Casting fp32 weights to bf16 and back would silently round the caller's model; autocast runs
+    the matmuls in ``dtype`` and leaves the parameters untouched.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    param_dtype = next(model.parameters()).dtype
+    if dtype == param_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def score_with_stats(
+    model: nn.Module,
+    groups: Sequence[Group],
+    batches: Iterable[Batch] | None = None,
+    *,
+    importance: str = "taylor",
+    aggregate: str = "sum",
+    normalize: str | None = "mean",
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ScoreResult:
+    """Like :func:`score`, but also returns the statistics gathered on the way (see ScoreResult)."""
+    crit_cls = _lookup(IMPORTANCE, importance, "importance criterion")
+    agg = _lookup(AGGREGATES, aggregate, "aggregate")
+    norm = _lookup(NORMALIZERS, normalize, "normalize")
+    crit = crit_cls(seed=seed)
+    groups = list(groups)
+    targets = _collect_targets(model, groups)
+    ctx = ScoringContext(targets)
+    if crit.needs_data and batches is None:
+        raise DataError(
+            f"importance {importance!r} needs calibration batches (see fxprune.calib.load_calibration); "
+            "'l1', 'l2' and 'random' need none."
+        )
+    tokens = 0
+    if crit.needs_data and targets:
+        dev = _resolve_device(device)
+        with contextlib.ExitStack() as stack:
+            dev = stack.enter_context(_on_device(model, dev))
+            stack.enter_context(_eval_mode(model))
+            stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
+            torch.manual_seed(seed)
+            if crit.needs_inputs:
+                stack.enter_context(_input_hooks(targets, ctx))
+            autocast = _autocast(dev, dtype, model)
+            if crit.needs_grad:
+                stack.enter_context(_gradient_session(model, targets, crit))
+                tokens = _run_backward(model, batches, crit, ctx, dev, autocast, loss_fn, progress)
+            else:
+                tokens = _run_forward(model, batches, crit, ctx, dev, autocast, progress)
+            if ctx.n_batches == 0:
+                raise DataError("no calibration batches: the batches iterable was empty.")
+            scores = _all_group_scores(groups, crit, ctx, agg, norm)
+            means, counts = _input_means(targets, ctx)
+    else:
+        scores = _all_group_scores(groups, crit, ctx, agg, norm)
+        means, counts = {}, {}
+    return ScoreResult(scores, importance, ctx.n_batches, tokens, means, counts)
+
+
+def _all_group_scores(
+    groups: Sequence[Group],
+    crit: Importance,
+    ctx: ScoringContext,
+    agg: Callable[[list[np.ndarray]], np.ndarray],
+    norm: Callable[[np.ndarray], np.ndarray],
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for g in groups:
+        s = np.asarray(norm(crit.group_scores(g, ctx, agg)), dtype=np.float64)
+        if s.shape != (g.size,):
+            raise ScoringError(f"group {g.id!r}: got {s.shape} scores for {g.size} units.")
+        if not np.all(np.isfinite(s)):
+            raise ScoringError(
+                f"group {g.id!r}: non-finite scores (aggregate/normalize overflow?)."
+            )
+        out[g.id] = s
+    return out
+
+
+def _input_means(
+    targets: dict[int, Target], ctx: ScoringContext
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    means: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for t in targets.values():
+        stats = ctx.stats_for(t)
+        if stats is not None and t.input_dim is not None:
+            for name in t.names:
+                means[name] = stats.mean.cpu().numpy()
+                counts[name] = stats.count
+    return means, counts
+
+
+def score(
+    model: nn.Module,
+    groups: Sequence[Group],
+    batches: Iterable[Batch] | None = None,
+    *,
+    importance: str = "taylor",
+    aggregate: str = "sum",
+    normalize: str | None = "mean",
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Score every unit of every group; higher means more important.
+
+    Args:
+        model: the eager ``nn.Module`` the groups were computed for (parameters are looked up by
+            the members' FQNs).
+        groups: output of the analysis pass.
+        batches: calibration batches (dicts are passed as keyword args, tuples/lists as positional
+            args, a tensor as the single argument).  Not needed for ``l1``, ``l2``, ``random``.
+        importance: a name in :data:`IMPORTANCE`: ``taylor`` (default), ``taylor-element``,
+            ``taylor-2``, ``l1``, ``l2``, ``activation`` (Wanda-sp), ``flap``, ``random``.
+        aggregate: how member scores combine, a name in :data:`AGGREGATES`.
+        normalize: per-group rescaling so units rank across groups, a name in
+            :data:`NORMALIZERS`: ``"mean"`` (scores / group mean: 1.0 is an average unit of its
+            group, so a global planner compares units by how they stand *within* their group,
+            independent of the layer's overall scale), ``"max"``, ``"sum"`` or None.
+        device: where to run the passes; ``"auto"`` = CUDA if available, else CPU.  The model is
+            moved there and back.
+        dtype: compute dtype (e.g. ``torch.bfloat16``), applied with autocast; weights are not cast.
+        loss_fn: ``loss_fn(output, batch) -> scalar``.  Without it: HF models that take
+            ``labels`` get ``labels=input_ids`` and their ``.loss``; anything else uses
+            :func:`default_loss` (sum of squares of the outputs).
+        seed: seeds torch during the pass and the ``random`` criterion.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        ``{group.id: float64 array of group.size scores}``.
+
+    Raises:
+        ScoringError: unknown criterion/aggregate/normalizer, groups that do not match the model,
+            or a NaN/inf loss or gradient (the message names the batch).
+        DataError: a data-driven criterion without batches.
+    """
+    return score_with_stats(
+        model,
+        groups,
+        batches,
+        importance=importance,
+        aggregate=aggregate,
+        normalize=normalize,
+        device=device,
+        dtype=dtype,
+        loss_fn=loss_fn,
+        seed=seed,
+        progress=progress,
+    ).scores
