@@ -34,3 +34,13 @@ __all__ += ["rewrite", "rewrite_graph", "verify", "zeroed_copy"]
 from fxprune.io import load, save  # noqa: E402
 
 __all__ += ["load", "save"]
+
+from fxprune.api import PruneReport, PruneResult, count_flops, prune  # noqa: E402
+from fxprune.calib import load_calibration  # noqa: E402
+from fxprune.passes.plan import count_params_after, make_plan  # noqa: E402
+from fxprune.passes.scoring import score, score_with_stats  # noqa: E402
+
+__all__ += [
+    "PruneReport", "PruneResult", "count_flops", "prune", "load_calibration", "count_params_after",
+    "make_plan", "score", "score_with_stats",
+]

@@ -1,0 +1,79 @@
+"""Supported-architecture table: trace, analyse and prune every zoo model; compare with zeroing.
+
+    python bench/arch_sweep.py [NAME ...]
+
+For each exportable model of tests/zoo.py: trace + analyse, then remove a seeded random third of
+the units of every exact group at once and check the pruned model against the original with
+those units zeroed. Prints a markdown table and writes bench/results/arch_sweep.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import fxprune  # noqa: E402
+from tests import zoo  # noqa: E402
+
+
+def sweep_one(name: str) -> dict:
+    zm = zoo.ZOO[name]
+    t0 = time.perf_counter()
+    model = zm.build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = fxprune.trace(model, kwargs=zm.make_inputs(2, 8))
+        groups = fxprune.analyze(graph)
+        rng = random.Random(0)
+        plan = {g.id: sorted(rng.sample(range(g.size), max(1, g.size // 3))) for g in groups if g.exact}
+        row = {
+            "model": name, "family": zm.family, "class": type(model).__name__,
+            "groups": len(groups), "exact": sum(g.exact for g in groups),
+            "kinds": dict(collections.Counter(g.kind for g in groups)),
+            "unsupported": sorted({u.op for u in graph.unsupported}),
+        }
+        try:
+            pruned = fxprune.rewrite(model, graph, plan)
+            before = sum(p.numel() for p in model.parameters())
+            after = sum(p.numel() for p in pruned.parameters()) if isinstance(pruned, torch.nn.Module) else None
+            row.update(
+                verified=True, max_abs_diff=pruned.fxprune.verification.max_abs_diff,
+                returned="graph" if isinstance(pruned, torch.fx.GraphModule) else "module",
+                params_kept=(after / before) if after else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            row.update(verified=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)
+    names = names or [k for k, v in zoo.ZOO.items() if getattr(v, "exportable", True)]
+    rows = []
+    print("| model | class | family | groups (exact) | kinds | exact groups pruned = zeroed | returned |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        r = sweep_one(name)
+        rows.append(r)
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(r["kinds"].items()))
+        ok = f"yes (max diff {r['max_abs_diff']:.0e})" if r.get("verified") else f"NO: {r.get('error')}"
+        print(f"| {name} | {r['class']} | {r['family']} | {r['groups']} ({r['exact']}) | {kinds} | {ok} | {r.get('returned', '-')} |", flush=True)
+    os.makedirs("bench/results", exist_ok=True)
+    tmp = "bench/results/arch_sweep.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, "bench/results/arch_sweep.json")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

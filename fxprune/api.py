@@ -1,0 +1,297 @@
+"""The one-call API: ``fxprune.prune(model, ratio)`` runs every pass in order.
+
+    capture -> analyse -> score -> plan -> rewrite -> verify
+
+Each step is also a public function (``trace``, ``analyze``, ``score``, ``make_plan``,
+``rewrite``) for users who want to stop, inspect or replace one.  ``prune`` also accepts an
+already traced ``PrunableGraph`` (its ``module`` is the model that gets pruned).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import time
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fxprune.errors import DataError, PlanError
+from fxprune.graph import Group, PrunableGraph
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What a prune did, in numbers: the headline table, per-layer kept fractions, timings."""
+
+    params_before: int
+    params_after: int
+    ratio_target: float
+    flops_before: float | None
+    flops_after: float | None
+    importance: str
+    allocation: str
+    kept_by_kind_and_block: dict[str, dict[str, float]]
+    groups: list[dict[str, Any]]
+    timings: dict[str, float]
+    verification: str
+    returned: str  # "module" (the user's class) or "graph" (the rewritten GraphModule)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ratio_achieved(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def flop_ratio(self) -> float | None:
+        if self.flops_before and self.flops_after:
+            return self.flops_before / self.flops_after
+        return None
+
+    def headline(self) -> list[tuple[str, str, str, str]]:
+        rows = [("", "before", "after", "change")]
+        rows.append((
+            "parameters", f"{self.params_before:,}", f"{self.params_after:,}",
+            f"-{self.ratio_achieved:.1%} (target -{self.ratio_target:.1%})",
+        ))
+        if self.flops_before and self.flops_after:
+            rows.append((
+                "FLOPs (example input)", f"{self.flops_before:.3g}", f"{self.flops_after:.3g}",
+                f"{self.flop_ratio:.2f}x fewer",
+            ))
+        return rows
+
+    def table(self) -> str:
+        rows = self.headline()
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        kinds = collections.Counter(g["kind"] for g in self.groups if g["removed"])
+        lines.append(
+            f"pruned groups: {sum(kinds.values())} ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
+            f"importance={self.importance}, allocation={self.allocation}"
+        )
+        lines.append(f"verification: {self.verification}; returned: {self.returned}")
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ratio_achieved"] = self.ratio_achieved
+        d["flop_ratio"] = self.flop_ratio
+        return d
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclasses.dataclass
+class PruneResult:
+    model: Any
+    plan: dict[str, list[int]]
+    report: PruneReport
+    graph: PrunableGraph
+    scores: dict[str, np.ndarray]
+
+
+def prune(
+    model_or_graph: torch.nn.Module | PrunableGraph,
+    ratio: float,
+    *,
+    example_inputs: Mapping[str, torch.Tensor] | None = None,
+    calib: Any = None,
+    tokenizer: Any = None,
+    importance: str = "taylor",
+    aggregate: str = "sum",
+    allocation: str = "uniform",
+    round_to: int | Mapping[str, int] = 1,
+    kinds: Mapping[str, Any] | None = None,
+    max_group_ratio: float = 0.9,
+    keep_blocks_first: int = 0,
+    keep_blocks_last: int = 0,
+    ignore: Sequence[str] = (),
+    n_samples: int = 32,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    verify: bool = True,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``ratio`` of the model's parameters and return the smaller model with a report.
+
+    Args:
+        model_or_graph: an ``nn.Module`` (left untouched) or a graph from ``fxprune.trace``.
+        ratio: fraction of all parameters to remove, in [0, 1).
+        example_inputs: kwargs used for tracing and verification (default: the first
+            calibration batch, or token ids built from the model config).
+        calib: calibration data for data-driven criteria: a list of strings (with
+            ``tokenizer``), a ``datasets.Dataset``, a local txt/json/jsonl/parquet path, or an
+            iterable of ready batches.
+        importance: a criterion from ``fxprune.passes.scoring.IMPORTANCE``
+            (taylor, taylor-element, taylor-2, l1, l2, activation, flap, random).
+        allocation / round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
+            ``fxprune.passes.plan.make_plan``.
+    """
+    from fxprune.calib import load_calibration
+    from fxprune.passes.analysis import analyze
+    from fxprune.passes.capture import trace
+    from fxprune.passes.plan import make_plan
+    from fxprune.passes.rewrite import rewrite
+    from fxprune.passes.scoring import IMPORTANCE, score
+
+    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
+    if importance not in IMPORTANCE:
+        raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+
+    t0 = time.perf_counter()
+    batches = None
+    if calib is not None:
+        batches = load_calibration(calib, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
+                                   seed=seed, batch_size=batch_size)
+        if not batches:
+            raise DataError("calibration data is empty")
+    timings["calibration"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if isinstance(model_or_graph, PrunableGraph):
+        graph = model_or_graph
+        model = graph.module
+    else:
+        model = model_or_graph
+        inputs = dict(example_inputs) if example_inputs is not None else _default_inputs(model, batches)
+        graph = trace(model, kwargs=inputs)
+    timings["capture"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    groups = graph.groups if graph.groups is not None else analyze(graph, ignore=ignore)
+    timings["analyze"] = time.perf_counter() - t0
+
+    crit = IMPORTANCE[importance]()
+    if getattr(crit, "needs_data", False) and batches is None:
+        batches = [_batch_from_inputs(graph)]
+        notes.append(
+            f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
+        )
+    t0 = time.perf_counter()
+    scores = score(model, groups, batches, importance=importance, aggregate=aggregate, device=device,
+                   dtype=dtype, seed=seed, progress=progress)
+    timings["score"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    numel = _numel(model, graph)
+    plan, info = make_plan(groups, scores, float(ratio), numel=numel, allocation=allocation,
+                           max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
+                           keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
+    timings["plan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if plan:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruned = rewrite(model, graph, plan, verify_outputs=verify)
+        for w in caught:
+            if "fxprune" in str(w.message):
+                notes.append(str(w.message).replace("fxprune: ", ""))
+    else:
+        pruned = model
+        notes.append("the plan removes nothing (ratio too small for the group granularity?)")
+    timings["rewrite+verify"] = time.perf_counter() - t0
+
+    report = _report(model, pruned, graph, groups, plan, scores, float(ratio), importance, allocation,
+                     timings, notes)
+    return PruneResult(pruned, plan, report, graph, scores)
+
+
+# ------------------------------------------------------------------------------------------
+def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
+    if batches:
+        first = batches[0]
+        if isinstance(first, Mapping):
+            return {k: v for k, v in first.items() if isinstance(v, torch.Tensor) and k != "labels"}
+    from fxprune.cli import _example_inputs
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise DataError("pass example_inputs=... (a dict of tensors for the model's forward)")
+    return _example_inputs(config, model)
+
+
+def _batch_from_inputs(graph: PrunableGraph) -> dict:
+    return dict(graph.example_kwargs)
+
+
+def _numel(model: torch.nn.Module, graph: PrunableGraph) -> dict[str, int]:
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out[name] = p.numel()
+    return out
+
+
+def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs: Mapping | None = None) -> float | None:
+    """FLOPs of one forward pass on ``inputs`` (torch's FlopCounterMode), or None if it fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**inputs, **(constant_kwargs or {}))
+        return float(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - FLOPs are informative only
+        return None
+
+
+def _report(model, pruned, graph, groups, plan, scores, ratio, importance, allocation, timings, notes) -> PruneReport:
+    def nparams(m: Any) -> int:
+        seen, n = set(), 0
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    on_meta = graph.on_meta
+    flops_before = flops_after = None
+    if not on_meta:
+        flops_before = count_flops(model, graph.example_kwargs, graph.constant_kwargs)
+        flops_after = count_flops(pruned, graph.example_kwargs, graph.constant_kwargs)
+    kept: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    rows = []
+    for g in groups:
+        removed = len(plan.get(g.id, []))
+        kept[g.kind][g.block or "(global)"].append(1.0 - removed / g.size)
+        rows.append({
+            "id": g.id, "kind": g.kind, "block": g.block, "units": g.size, "removed": removed,
+            "exact": g.exact,
+            "scores": [float(x) for x in scores.get(g.id, [])],
+            "removed_units": list(plan.get(g.id, [])),
+        })
+    info = getattr(pruned, "fxprune", None)
+    verification = str(info.verification) if info is not None and info.verification is not None else "not run"
+    returned = "graph" if isinstance(pruned, torch.fx.GraphModule) else "module"
+    return PruneReport(
+        params_before=nparams(model),
+        params_after=nparams(pruned),
+        ratio_target=ratio,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        importance=importance,
+        allocation=allocation,
+        kept_by_kind_and_block={k: {b: float(np.mean(v)) for b, v in d.items()} for k, d in kept.items()},
+        groups=rows,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        verification=verification,
+        returned=returned,
+        notes=notes,
+    )
