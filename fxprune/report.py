@@ -57,3 +57,142 @@ def write_graphml(graph: Any, path: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# Prune / recover / bench reports: report.md + report.html + PNG plots
+# ------------------------------------------------------------------------------------------
+def _block_index(block: str | None) -> int:
+    import re
+
+    m = re.search(r"\.(\d+)$", block or "")
+    return int(m.group(1)) if m else -1
+
+
+def plot_kept_per_layer(report: Any, path: str) -> str | None:
+    """Kept fraction per layer, one line per group kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for kind, by_block in report.kept_by_kind_and_block.items():
+        pts = sorted((_block_index(b), v) for b, v in by_block.items() if _block_index(b) >= 0)
+        if pts:
+            series[kind] = pts
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for kind, pts in sorted(series.items()):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", label=kind)
+    ax.set_xlabel("layer (block index)")
+    ax.set_ylabel("kept fraction")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Kept fraction per layer")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_score_distributions(report: Any, path: str) -> str | None:
+    """Normalised unit scores per group kind; removed units in red, the cut line dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kinds: dict[str, tuple[list[float], list[float]]] = {}
+    for g in report.groups:
+        if not g["scores"]:
+            continue
+        removed = set(g["removed_units"])
+        kept_s, rem_s = kinds.setdefault(g["kind"], ([], []))
+        for u, s in enumerate(g["scores"]):
+            (rem_s if u in removed else kept_s).append(s)
+    kinds = {k: v for k, v in kinds.items() if v[0] or v[1]}
+    if not kinds:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.2), dpi=110, squeeze=False)
+    for ax, (kind, (kept_s, rem_s)) in zip(axes[0], sorted(kinds.items())):
+        allv = np.array(kept_s + rem_s)
+        lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 30)
+        ax.hist(kept_s, bins=bins, color="tab:blue", alpha=0.7, label="kept")
+        if rem_s:
+            ax.hist(rem_s, bins=bins, color="tab:red", alpha=0.7, label="removed")
+            ax.axvline(max(rem_s), color="k", linestyle="--", linewidth=1, label="cut")
+        ax.set_title(kind)
+        ax.set_xlabel("normalised score")
+        ax.legend(fontsize=7)
+    fig.suptitle("Unit scores per group kind")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str, title: str, headline: list[tuple[str, ...]], *, prune_report: Any = None,
+                 sections: dict[str, str] | None = None) -> dict[str, str]:
+    """Write report.md, report.html and plots into ``out_dir``; return their paths.
+
+    ``headline`` is a table (first row = header) of the before/after numbers the terminal also
+    prints; ``prune_report`` (a ``PruneReport``) adds the per-layer and score plots.
+    """
+    import html as _html
+
+    os.makedirs(out_dir, exist_ok=True)
+    plots: list[tuple[str, str]] = []
+    if prune_report is not None:
+        for fn, name, caption in (
+            (plot_kept_per_layer, "kept_per_layer.png", "Kept fraction per layer, per group kind"),
+            (plot_score_distributions, "score_distribution.png", "Score distribution per kind with the cut line"),
+        ):
+            p = fn(prune_report, os.path.join(out_dir, name))
+            if p:
+                plots.append((name, caption))
+    md = [f"# {title}", "", _md_table(headline), ""]
+    for name, caption in plots:
+        md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    for head, body in (sections or {}).items():
+        md += [f"## {head}", "", body, ""]
+    _atomic_write(os.path.join(out_dir, "report.md"), "\n".join(md))
+    rows = "".join(
+        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{_html.escape(str(c))}</{'th' if i == 0 else 'td'}>" for c in r) + "</tr>"
+        for i, r in enumerate(headline)
+    )
+    body = [f"<h1>{_html.escape(title)}</h1>", f"<table>{rows}</table>"]
+    for name, caption in plots:
+        body.append(f"<figure><img src='{name}' alt='{_html.escape(caption)}'><figcaption>{_html.escape(caption)}</figcaption></figure>")
+    for head, text in (sections or {}).items():
+        body.append(f"<h2>{_html.escape(head)}</h2><pre>{_html.escape(text)}</pre>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>" + _html.escape(title) + "</title>"
+        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
+        + "\n".join(body) + "</body></html>"
+    )
+    _atomic_write(os.path.join(out_dir, "report.html"), page)
+    out = {"markdown": os.path.join(out_dir, "report.md"), "html": os.path.join(out_dir, "report.html")}
+    out.update({name: os.path.join(out_dir, name) for name, _ in plots})
+    return out
+
+
+def _md_table(rows: list[tuple[str, ...]]) -> str:
+    if not rows:
+        return ""
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

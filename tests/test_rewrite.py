@@ -78,7 +78,8 @@ def test_pruned_llama_generates_with_kv_cache_and_updates_config():
 
 def test_non_uniform_llama_keeps_its_class_and_per_layer_sizes():
     model, graph, groups = traced("llama_gqa")
-    plan = {g.id: list(range(1 + i % 2)) for i, g in enumerate(groups) if g.kind == "channels"}
+    mlp = [g for g in groups if g.kind == "channels"]
+    plan = {g.id: list(range(1 + i % 2)) for i, g in enumerate(mlp)}
     pruned = _rewrite(model, graph, plan)
     sizes = [layer.mlp.gate_proj.out_features for layer in pruned.model.layers]
     assert len(set(sizes)) == 2
@@ -115,7 +116,8 @@ def test_rewritten_program_reexports_with_dynamic_shapes():
     program = fxprune.rewrite_graph(graph, plan, reexport=True)
     ep = program.exported_program
     gm = ep.module()
-    out = gm(input_ids=torch.zeros(4, 7, dtype=torch.long), **graph.constant_kwargs)
+    inputs = zoo.ZOO["llama_gqa"].make_inputs(4, 7)
+    out = gm(**inputs, **graph.constant_kwargs)
     assert out[0].shape[:2] == (4, 7)
 
 

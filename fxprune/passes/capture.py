@@ -164,8 +164,9 @@ def _widen_size_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _dynamic_dims(t: torch.Tensor) -> list[int]:
+    """Batch is dim 0; sequence is dim 1 of token ids/masks ([b, s]) and of features ([b, s, d])."""
     dims = [0]
-    if t.dim() >= 2 and not t.is_floating_point():
+    if (t.dim() >= 2 and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
         dims.append(1)
     return dims
 

@@ -507,6 +507,7 @@ def _attention_tags(ctx: AnalysisContext, a: TRef, b: TRef, a_dims: Sequence[int
     if len(a_dims) >= 1:
         ctx.tag(a, a_dims[-1], "heads")
     ctx.tag(a, contract_dim, "head_dim")
+    ctx.tag(b, ctx.rank(b) - 1, "head_dim")  # probs @ v: v's free dim is the value head dim
 
 
 @register_rule(aten.linear)
