@@ -64,6 +64,9 @@ def find_rule(target: Any) -> Rule | None:
     packet = getattr(target, "overloadpacket", None)
     if packet is not None and packet in RULES:
         return RULES[packet]
+    name = str(target)
+    if name in RULES:  # custom ops registered by name (they may not exist at import time)
+        return RULES[name]
     tags = getattr(target, "tags", ())
     if torch.Tag.pointwise in tags:
         return RULES.get("pointwise")

@@ -46,6 +46,9 @@ def _int_size(ctx: AnalysisContext, ref: TRef, dim: int) -> int | None:
 def _trace_to_param(ctx: AnalysisContext, ref: TRef, depth: int = 0) -> bool:
     """Whether a tensor is a parameter seen through layout ops (a weight, not an activation)."""
     node = ctx.node_by_name[ref[0]]
+    if node.target is aten.embedding.default:  # embedding(weight, ids): the weight is arg 0
+        src = ctx.ref(node.args[0])
+        return src is not None and _trace_to_param(ctx, src, depth + 1)
     if node.op == "placeholder":
         return ctx.zero_specs.get(ref) is not None and ctx.zero_specs[ref].kind == "param"
     if depth > 8 or node.op != "call_function":
@@ -662,6 +665,26 @@ def conv_transpose_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     _conv_rule(ctx, node, True, int(groups), path)
 
 
+@register_rule("transformers.grouped_mm_fallback.default", aten._grouped_mm)
+def grouped_mm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """MoE grouped matmul: rows of x (sorted by expert, split at offsets) times per-expert W.
+
+    x [N, K] @ w [E, K, M] -> out [N, M].  K is contracted, M is the expert FFN width; the
+    expert axis E is indexed by the offsets and stays frozen.
+    """
+    x, w = ctx.ref(node.args[0]), ctx.ref(node.args[1])
+    out = ctx.out(node)
+    if ctx.rank(x) != 2 or ctx.rank(w) != 3 or ctx.rank(out) != 2:
+        ctx.unsupported_op(node, "grouped_mm with unexpected ranks")
+        return
+    ctx.tie(x, 0, out, 0)
+    ctx.tie(x, 1, w, 1)
+    ctx.tie(w, 2, out, 1)
+    ctx.freeze_dim(w, 0, f"experts selected by offsets at {node.name}")
+    ctx.contraction(w, 1, [x, w], f"grouped matmul at {node.name}")
+    ctx.zero_contract(out, [x, w])
+
+
 @register_rule(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu)
 def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     q, k, v = (ctx.ref(a) for a in node.args[:3])
@@ -1188,8 +1211,11 @@ def _probe_tensor(dtype: torch.dtype, zero: bool, gen: torch.Generator, trial: i
     return torch.randint(1, 7, (4,), generator=gen).to(dtype)
 
 
+# Ops through which a parameter is still "a weight" (for telling attention, an activation x
+# activation product, from a linear map): layout changes and row gathers (MoE expert weights).
 _LAYOUT_PACKETS = {
     aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand,
     aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.unsqueeze, aten.squeeze, aten.to,
-    aten.detach, aten.slice,
+    aten.detach, aten.slice, aten.index, aten.index_select, aten.select, aten.split,
+    aten.split_with_sizes, aten.chunk, aten.unbind, aten.embedding,
 }
