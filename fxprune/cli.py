@@ -105,6 +105,111 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer saved beside a model, or None (transformers 4/5 formats both work)."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - fall back to the raw tokenizers file
+        tok_file = os.path.join(path, "tokenizer.json")
+        if os.path.exists(tok_file):
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=tok_file)
+    return None
+
+
+def load_any(path: str) -> Any:
+    """A model directory written by fxprune (fxprune.json) or a plain HF checkpoint."""
+    import fxprune
+
+    if os.path.exists(os.path.join(path, "fxprune.json")):
+        return fxprune.load(path)
+    model, _ = load_model(path)
+    return model
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any, inputs: dict) -> Any:
+    if not args.calib:
+        return None
+    if not os.path.exists(args.calib):
+        raise FileNotFoundError(f"calibration file {args.calib} does not exist")
+    if tokenizer is None:
+        raise ValueError("--calib needs a tokenizer: put tokenizer files in the model directory")
+    return args.calib
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import shutil
+
+    import fxprune
+    from fxprune.io import atomic_dir, save_into
+    from fxprune.report import write_report
+
+    out_dir = args.out or (args.model.rstrip("/") + "-pruned")
+    if os.path.exists(out_dir) and not args.overwrite:
+        raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    model, inputs = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    calib = _calibration(args, tokenizer, inputs)
+    result = fxprune.prune(
+        model, args.ratio, example_inputs=inputs, calib=calib, tokenizer=tokenizer,
+        importance=args.importance, allocation=args.allocation, round_to=args.round_to,
+        n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(result.report.table())
+    tmp, commit = atomic_dir(out_dir, overwrite=args.overwrite)
+    try:
+        save_into(result.model, tmp, extra={"source": os.path.abspath(args.model), "plan": result.plan})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "prune_report.json"), "w") as f:
+            json.dump(result.report.to_dict(), f, indent=1, default=str)
+        write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
+                     result.report.headline(), prune_report=result.report,
+                     sections={"Details": result.report.table()})
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"pruned model, report.md and report.html written to {out_dir}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fxprune.calib import load_calibration
+    from fxprune.evaluate import embedding_similarity, is_causal_lm, perplexity
+
+    if not os.path.exists(args.data):
+        raise FileNotFoundError(f"data file {args.data} does not exist")
+    model = load_any(args.dir)
+    tokenizer = load_tokenizer(args.dir)
+    if tokenizer is None:
+        raise ValueError(f"{args.dir} has no tokenizer files")
+    batches = load_calibration(args.data, tokenizer=tokenizer, n_samples=args.n_samples, seq_len=args.seq_len,
+                               seed=args.seed, batch_size=args.batch_size)
+    if is_causal_lm(model):
+        print(f"perplexity: {perplexity(model, batches):.3f}")
+        return EXIT_OK
+    ref_path = args.reference or _recorded_source(args.dir)
+    if ref_path is None:
+        raise ValueError("encoders are evaluated against a reference model: pass --reference DIR")
+    print(f"embedding cosine similarity to {ref_path}: {embedding_similarity(model, load_any(ref_path), batches):.4f}")
+    return EXIT_OK
+
+
+def _recorded_source(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "fxprune.json")) as f:
+            return json.load(f).get("source")
+    except (OSError, ValueError):
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxprune",
@@ -120,6 +225,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", nargs="*", help="parameter or module name prefixes to keep unchanged")
     p.add_argument("--all", action="store_true", help="list every group (default: first 60)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", help="score, plan and remove a fraction of the parameters")
+    p.add_argument("model", help="local HF model directory, or module:factory returning (model, kwargs)")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, in [0, 1)")
+    p.add_argument("--importance", default="taylor",
+                   help="taylor, taylor-element, taylor-2, l1, l2, activation, flap, random (default taylor)")
+    p.add_argument("--calib", help="calibration text: .txt/.json/.jsonl/.parquet (needs tokenizer files)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--round-to", type=int, default=1, help="keep pruned sizes a multiple of N (64/128 on GPU)")
+    p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory (default MODEL-pruned); refused if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity (causal LMs) or embedding similarity (encoders)")
+    p.add_argument("dir", help="model directory (pruned by fxprune or a plain HF checkpoint)")
+    p.add_argument("--data", required=True, help="evaluation text file")
+    p.add_argument("--reference", help="dense model directory for encoder similarity (default: the pruned model's source)")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

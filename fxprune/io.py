@@ -57,6 +57,24 @@ def save(model: torch.nn.Module, directory: str, *, overwrite: bool = False) -> 
         raise FxpruneError(f"save() needs an nn.Module, got {type(model).__name__}")
     tmp, commit = atomic_dir(directory, overwrite)
     try:
+        save_into(model, tmp)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.abspath(directory)
+
+
+def save_into(model: torch.nn.Module, tmp: str, extra: dict | None = None) -> None:
+    """Write the model files into an existing (temporary) directory; ``save`` commits it."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, torch.fx.GraphModule):
+        raise FxpruneError(
+            "this pruned model is a rewritten GraphModule (the eager class could not express it); "
+            "export it with fxprune.export_onnx, or prune with kinds the class supports"
+        )
+    if True:
         state = _dedup_state(model)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         info = getattr(model, "fxprune", None)
@@ -74,13 +92,9 @@ def save(model: torch.nn.Module, directory: str, *, overwrite: bool = False) -> 
             # the config the skeleton is built from: already pruned when the rewrite could
             # express the result as a config (uniform pruning), else the original
             record["original_config"] = config.to_dict()
+        record.update(extra or {})
         with open(os.path.join(tmp, "fxprune.json"), "w") as f:
             json.dump(record, f, indent=1)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return os.path.abspath(directory)
 
 
 def load(directory: str, model_class: Any = None, *, config: Any = None, device: str = "cpu") -> torch.nn.Module:

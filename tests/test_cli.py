@@ -42,3 +42,47 @@ def test_missing_model_path_is_one_line_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == cli.EXIT_BAD_INPUT
     assert err.startswith("fxprune: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def hf_dir_with_tokenizer(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers_text import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=112, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tok")
+    LlamaForCausalLM(cfg).save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    (root / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    return root
+
+
+def test_prune_writes_model_report_and_plots_then_eval_reads_it(hf_dir_with_tokenizer, capsys):
+    root = hf_dir_with_tokenizer
+    out = root / "pruned"
+    code = cli.main(["prune", str(root / "llama"), "--ratio", "0.2", "--calib", str(root / "calib.txt"),
+                     "--n-samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "parameters" in text and "-20" in text
+    for f in ("model.safetensors", "fxprune.json", "report.md", "report.html", "kept_per_layer.png",
+              "score_distribution.png", "tokenizer.json"):
+        assert (out / f).exists(), f
+    assert cli.main(["eval", str(out), "--data", str(root / "calib.txt"), "--n-samples", "4", "--seq-len", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    # an existing output directory is refused and left as it was
+    before = (out / "model.safetensors").read_bytes()
+    assert cli.main(["prune", str(root / "llama"), "--ratio", "0.3", "--out", str(out), "--quiet"]) == cli.EXIT_BAD_INPUT
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_prune_rejects_a_bad_ratio_with_one_line(hf_dir_with_tokenizer, capsys):
+    root = hf_dir_with_tokenizer
+    code = cli.main(["prune", str(root / "llama"), "--ratio", "1.5", "--out", str(root / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT and "ratio" in err
+    assert not (root / "x").exists()
