@@ -44,3 +44,8 @@ __all__ += [
     "PruneReport", "PruneResult", "count_flops", "prune", "load_calibration", "count_params_after",
     "make_plan", "score", "score_with_stats",
 ]
+
+from fxprune.passes.export import benchmark_latency, export_onnx, onnx_generate  # noqa: E402
+from fxprune.passes.recovery import RecoveryResult, recover  # noqa: E402
+
+__all__ += ["benchmark_latency", "export_onnx", "onnx_generate", "RecoveryResult", "recover"]
