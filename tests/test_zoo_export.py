@@ -141,16 +141,18 @@ def test_build_is_seeded():
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("name", _export_params())
+@pytest.mark.parametrize("name", zoo.names(exportable=True))
 def test_export_dynamic(name):
+    """fxprune.trace's graph (shared with the analysis tests) runs at new shapes like eager."""
+    from tests.conftest import traced
+
     zm = zoo.get(name)
-    model = zm.build()
-    ep = zoo.export_model(zm, model, *TRACE)  # export + run_decompositions({})
-    assert any(n.op == "call_function" for n in ep.graph.nodes)
-    kw = zoo.export_kwargs(zm, *OTHER)
+    model, graph, _ = traced(name)
+    assert any(n.op == "call_function" for n in graph.exported_program.graph.nodes)
+    kw = zm.make_inputs(*OTHER)
     with torch.no_grad():
-        ref = _tensors(model(**kw))
-        got = _tensors(ep.module()(**kw))
+        ref = _tensors(model(**kw, **graph.constant_kwargs))
+        got = _tensors(graph(**kw))
     assert len(got) == len(ref)
     for g, r in zip(got, ref):
         assert g.shape == r.shape
