@@ -8,7 +8,7 @@
 5. Export dense and pruned models to ONNX, check parity in ONNX Runtime, time both.
 6. Print the headline table and write out/demo/report.md + report.html with plots.
 
-Run: python examples/demo.py [--ratio 0.3] [--steps 150] [--out out/demo]
+Run: python examples/demo.py [--ratio 0.3] [--steps 40] [--out out/demo]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--importance", default="taylor")
-    ap.add_argument("--steps", type=int, default=150, help="distillation steps")
+    ap.add_argument("--steps", type=int, default=40, help="distillation steps")
     ap.add_argument("--out", default="out/demo")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -132,8 +132,8 @@ def main() -> None:
     print(f"[3/6] recovering with distillation to the dense model ({args.steps} steps, LoRA)")
     from fxprune.passes.recovery import recover
 
-    rec = recover(result.model, calib_s, method="distill", teacher=dense, tokenizer=tokenizer, seq_len=64,
-                  max_steps=args.steps, batch_size=16, lr=1e-3, progress=True)
+    rec = recover(result.model, calib_s, method="distill", teacher=dense, tokenizer=tokenizer, seq_len=32,
+                  max_steps=args.steps, batch_size=8, lr=1e-3, progress=True)
     recovered = rec.model.eval()
     sim_recovered = embedding_similarity(recovered, dense, eval_b)
 
