@@ -202,6 +202,132 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _save_dir(model: Any, out_dir: str, overwrite: bool, tokenizer: Any, extra: dict, title: str,
+              headline: list, sections: dict) -> None:
+    import shutil
+
+    from fxprune.io import atomic_dir, save_into
+    from fxprune.report import write_report
+
+    tmp, commit = atomic_dir(out_dir, overwrite=overwrite)
+    try:
+        if model is not None:
+            save_into(model, tmp, extra=extra)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_report(tmp, title, headline, sections=sections)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from fxprune.passes.recovery import recover
+
+    if not os.path.exists(args.data):
+        raise FileNotFoundError(f"data file {args.data} does not exist")
+    out_dir = args.out or (args.dir.rstrip("/") + "-recovered")
+    if os.path.exists(out_dir) and not args.overwrite:
+        raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    model = load_any(args.dir)
+    tokenizer = load_tokenizer(args.dir)
+    teacher = None
+    if "distill" in args.method:
+        source = args.teacher or _recorded_source(args.dir)
+        if source is None:
+            raise ValueError("--method distill needs the dense model: pass --teacher DIR")
+        teacher = load_any(source)
+    rec = recover(model, args.data, method=args.method, teacher=teacher, tokenizer=tokenizer,
+                  seq_len=args.seq_len, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  device=args.device, progress=not args.quiet)
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    headline = [("", "before", "after"), ("eval loss", fmt(rec.loss_before), fmt(rec.loss_after)),
+                ("perplexity", fmt(rec.ppl_before), fmt(rec.ppl_after)),
+                ("distillation loss", fmt(rec.distill_before), fmt(rec.distill_after))]
+    for row in headline:
+        print("  ".join(str(c).ljust(18) for c in row))
+    _save_dir(rec.model, out_dir, args.overwrite, tokenizer, {"source": _recorded_source(args.dir) or args.dir},
+              f"fxprune recover ({args.method}, {rec.steps} steps)", headline, {})
+    print(f"recovered model and report written to {out_dir}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fxprune.passes.export import export_onnx
+
+    model = load_any(args.dir)
+    config = getattr(model, "config", None)
+    inputs = _example_inputs(config, model) if config is not None else None
+    if inputs is None:
+        raise ValueError("export needs a model with a config (HF) to build example inputs")
+    inputs = {k: v[:, :8] if v.dim() == 2 else v for k, v in inputs.items()}
+    res = export_onnx(model, args.onnx, example_inputs=inputs, kv_cache=args.kv_cache, overwrite=args.overwrite)
+    print(f"ONNX written to {res.path} ({res.file_size / 1e6:.1f} MB); ONNX Runtime parity at "
+          f"{res.check_shapes}: max |diff| {res.max_abs_diff:.2e} ({', '.join(res.providers)})")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fxprune.evaluate import is_causal_lm
+    from fxprune.passes.export import benchmark_latency, export_onnx
+
+    dense_dir = args.dense or _recorded_source(args.dir)
+    if dense_dir is None:
+        raise ValueError("bench compares with the dense model: pass --dense DIR")
+    out_dir = args.out or os.path.join(args.dir.rstrip("/") + "-bench")
+    if os.path.exists(out_dir) and not args.overwrite:
+        raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, path in (("dense", dense_dir), ("pruned", args.dir)):
+            model = load_any(path)
+            inputs = {k: v[:, :8] if v.dim() == 2 else v for k, v in _example_inputs(model.config, model).items()}
+            causal = is_causal_lm(model)
+            onnx_path = os.path.join(tmp, f"{label}.onnx")
+            export_onnx(model, onnx_path, example_inputs=inputs, kv_cache=causal)
+            params = sum(p.numel() for p in model.parameters())
+            if causal:
+                lat = benchmark_latency(onnx_path, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                                        repeats=args.repeats)
+                rows.append((label, params, lat.prefill_ms, lat.decode_ms_per_token))
+            else:
+                rows.append((label, params, _encoder_latency(onnx_path, model, args), None))
+    d, p = rows
+    headline = [("", "dense", "pruned", "speedup"), ("parameters", f"{d[1]:,}", f"{p[1]:,}", "")]
+    headline.append(("prefill / forward (ms)", f"{d[2]:.2f}", f"{p[2]:.2f}", f"{d[2] / p[2]:.2f}x"))
+    if d[3] is not None:
+        headline.append(("decode (ms/token)", f"{d[3]:.2f}", f"{p[3]:.2f}", f"{d[3] / p[3]:.2f}x"))
+    for row in headline:
+        print("  ".join(str(c).ljust(22) for c in row))
+    _save_dir(None, out_dir, args.overwrite, None, {}, "fxprune bench: ONNX Runtime latency", headline, {})
+    print(f"report written to {out_dir}")
+    return EXIT_OK
+
+
+def _encoder_latency(onnx_path: str, model: Any, args: argparse.Namespace) -> float:
+    import statistics
+    import time
+
+    import onnxruntime as ort
+
+    from fxprune.passes.export import ort_providers
+
+    sess = ort.InferenceSession(onnx_path, providers=ort_providers())
+    feed = {k: v.numpy() for k, v in _example_inputs(model.config, model).items()
+            if k in {i.name for i in sess.get_inputs()}}
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
 def _recorded_source(path: str) -> str | None:
     try:
         with open(os.path.join(path, "fxprune.json")) as f:
@@ -252,6 +378,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("recover", help="LoRA fine-tuning or distillation of a pruned model, merged")
+    p.add_argument("dir", help="pruned model directory")
+    p.add_argument("--data", required=True, help="text (.txt) or Alpaca-format (.json/.jsonl) data")
+    p.add_argument("--method", default="lora", choices=["lora", "distill", "lora+distill"])
+    p.add_argument("--teacher", help="dense model directory for distillation (default: the recorded source)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output directory (default DIR-recovered)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("export", help="export to ONNX with dynamic batch/seq and an ORT parity check")
+    p.add_argument("dir", help="model directory")
+    p.add_argument("--onnx", required=True, help="output .onnx path (refused if it exists)")
+    p.add_argument("--kv-cache", action="store_true", help="decoder with past/present key values")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="ONNX Runtime latency of a pruned model against its dense source")
+    p.add_argument("dir", help="pruned model directory")
+    p.add_argument("--dense", help="dense model directory (default: the recorded source)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", help="report directory (default DIR-bench)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

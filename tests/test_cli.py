@@ -86,3 +86,21 @@ def test_prune_rejects_a_bad_ratio_with_one_line(hf_dir_with_tokenizer, capsys):
     err = capsys.readouterr().err
     assert code == cli.EXIT_BAD_INPUT and "ratio" in err
     assert not (root / "x").exists()
+
+
+@pytest.mark.slow
+def test_recover_export_and_bench_commands(hf_dir_with_tokenizer, capsys):
+    root = hf_dir_with_tokenizer
+    pruned = root / "p2"
+    assert cli.main(["prune", str(root / "llama"), "--ratio", "0.25", "--importance", "l2", "--out", str(pruned), "--quiet"]) == 0
+    rec = root / "p2-recovered"
+    assert cli.main(["recover", str(pruned), "--data", str(root / "calib.txt"), "--steps", "3", "--seq-len", "32",
+                     "--out", str(rec), "--quiet"]) == 0
+    assert (rec / "model.safetensors").exists() and (rec / "report.md").exists()
+    assert cli.main(["export", str(rec), "--onnx", str(root / "m.onnx")]) == 0
+    assert "parity" in capsys.readouterr().out
+    assert cli.main(["export", str(rec), "--onnx", str(root / "m.onnx")]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["bench", str(pruned), "--prompt-len", "16", "--decode-tokens", "4", "--repeats", "2",
+                     "--out", str(root / "bench")]) == 0
+    assert (root / "bench" / "report.html").exists()
+    assert cli.main(["recover", str(pruned), "--data", str(root / "missing.txt")]) == cli.EXIT_BAD_INPUT
