@@ -143,6 +143,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     onnx_dir = os.path.join(args.out, "onnx")
     shutil.rmtree(onnx_dir, ignore_errors=True)  # the demo's own output from an earlier run
+    os.makedirs(onnx_dir)
     ex = {k: v[:2, :32] for k, v in calib_b[0].items()}
     e_dense = export_onnx(dense, os.path.join(onnx_dir, "dense.onnx"), example_inputs=ex)
     e_pruned = export_onnx(recovered, os.path.join(onnx_dir, "pruned.onnx"), example_inputs=ex)
