@@ -1,4 +1,4 @@
-"""ONNX Runtime latency of a dense ~100M-parameter Llama vs. pruned variants (20% / 50% removed).
+"""ONNX Runtime latency of a dense ~100M-parameter Llama vs. fxprune-pruned variants (20% / 50% removed).
 
 Why: structured pruning is only worth it if fewer FLOPs turn into less time in the runtime that
 serves the model.  For each model we export a KV-cache decoder with
@@ -17,9 +17,15 @@ head, plus attention score/value products (``QK^T`` and ``AV``: 4 * seq * ctx * 
 per layer).  Embedding lookups, norms and softmax are ignored.  Target: measured speedup >= 0.9 x
 FLOP ratio (dense FLOPs / pruned FLOPs), reported for prefill and decode separately.
 
-Weights are random: latency does not depend on their values.
+The pruned variants come from the real pipeline, ``fxprune.prune(dense, ratio, importance="l2")``
+with the default kinds (MLP channels, heads, KV heads) and the default ``round_to``, on two
+random-token calibration batches; the achieved ratio is reported next to the target (and the
+prune is retried with ``allocation="global"`` if it falls short).  The pruned model may keep
+different widths per layer: the FLOP count and the KV-cache export read each layer's modules.
+The dense weights are random: latency does not depend on their values.
 
 Usage:  python bench/onnx_latency.py [--quick] [--repeats 10] [--threads N] [--device auto]
+                                     [--importance l2] [--allocation uniform] [--round-to N]
 Writes: bench/results/onnx_latency.json
 """
 
@@ -87,47 +93,112 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _layer_params(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int) -> int:
-    attn = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    return attn + 3 * hidden * inter
+def calib_batches(vocab: int, n: int = 2, seq: int = 128, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """A couple of random-token batches: enough for ``l2`` (which ignores them) and ``taylor``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (1, seq), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
 
 
-def _kv_heads_for(heads: int, dense_heads: int, dense_kv: int) -> int:
-    """A KV-head count that divides ``heads`` (GQA) and keeps the dense query/KV ratio roughly."""
-    want = dense_kv * heads / dense_heads
-    divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-    return min(divisors, key=lambda d: (abs(d - want), -d))
+def layer_shapes(model: torch.nn.Module) -> list[dict[str, int]]:
+    """Per layer query heads, KV heads and MLP width, read from the modules (not the config:
+    a pruned model can differ per layer and its config keeps the dense numbers)."""
+    shapes = []
+    for (kv, hd, _), layer in zip(kv_cache_layout(model), model.model.layers):
+        shapes.append({"q_heads": layer.self_attn.q_proj.out_features // hd, "kv_heads": kv,
+                       "head_dim": hd, "mlp": layer.mlp.gate_proj.out_features})
+    return shapes
 
 
-def _pruned_config(dense, ratio: float):
-    """Uniform smaller widths that remove ~``ratio`` of *all* parameters (embeddings included)."""
-    hd = dense.hidden_size // dense.num_attention_heads
-    h, L = dense.hidden_size, dense.num_hidden_layers
-    emb = 2 * dense.vocab_size * h  # untied embeddings + LM head: never pruned
-    dense_layer = _layer_params(h, dense.num_attention_heads, dense.num_key_value_heads, hd, dense.intermediate_size)
-    total = emb + L * dense_layer + (2 * L + 1) * h
-    budget = ((1 - ratio) * total - emb - (2 * L + 1) * h) / L
-    keep = budget / dense_layer
-    heads = max(1, round(dense.num_attention_heads * keep))
-    kv = _kv_heads_for(heads, dense.num_attention_heads, dense.num_key_value_heads)
-    attn = _layer_params(h, heads, kv, hd, 0)
-    step = 64 if h >= 512 else 32
-    inter = max(step, int(round((budget - attn) / (3 * h) / step)) * step)
-    cfg = dense.__class__(**dense.to_dict())
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = heads, kv, inter
-    cfg.head_dim = hd  # keep the head size; only the number of heads shrinks
-    return cfg
+def _short(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _pruned_variants(dense: torch.nn.Module, ratios: list[float]) -> list[tuple[float, torch.nn.Module]]:
-    """STAND-IN for ``fxprune.prune``: replace with the real pruning pass once it exists.
+def prune_variant(
+    dense: torch.nn.Module, ratio: float, importance: str, allocation: str, round_to: int | None,
+    tol: float = 0.005,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``fxprune.prune`` at ``ratio`` (default ``round_to`` unless one is given).
 
-    Builds the *same architecture* with smaller uniform sizes via the config (fewer query and KV
-    heads, smaller MLP) so that ~``ratio`` of the dense parameter count is removed.  Real pruning
-    would keep the dense weights' best units and may choose different widths per layer; for
-    latency only the shapes matter, so random weights are equivalent here.
+    If the achieved ratio falls short of the target by more than ``tol`` under ``allocation``,
+    it is retried once with ``allocation="global"`` and the better result kept; both attempts are
+    recorded.  ``dense`` is left untouched (checked).
     """
-    return [(r, build(_pruned_config(dense.config, r))) for r in ratios]
+    import fxprune
+
+    vocab = dense.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 64), generator=gen)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dense_params = n_params(dense)
+    attempts: list[dict[str, Any]] = []
+    best = None
+    for alloc in dict.fromkeys([allocation, "global"]):
+        kw: dict[str, Any] = {} if round_to is None else {"round_to": round_to}
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = fxprune.prune(dense, ratio, example_inputs=example, calib=calib_batches(vocab),
+                                importance=importance, allocation=alloc, progress=False, **kw)
+        rep = res.report
+        if n_params(dense) != dense_params:
+            raise RuntimeError("fxprune.prune modified the dense model in place")
+        attempts.append({
+            "allocation": alloc, "ratio_achieved": rep.ratio_achieved, "seconds": time.perf_counter() - t0,
+            "model_type": f"{type(res.model).__module__}.{type(res.model).__qualname__}",
+            "returned": rep.returned, "verification": rep.verification, "timings": rep.timings,
+            "fxprune_flop_ratio_example": rep.flop_ratio, "notes": rep.notes, "table": rep.table(),
+            "warnings": sorted({str(w.message) for w in caught if "fxprune" in str(w.message)}),
+        })
+        print(f"  prune {ratio:.0%} importance={importance} allocation={alloc}: "
+              f"{type(res.model).__name__}, achieved {rep.ratio_achieved:.2%}", flush=True)
+        print("    " + rep.table().replace("\n", "\n    "), flush=True)
+        if best is None or rep.ratio_achieved > best[1].ratio_achieved + 1e-9:
+            best = (res.model, rep, alloc)
+        if rep.ratio_achieved >= ratio - tol:
+            break
+        print(f"  ratio achieved {rep.ratio_achieved:.2%} < target {ratio:.0%} with allocation={alloc}", flush=True)
+    model, rep, alloc = best
+    if isinstance(model, torch.fx.GraphModule):
+        raise RuntimeError(
+            f"fxprune.prune returned a torch.fx.GraphModule ({type(model).__name__}), not the "
+            "LlamaForCausalLM: the KV-cache export needs the HF module"
+        )
+    info = {
+        "ratio_target": ratio,
+        "ratio_achieved": rep.ratio_achieved,
+        "ratio_short": rep.ratio_achieved < ratio - tol,
+        "importance": importance,
+        "allocation_used": alloc,
+        "round_to": "default" if round_to is None else round_to,
+        "model_type": f"{type(model).__module__}.{type(model).__qualname__}",
+        "pruned_config_stale": {
+            k: getattr(model.config, k) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        },
+        "attempts": attempts,
+        "report": {k: v for k, v in rep.to_dict().items() if k != "groups"},
+    }
+    return model.eval(), info
+
+
+def _pruned_variants(
+    dense: torch.nn.Module, ratios: list[float], importance: str = "l2", allocation: str = "uniform",
+    round_to: int | None = None,
+) -> list[tuple[float, torch.nn.Module, dict[str, Any]]]:
+    """The real pipeline: ``fxprune.prune`` (capture, analyse, score, plan, rewrite, verify).
+
+    Default kinds (MLP channels, heads, KV heads) and default ``round_to``; the result may have
+    different widths per layer, which the FLOP count and the KV-cache export read per layer.
+    """
+    out = []
+    for r in ratios:
+        model, info = prune_variant(dense, r, importance, allocation, round_to)
+        out.append((r, model, info))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,9 +272,7 @@ def export_variant(
         "name": name,
         "path": path,
         "params": n_params(model),
-        "kv_heads_head_dim_layer0": list(kv_cache_layout(model)[0][:2]),
-        "query_heads": model.model.layers[0].self_attn.q_proj.out_features // kv_cache_layout(model)[0][1],
-        "intermediate_size": model.config.intermediate_size,
+        "layers": layer_shapes(model),
         "onnx_bytes": sum(f.stat().st_size for f in workdir.glob(f"{name}.onnx*")),
         "export_s": round(time.perf_counter() - t0, 1) if exp else None,
         "export_max_abs_diff": exp.max_abs_diff if exp else "reused",
@@ -253,7 +322,7 @@ def compare(dense: dict[str, Any], row: dict[str, Any], target: float) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'model':<12}{'params':>10}{'removed':>9}{'prefill ms':>12}{'decode ms/tok':>15}"
+    head = (f"{'model':<10}{'params':>9}{'removed':>9}{'q heads':>9}{'kv':>5}{'mlp':>11}{'prefill ms':>12}{'decode ms/tok':>15}"
             f"{'FLOPx pre':>11}{'speedup pre':>13}{'FLOPx dec':>11}{'speedup dec':>13}{'target':>9}")
     print(head)
     print("-" * len(head))
@@ -261,13 +330,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if "flop_ratio_prefill" in r:
             ok = "ok" if r["target_met_prefill"] and r["target_met_decode"] else (
                 "pre" if r["target_met_prefill"] else "dec" if r["target_met_decode"] else "miss")
-            extra = (f"{r['params_removed']:>8.1%}{r['prefill_ms']:>12.2f}{r['decode_ms_per_token']:>15.2f}"
+            extra = (f"{r['prefill_ms']:>12.2f}{r['decode_ms_per_token']:>15.2f}"
                      f"{r['flop_ratio_prefill']:>11.2f}{r['speedup_prefill']:>13.2f}"
                      f"{r['flop_ratio_decode']:>11.2f}{r['speedup_decode']:>13.2f}{ok:>9}")
         else:
-            extra = (f"{'-':>9}{r['prefill_ms']:>12.2f}{r['decode_ms_per_token']:>15.2f}"
+            extra = (f"{r['prefill_ms']:>12.2f}{r['decode_ms_per_token']:>15.2f}"
                      f"{'1.00':>11}{'1.00':>13}{'1.00':>11}{'1.00':>13}{'':>9}")
-        print(f"{r['name']:<12}{r['params'] / 1e6:>9.1f}M{extra}")
+        lay = r["layers"]
+        widths = (f"{_short([x['q_heads'] for x in lay]):>9}{_short([x['kv_heads'] for x in lay]):>5}"
+                  f"{_short([x['mlp'] for x in lay]):>11}")
+        removed = f"{r['params_removed']:>9.1%}" if "params_removed" in r else f"{'-':>9}"
+        print(f"{r['name']:<10}{r['params'] / 1e6:>8.1f}M{removed}{widths}{extra}")
 
 
 def write_json(payload: dict[str, Any], path: Path) -> None:
@@ -288,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--importance", default="l2", help="fxprune.prune criterion (l2: no gradients, fast)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
+                   help="fxprune.prune allocation; retried with global if the ratio falls short")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="fxprune.prune round_to (default: not passed, i.e. fxprune's default)")
     p.add_argument("--target", type=float, default=0.9, help="required speedup / FLOP ratio")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--onnx-dir", type=Path, default=None,
@@ -298,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
 
     providers = ort_providers(args.device)
     dense = build(dense_config(args.quick))
-    variants = [("dense", dense)] + [(f"pruned{int(r * 100)}", m) for r, m in _pruned_variants(dense, args.ratios)]
+    print(f"pruning with fxprune.prune (importance={args.importance}, allocation={args.allocation}, "
+          f"round_to={'default' if args.round_to is None else args.round_to}) ...", flush=True)
+    pruned = _pruned_variants(dense, args.ratios, args.importance, args.allocation, args.round_to)
+    variants = [("dense", dense, None)] + [(f"pruned{round(r * 100)}", m, info) for r, m, info in pruned]
     rows = []
     with contextlib.ExitStack() as stack:
         if args.onnx_dir is not None:
@@ -306,19 +387,24 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fxprune-onnx-bench-")))
-        for name, model in variants:
+        for name, model, info in variants:
             print(f"[{name}] {n_params(model) / 1e6:.1f}M params: exporting ...", flush=True)
             row = export_variant(name, model, workdir, providers, reuse=args.onnx_dir is not None)
-            rows.append({**row, "_model": model})
+            print(f"  parity max |diff| vs PyTorch: {row['export_max_abs_diff']}", flush=True)
+            rows.append({**row, **({"prune": info} if info else {}), "_model": model})
         print(f"measuring: {args.warmup} warm-up + {args.repeats} interleaved rounds ...", flush=True)
         measure_interleaved(rows, args, providers)
     for row, ratio in zip(rows[1:], args.ratios):
         row["ratio_target"] = ratio
+        row["ratio_achieved"] = row["prune"]["ratio_achieved"]
         compare(rows[0], row, args.target)
 
     print()
     print_table(rows)
     met = all(r["target_met_prefill"] and r["target_met_decode"] for r in rows[1:])
+    for r in rows[1:]:
+        if r["prune"]["ratio_short"]:
+            print(f"note: {r['name']} achieved only {r['ratio_achieved']:.2%} of the {r['ratio_target']:.0%} target")
     print(f"\ntarget (speedup >= {args.target} x FLOP ratio, prefill and decode): {'MET' if met else 'NOT MET'}")
     payload = {
         "bench": "onnx_latency",
@@ -327,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             "batch": 1, "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
             "warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
             "flops": "2*linear params per token (incl. LM head) + 4*seq*ctx*heads*head_dim per layer",
-            "pruned_variants": "stand-in: uniform smaller config (fxprune.prune not used yet)",
+            "pruned_variants": (f"fxprune.prune(importance={args.importance!r}, allocation={args.allocation!r}, "
+                                f"round_to={'default' if args.round_to is None else args.round_to}, "
+                                "default kinds, 2 random-token calibration batches)"),
         },
         "target": args.target,
         "target_met": met,

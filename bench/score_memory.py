@@ -16,13 +16,19 @@ Each measurement runs in a fresh subprocess so the peaks cannot mix.  Peak is me
 The reported ratio is ``(weight bytes + peak increase) / weight bytes``, i.e. the whole footprint
 of the pass relative to the model; ``delta / weights`` is printed too.
 
-Usage:  python bench/score_memory.py [--batches 4] [--seq-len 128]
+Groups come from the real passes by default (``--groups analyze``: ``fxprune.trace`` +
+``fxprune.analyze``, restricted to the kinds the planner prunes by default, ``DEFAULT_KINDS``);
+``--groups manual`` uses the hand-built Llama groups of :func:`_groups_for` instead, and
+``--groups analyze-all`` scores every analysed group.
+
+Usage:  python bench/score_memory.py [--batches 4] [--seq-len 128] [--groups analyze|manual|analyze-all]
 Writes: bench/results/score_memory.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -59,10 +65,10 @@ def _config():
 
 
 def _groups_for(model) -> list:
-    """Per-layer MLP-channel, kv-head and head-repeat groups, built by hand.
+    """Per-layer MLP-channel, kv-head and head-repeat groups, built by hand (``--groups manual``).
 
-    STAND-IN: this hard-codes the Llama structure so the benchmark runs before the analysis
-    pass exists.  Replace the body with ``fxprune.analyze(model, ...)`` once it is available.
+    Not the default any more (that is ``--groups analyze``, the real analysis pass); kept as a
+    cross-check that hard-codes the Llama structure independently of ``fxprune.analyze``.
     Layouts follow fxprune.graph: q_proj rows are (kv_head, repeat, head_dim) in row-major order,
     k/v rows are (kv_head, head_dim); head_dim is a frozen class (not a group) here.
     """
@@ -238,6 +244,7 @@ def _child(mode: str, n_batches: int, seq_len: int, groups_from: str) -> dict:
         "mode": mode,
         "groups": groups_from if mode == "scoring" else None,
         "n_groups": len(groups),
+        "group_kinds": dict(sorted(collections.Counter(g.kind for g in groups).items())),
         "device": device,
         "method": probe.method,
         "params": n_params,
@@ -289,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--groups", choices=("manual", "analyze", "analyze-all"), default="manual",
-        help="manual: the hand-built stand-in (_groups_for); analyze: fxprune.trace+analyze, "
-             "default-pruned kinds only; analyze-all: every analyzed group",
+        "--groups", choices=("analyze", "manual", "analyze-all"), default="analyze",
+        help="analyze (default): fxprune.trace+analyze, default-pruned kinds only; "
+             "manual: the hand-built Llama groups (_groups_for); analyze-all: every analyzed group",
     )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -303,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     scoring = rows[0]
     ok = scoring["peak_over_weights"] <= 1.3
     print(f"\nparams {scoring['params'] / 1e6:.1f}M on {scoring['device']} ({scoring['method']}), "
-          f"{scoring['n_groups']} groups ({args.groups}); "
+          f"{scoring['n_groups']} groups ({args.groups}: "
+          f"{', '.join(f'{v} {k}' for k, v in scoring['group_kinds'].items())}); "
           f"target scoring peak/weights <= 1.3: {'met' if ok else 'NOT met'}")
     result = {
         "benchmark": "score_memory",

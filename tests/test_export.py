@@ -221,11 +221,14 @@ def test_failed_check_raises_and_writes_nothing(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(FxpruneError, match="example_inputs"):
         export_onnx(TinyCNN(), tmp_path / "a.onnx", example_inputs={})
-    with pytest.raises(FxpruneError, match="does not exist"):
-        export_onnx(TinyCNN(), tmp_path / "missing" / "a.onnx", example_inputs={"x": torch.randn(2, 3, 8, 8)})
     with pytest.raises(FxpruneError, match="nn.Module or torch.export.ExportedProgram"):
         export_onnx("not a model", tmp_path / "a.onnx", example_inputs={"x": torch.randn(2, 3, 8, 8)})
     assert not list(tmp_path.iterdir())
+
+
+def test_missing_parent_directory_is_created(tmp_path):
+    res = export_onnx(TinyCNN().eval(), tmp_path / "new" / "dir" / "a.onnx", example_inputs={"x": torch.randn(2, 3, 8, 8)})
+    assert res.path.exists()
 
 
 def test_ort_providers_cpu():

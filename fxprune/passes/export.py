@@ -312,7 +312,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path} is a directory; give a file path ending in .onnx")
     if not path.parent.exists():
-        raise FxpruneError(f"output directory {path.parent} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)  # a new directory overwrites nothing
 
 
 def _publish(tmpdir: Path, path: Path, overwrite: bool) -> None:
