@@ -81,23 +81,27 @@ def batches(tokenizer, sentences: list[str], batch_size: int = 16, max_len: int 
     return out
 
 
-def ort_latency_ms(path: str, feed: dict, repeats: int = 20, warmup: int = 3) -> float:
+def ort_latencies_ms(paths: list[str], feed: dict, repeats: int = 20, warmup: int = 3) -> list[float]:
+    """Median latency of each model, runs interleaved so every model sees the same machine load."""
     import onnxruntime as ort
 
     from fxprune.passes.export import ort_providers
 
-    opts = ort.SessionOptions()
-    sess = ort.InferenceSession(path, opts, providers=ort_providers())
-    names = {i.name for i in sess.get_inputs()}
-    feed = {k: v.numpy() for k, v in feed.items() if k in names}
+    sessions = [ort.InferenceSession(p, providers=ort_providers()) for p in paths]
+    feeds = []
+    for sess in sessions:
+        names = {i.name for i in sess.get_inputs()}
+        feeds.append({k: v.numpy() for k, v in feed.items() if k in names})
     for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
+        for sess, f in zip(sessions, feeds):
+            sess.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+        for i, (sess, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            sess.run(None, f)
+            times[i].append((time.perf_counter() - t) * 1000)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -150,8 +154,7 @@ def main() -> None:
 
     print("[5/6] timing dense vs pruned in ONNX Runtime (batch 16 x 64 tokens, median of 20)")
     feed = eval_b[0]
-    lat_dense = ort_latency_ms(str(e_dense.path), feed)
-    lat_pruned = ort_latency_ms(str(e_pruned.path), feed)
+    lat_dense, lat_pruned = ort_latencies_ms([str(e_dense.path), str(e_pruned.path)], feed)
 
     rep = result.report
     headline = [
