@@ -232,7 +232,7 @@ def squeeze_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_pass(out, [src])
 
 
-@register_rule(aten.expand, aten.expand_copy)
+@register_rule(aten.expand, aten.expand_copy, aten.broadcast_to, aten.expand_as)
 def expand_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     ri, ro = ctx.rank(src), ctx.rank(out)
@@ -244,9 +244,36 @@ def expand_rule(ctx: AnalysisContext, node: fx.Node) -> None:
         elif not _is_one(so):
             ctx.tag(out, ro - k, "broadcast")
     sizes = node.args[1]
-    for i, s in enumerate(sizes):
-        if isinstance(s, int) and s != -1:
-            ctx.size_arg(node, ("args", 1, i), out, i)
+    if isinstance(sizes, (list, tuple)):  # expand_as takes a tensor: its shape follows by itself
+        for i, s in enumerate(sizes):
+            if isinstance(s, int) and s != -1:
+                ctx.size_arg(node, ("args", 1, i), out, i)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.view_as, aten.reshape_as)
+def reshape_as_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    _reshape_ties(ctx, src, out)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.movedim, aten.moveaxis)
+def movedim_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    source, dest = node.args[1], node.args[2]
+    source = [source] if isinstance(source, int) else list(source)
+    dest = [dest] if isinstance(dest, int) else list(dest)
+    source = [_norm_dim(d, rank) for d in source]
+    dest = [_norm_dim(d, rank) for d in dest]
+    perm = [-1] * rank
+    for sdim, ddim in zip(source, dest):
+        perm[ddim] = sdim
+    rest = iter(d for d in range(rank) if d not in source)
+    perm = [p if p >= 0 else next(rest) for p in perm]
+    for i, d in enumerate(perm):
+        ctx.tie(out, i, src, d)
     ctx.zero_pass(out, [src])
 
 
@@ -350,9 +377,33 @@ def slice_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.freeze_dim(out, dim, f"irregular strided slice at {node.name}")
 
 
-@register_rule(aten.narrow)
+@register_rule(aten.narrow, aten.narrow_copy)
 def narrow_rule(ctx: AnalysisContext, node: fx.Node) -> None:
-    ctx.unsupported_op(node, "narrow is decomposed to slice by export; not expected here")
+    """narrow(x, dim, start, length): a slice whose length is a size argument."""
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    dim, start, length = _norm_dim(node.args[1], rank), node.args[2], node.args[3]
+    for i in range(rank):
+        if i != dim:
+            ctx.tie(src, i, out, i)
+    ctx.zero_pass(out, [src])
+    n = _int_size(ctx, src, dim)
+    if n is None or not isinstance(start, int) or not isinstance(length, int):
+        ctx.freeze_dim(src, dim, f"dynamic narrow at {node.name}")
+        ctx.freeze_dim(out, dim, f"dynamic narrow at {node.name}")
+        return
+    start = start + n if start < 0 else start
+    if start == 0 and length == n:
+        ctx.tie(src, dim, out, dim)
+        return
+    parts = ctx.store.carve(ctx.d(src)[dim], start, start + length)
+    if parts is None:
+        ctx.freeze_dim(out, dim, f"narrow at {node.name} cuts across atoms")
+        return
+    ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
+    if start:
+        ctx.offset_arg(node, ("args", 2), src, dim, start)
+    ctx.size_arg(node, ("args", 3), out, dim)
 
 
 @register_rule(aten.select, aten.select_copy)
@@ -1217,5 +1268,7 @@ _LAYOUT_PACKETS = {
     aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand,
     aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.unsqueeze, aten.squeeze, aten.to,
     aten.detach, aten.slice, aten.index, aten.index_select, aten.select, aten.split,
-    aten.split_with_sizes, aten.chunk, aten.unbind, aten.embedding,
+    aten.split_with_sizes, aten.chunk, aten.unbind, aten.embedding, aten.numpy_T, aten.mT,
+    aten.swapaxes, aten.movedim, aten.broadcast_to, aten.expand_as, aten.view_as, aten.reshape_as,
+    aten.flatten, aten.unflatten, aten.narrow,
 }
