@@ -1,10 +1,11 @@
 """Supported-architecture table: trace, analyse and prune every zoo model; compare with zeroing.
 
-    python bench/arch_sweep.py [NAME ...]
+    python bench/arch_sweep.py [NAME ...]     # rows merge into bench/results/arch_sweep.json
 
 For each exportable model of tests/zoo.py: trace + analyse, then remove a seeded random third of
 the units of every exact group at once and check the pruned model against the original with
-those units zeroed. Prints a markdown table and writes bench/results/arch_sweep.json.
+those units zeroed. Prints a markdown table, writes bench/results/arch_sweep.json and regenerates
+the supported-architecture table in README.md.
 """
 
 from __future__ import annotations
@@ -56,23 +57,51 @@ def sweep_one(name: str) -> dict:
     return row
 
 
+RESULTS = "bench/results/arch_sweep.json"
+HEADER = ("| model | class | family | groups (exact) | kinds | exact groups pruned = zeroed | returned |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def table_row(r: dict) -> str:
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(r["kinds"].items()))
+    ok = f"yes (max diff {r['max_abs_diff']:.0e})" if r.get("verified") else f"NO: {r.get('error')}"
+    return f"| {r['model']} | {r['class']} | {r['family']} | {r['groups']} ({r['exact']}) | {kinds} | {ok} | {r.get('returned', '-')} |"
+
+
+def update_readme(rows: list[dict], path: str = "README.md") -> None:
+    """Replace the table between the arch-table markers in the README."""
+    start, end = "<!-- arch-table:start -->", "<!-- arch-table:end -->"
+    text = open(path).read()
+    if start not in text or end not in text:
+        return
+    table = "\n".join([HEADER, *(table_row(r) for r in rows)])
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{start}\n{table}\n{end}{tail}")
+    os.replace(tmp, path)
+
+
 def main(names: list[str]) -> None:
+    """Sweep the named models (default: all exportable ones); rows merge into the results file."""
     torch.set_num_threads(1)
     names = names or [k for k, v in zoo.ZOO.items() if getattr(v, "exportable", True)]
-    rows = []
-    print("| model | class | family | groups (exact) | kinds | exact groups pruned = zeroed | returned |")
-    print("|---|---|---|---|---|---|---|")
+    previous = {}
+    if os.path.exists(RESULTS):
+        previous = {r["model"]: r for r in json.load(open(RESULTS))}
+    print(HEADER)
     for name in names:
         r = sweep_one(name)
-        rows.append(r)
-        kinds = ", ".join(f"{v} {k}" for k, v in sorted(r["kinds"].items()))
-        ok = f"yes (max diff {r['max_abs_diff']:.0e})" if r.get("verified") else f"NO: {r.get('error')}"
-        print(f"| {name} | {r['class']} | {r['family']} | {r['groups']} ({r['exact']}) | {kinds} | {ok} | {r.get('returned', '-')} |", flush=True)
+        previous[name] = r
+        print(table_row(r), flush=True)
+    order = list(zoo.ZOO)
+    rows = sorted(previous.values(), key=lambda r: order.index(r["model"]) if r["model"] in order else 999)
     os.makedirs("bench/results", exist_ok=True)
-    tmp = "bench/results/arch_sweep.json.tmp"
-    with open(tmp, "w") as f:
+    with open(RESULTS + ".tmp", "w") as f:
         json.dump(rows, f, indent=1)
-    os.replace(tmp, "bench/results/arch_sweep.json")
+    os.replace(RESULTS + ".tmp", RESULTS)
+    update_readme(rows)
 
 
 if __name__ == "__main__":
