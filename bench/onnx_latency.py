@@ -24,7 +24,7 @@ prune is retried with ``allocation="global"`` if it falls short).  The pruned mo
 different widths per layer: the FLOP count and the KV-cache export read each layer's modules.
 The dense weights are random: latency does not depend on their values.
 
-Usage:  python bench/onnx_latency.py [--quick] [--repeats 10] [--threads N] [--device auto]
+Usage:  python bench/onnx_latency.py [--quick] [--repeats 10] [--threads N (default 1; 0 = ORT's)] [--device auto]
                                      [--importance l2] [--allocation uniform] [--round-to N]
 Writes: bench/results/onnx_latency.json
 """
@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="ORT intra-op threads (default 1: measures how compute scales with pruning, free of "
+                        "thread-pool contention on small shared CPUs; 0 = ORT's default)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--importance", default="l2", help="fxprune.prune criterion (l2: no gradients, fast)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
