@@ -119,6 +119,7 @@ def prune(
     batch_size: int = 1,
     device: str = "auto",
     dtype: torch.dtype | None = None,
+    loss_fn: Any = None,
     seed: int = 0,
     verify: bool = True,
     progress: bool = True,
@@ -137,6 +138,8 @@ def prune(
             (taylor, taylor-element, taylor-2, l1, l2, activation, flap, random).
         allocation / round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
             ``fxprune.passes.plan.make_plan``.
+        loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
+            built-in loss (encoders); HF causal LMs use their LM loss by default.
     """
     from fxprune.calib import load_calibration
     from fxprune.passes.analysis import analyze
@@ -183,7 +186,7 @@ def prune(
         )
     t0 = time.perf_counter()
     scores = score(model, groups, batches, importance=importance, aggregate=aggregate, device=device,
-                   dtype=dtype, seed=seed, progress=progress)
+                   dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress)
     timings["score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
