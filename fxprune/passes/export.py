@@ -409,12 +409,34 @@ def _config_head_dim(config: Any) -> int | None:
 
 
 def kv_cache_layout(model: nn.Module) -> list[tuple[int, int, int]]:
-    """Per layer ``(kv_heads, key_head_dim, value_head_dim)`` read from the modules.
+    """Per layer ``(kv_heads, key_head_dim, value_head_dim)``.
 
     A pruned model can keep a different number of KV heads per layer, and the config records
-    only one number, so the projections' ``out_features`` and the attention's ``head_dim`` are
-    the truth.  Falls back to the config for attention modules without separate k/v projections.
+    only one number.  The model itself is the truth: one tiny forward with the cache on gives
+    every layer's key/value shapes, whatever its attention modules are called.  Models whose
+    cache cannot be read that way fall back to the projections' ``out_features``.
     """
+    probed = _probe_kv_layout(model)
+    if probed is not None:
+        return probed
+    return _module_kv_layout(model)
+
+
+def _probe_kv_layout(model: nn.Module) -> list[tuple[int, int, int]] | None:
+    try:
+        device = next(model.parameters()).device
+        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+        with torch.no_grad(), _eval_mode(model):
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+        layers = getattr(cache, "layers", None)
+        if not layers:
+            return None
+        return [(int(l.keys.shape[1]), int(l.keys.shape[-1]), int(l.values.shape[-1])) for l in layers]
+    except Exception:  # noqa: BLE001 - fall back to reading the modules
+        return None
+
+
+def _module_kv_layout(model: nn.Module) -> list[tuple[int, int, int]]:
     config = getattr(model, "config", None)
     cfg_hd = _config_head_dim(config)
     layout = []
