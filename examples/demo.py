@@ -8,7 +8,7 @@
 5. Export dense and pruned models to ONNX, check parity in ONNX Runtime, time both.
 6. Print the headline table and write out/demo/report.md + report.html with plots.
 
-Run: python examples/demo.py [--ratio 0.3] [--steps 40] [--out out/demo]
+Run: python examples/demo.py [--ratio 0.3] [--steps 200] [--out out/demo]
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--importance", default="taylor")
-    ap.add_argument("--steps", type=int, default=40, help="distillation steps")
+    ap.add_argument("--steps", type=int, default=200, help="distillation steps")
     ap.add_argument("--out", default="out/demo")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
