@@ -659,6 +659,28 @@ class TorchMHA(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
+class UNetSE(nn.Module):
+    """Encoder conv+BN (stride 2), ConvTranspose2d upsampling, skip concat with the encoder
+    features, a squeeze-and-excitation gate (pool -> fc -> relu -> fc -> sigmoid -> scale),
+    1x1 head.  Covers transposed convs and channel-wise gating in one small net."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.e2, self.b2 = nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12)
+        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2)
+        self.d1 = nn.Conv2d(6 + 8, 10, 3, padding=1)
+        self.se1, self.se2 = nn.Linear(10, 4), nn.Linear(4, 10)
+        self.out = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.b1(self.e1(x)))
+        b = torch.relu(self.b2(self.e2(a)))
+        h = nn.functional.silu(self.d1(torch.cat([self.up(b), a], 1)))
+        w = torch.sigmoid(self.se2(torch.relu(self.se1(h.mean((2, 3))))))
+        return self.out(h * w[:, :, None, None])
+
+
 def _custom(name, cls, family, make_inputs, dynamic):
     def build() -> nn.Module:
         torch.manual_seed(0)
@@ -682,6 +704,7 @@ _SEQ_DYN = {"x": {0: "batch", 1: "seq"}}
 _custom("resnet_tiny", TinyResNet, "cnn", _image_inputs("x"), _IMG_DYN)
 _custom("concat_cnn", ConcatCNN, "cnn", _image_inputs("x"), _IMG_DYN)
 _custom("grouped_cnn", GroupedCNN, "cnn", _image_inputs("x"), _IMG_DYN)
+_custom("unet_se", UNetSE, "cnn", _image_inputs("x"), _IMG_DYN)
 _custom("fused_qkv_attn", FusedQKVAttention, "custom", _seq_inputs("x"), _SEQ_DYN)
 _custom("gqa_sdpa_attn", GQASdpaAttention, "custom", _seq_inputs("x"), _SEQ_DYN)
 _custom("mlp", TinyMLP, "custom", _vec_inputs("x"), {"x": {0: "batch"}})
