@@ -390,17 +390,13 @@ def _matches(name: str, prefixes: Sequence[str]) -> bool:
 
 def _visit_call(ctx: AnalysisContext, node: fx.Node) -> None:
     if node.target is operator.getitem:
-        src, idx = node.args
-        # getitem refs resolve to (src, idx) directly in ctx.ref; nothing to tie.
-        return
+        return  # getitem refs resolve to (source, index) in ctx.ref; nothing to tie
     outs = ctx.output_refs(node)
-    tensor_args = [ctx.ref(a) for a in _flat_args(node)]
-    tensor_args = [r for r in tensor_args if r is not None]
-    if not outs and not tensor_args:
+    if not outs and not any(ctx.ref(a) is not None for a in _flat_args(node)):
         return  # pure symbolic-int arithmetic, asserts on sizes
     rule = find_rule(node.target)
     if rule is None:
-        if not outs and all(_is_metadata_only(node) for _ in [0]):
+        if not outs and _is_metadata_only(node):
             return
         ctx.unsupported_op(node)
         return
