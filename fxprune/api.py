@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import time
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from fxprune.errors import DataError, PlanError
-from fxprune.graph import Group, PrunableGraph
+from fxprune.graph import PrunableGraph
 
 
 @dataclasses.dataclass
@@ -220,12 +219,11 @@ def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
         first = batches[0]
         if isinstance(first, Mapping):
             return {k: v for k, v in first.items() if isinstance(v, torch.Tensor) and k != "labels"}
-    from fxprune.cli import _example_inputs
+    from fxprune.passes.capture import default_example_inputs
 
-    config = getattr(model, "config", None)
-    if config is None:
+    if getattr(model, "config", None) is None:
         raise DataError("pass example_inputs=... (a dict of tensors for the model's forward)")
-    return _example_inputs(config, model)
+    return default_example_inputs(model)
 
 
 def _batch_from_inputs(graph: PrunableGraph) -> dict:

@@ -23,8 +23,6 @@ EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_CAPTURE = 0, 1, 2, 3
 
 def load_model(spec: str, *, meta: bool = False) -> tuple[Any, dict]:
     """Return (model, example kwargs) for a local HF directory or a ``module:factory`` path."""
-    import torch
-
     if os.path.isdir(spec):
         return _load_hf_dir(spec, meta=meta)
     if ":" in spec and not os.path.exists(spec):
@@ -46,8 +44,9 @@ def load_model(spec: str, *, meta: bool = False) -> tuple[Any, dict]:
 
 
 def _load_hf_dir(path: str, *, meta: bool) -> tuple[Any, dict]:
-    import torch
     import transformers
+
+    from fxprune.passes.capture import default_example_inputs
 
     config = transformers.AutoConfig.from_pretrained(path)
     arch = (getattr(config, "architectures", None) or [None])[0]
@@ -60,27 +59,7 @@ def _load_hf_dir(path: str, *, meta: bool) -> tuple[Any, dict]:
         model = fxprune.meta_model(cls._from_config, config)
     else:
         model = cls.from_pretrained(path).eval()
-    return model, _example_inputs(config, model)
-
-
-def _example_inputs(config: Any, model: Any) -> dict:
-    import inspect
-
-    import torch
-
-    params = inspect.signature(model.forward).parameters
-    device = "meta" if next(model.parameters()).device.type == "meta" else "cpu"
-    if "pixel_values" in params and "input_ids" not in params:
-        size = getattr(config, "image_size", 224)
-        size = size if isinstance(size, int) else size[0]
-        chans = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(2, chans, size, size, device=device)}
-    vocab = getattr(config, "vocab_size", 100)
-    ids = torch.randint(0, max(2, min(vocab, 1000)), (2, 16), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids.to(device)}
-    if "attention_mask" in params:
-        inputs["attention_mask"] = torch.ones_like(ids).to(device)
-    return inputs
+    return model, default_example_inputs(model)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -254,11 +233,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fxprune.passes.capture import default_example_inputs
     from fxprune.passes.export import export_onnx
 
     model = load_any(args.dir)
     config = getattr(model, "config", None)
-    inputs = _example_inputs(config, model) if config is not None else None
+    inputs = default_example_inputs(model) if config is not None else None
     if inputs is None:
         raise ValueError("export needs a model with a config (HF) to build example inputs")
     inputs = {k: v[:, :8] if v.dim() == 2 else v for k, v in inputs.items()}
@@ -269,6 +249,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from fxprune.passes.capture import default_example_inputs
     import tempfile
 
     from fxprune.evaluate import is_causal_lm
@@ -284,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for label, path in (("dense", dense_dir), ("pruned", args.dir)):
             model = load_any(path)
-            inputs = {k: v[:, :8] if v.dim() == 2 else v for k, v in _example_inputs(model.config, model).items()}
+            inputs = {k: v[:, :8] if v.dim() == 2 else v for k, v in default_example_inputs(model).items()}
             causal = is_causal_lm(model)
             onnx_path = os.path.join(tmp, f"{label}.onnx")
             export_onnx(model, onnx_path, example_inputs=inputs, kv_cache=causal)
@@ -308,6 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _encoder_latency(onnx_path: str, model: Any, args: argparse.Namespace) -> float:
+    from fxprune.passes.capture import default_example_inputs
     import statistics
     import time
 
@@ -316,7 +298,7 @@ def _encoder_latency(onnx_path: str, model: Any, args: argparse.Namespace) -> fl
     from fxprune.passes.export import ort_providers
 
     sess = ort.InferenceSession(onnx_path, providers=ort_providers())
-    feed = {k: v.numpy() for k, v in _example_inputs(model.config, model).items()
+    feed = {k: v.numpy() for k, v in default_example_inputs(model).items()
             if k in {i.name for i in sess.get_inputs()}}
     for _ in range(3):
         sess.run(None, feed)

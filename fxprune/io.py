@@ -51,8 +51,6 @@ def atomic_dir(path: str, overwrite: bool = False) -> tuple[str, callable]:
 
 def save(model: torch.nn.Module, directory: str, *, overwrite: bool = False) -> str:
     """Write a pruned (or any) model to ``directory`` as safetensors + JSON."""
-    from safetensors.torch import save_file
-
     if not isinstance(model, torch.nn.Module):
         raise FxpruneError(f"save() needs an nn.Module, got {type(model).__name__}")
     tmp, commit = atomic_dir(directory, overwrite)
@@ -74,27 +72,26 @@ def save_into(model: torch.nn.Module, tmp: str, extra: dict | None = None) -> No
             "this pruned model is a rewritten GraphModule (the eager class could not express it); "
             "export it with fxprune.export_onnx, or prune with kinds the class supports"
         )
-    if True:
-        state = _dedup_state(model)
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        info = getattr(model, "fxprune", None)
-        record: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
-            "attributes": _attr_changes(info),
-            "config_updated": bool(getattr(info, "config_updated", False)),
-            "tied": _tied_names(model),
-        }
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            config.save_pretrained(tmp)
-            # the config the skeleton is built from: already pruned when the rewrite could
-            # express the result as a config (uniform pruning), else the original
-            record["original_config"] = config.to_dict()
-        record.update(extra or {})
-        with open(os.path.join(tmp, "fxprune.json"), "w") as f:
-            json.dump(record, f, indent=1)
+    state = _dedup_state(model)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    info = getattr(model, "fxprune", None)
+    record: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
+        "attributes": _attr_changes(info),
+        "config_updated": bool(getattr(info, "config_updated", False)),
+        "tied": _tied_names(model),
+    }
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config.save_pretrained(tmp)
+        # the config the skeleton is built from: already pruned when the rewrite could
+        # express the result as a config (uniform pruning), else the original
+        record["original_config"] = config.to_dict()
+    record.update(extra or {})
+    with open(os.path.join(tmp, "fxprune.json"), "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def load(directory: str, model_class: Any = None, *, config: Any = None, device: str = "cpu") -> torch.nn.Module:

@@ -195,9 +195,7 @@ class AnalysisContext:
         for inp in inputs:
             ri = self.rank(inp)
             for k in range(1, ri + 1):
-                si = self.shape(inp)[ri - k]
-                so = self.shape(out)[ro - k]
-                if _is_one(si):
+                if _is_one(self.shape(inp)[ri - k]):
                     continue
                 self.tie(inp, ri - k, out, ro - k)
 

@@ -176,6 +176,25 @@ def inline_grad_mode_regions(ep: Any) -> bool:
     return True
 
 
+def default_example_inputs(model: torch.nn.Module) -> dict:
+    """Example inputs built from an HF model's config: token ids (with a mask when the forward
+    takes one), or pixel values for vision models.  Batch 2 so the trace stays dynamic."""
+    config = getattr(model, "config", None)
+    params = inspect.signature(model.forward).parameters
+    device = "meta" if _on_meta(model) else "cpu"
+    if "pixel_values" in params and "input_ids" not in params:
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        chans = getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.randn(2, chans, size, size, device=device)}
+    vocab = getattr(config, "vocab_size", 100)
+    ids = torch.randint(0, max(2, min(vocab, 1000)), (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids.to(device)}
+    if "attention_mask" in params:
+        inputs["attention_mask"] = torch.ones_like(ids).to(device)
+    return inputs
+
+
 def _on_meta(model: torch.nn.Module) -> bool:
     for p in model.parameters():
         return p.device.type == "meta"

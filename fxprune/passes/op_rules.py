@@ -10,10 +10,6 @@ To support a new op, register a function ``rule(ctx, node)`` with ``@register_ru
 
 from __future__ import annotations
 
-import functools
-import math
-import operator
-import re
 from typing import Any, Sequence
 
 import torch
@@ -791,7 +787,6 @@ def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 # ------------------------------------------------------------------------------------------
 def _affine_norm(ctx: AnalysisContext, node: fx.Node, out: TRef, x: TRef, w: TRef | None, b: TRef | None,
                  norm_dims: Sequence[int], shape_arg: int | None) -> None:
-    rank = ctx.rank(x)
     ctx.tie_all(out, x)
     k = len(norm_dims)
     for j, d in enumerate(norm_dims):
@@ -920,7 +915,7 @@ def embedding_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def index_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     indices = list(node.args[1])
-    rank, ro = ctx.rank(src), ctx.rank(out)
+    rank = ctx.rank(src)
     used = [i for i, t in enumerate(indices) if t is not None]
     idx_refs = [ctx.ref(indices[i]) for i in used]
     for i in used:

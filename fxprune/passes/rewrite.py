@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import PlanError, VerificationError
-from fxprune.graph import Group, PrunableGraph, kept_indices, kept_size, normalize_plan
+from fxprune.graph import PrunableGraph, kept_indices, kept_size, layout_size, normalize_plan
 
 aten = torch.ops.aten
 
@@ -67,17 +67,11 @@ def new_tensor_shapes(graph: PrunableGraph, removed: dict[int, list[int]]) -> di
             if lay is None:
                 continue
             kept = kept_indices(lay, removed)
-            if len(kept) != _lay_size(lay):
+            if len(kept) != layout_size(lay):
                 dims[d] = kept
         if dims:
             out[fqn] = dims
     return out
-
-
-def _lay_size(lay) -> int:
-    from fxprune.graph import layout_size
-
-    return layout_size(lay)
 
 
 def _slice_tensor(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
@@ -138,7 +132,7 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
             if lay is None:
                 continue
             new = kept_size(lay, removed) if lay else 1
-            old = _lay_size(lay) if lay else 1
+            old = layout_size(lay) if lay else 1
             if path[0] == "split":
                 split_sizes[path[1]] = new
                 continue
@@ -146,7 +140,7 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
                 _set_path(node, path, new)
                 changed.setdefault(name, {})[path] = (old, new)
         if split_sizes and any(
-            kept_size(entries[("split", k)], removed) != _lay_size(entries[("split", k)]) for k in split_sizes
+            kept_size(entries[("split", k)], removed) != layout_size(entries[("split", k)]) for k in split_sizes
         ):
             sizes = [split_sizes[k] for k in sorted(split_sizes)]
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -185,7 +179,7 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
             if lay is None:
                 continue
             kept = kept_indices(lay, removed)
-            if len(kept) == _lay_size(lay):
+            if len(kept) == layout_size(lay):
                 continue
             const_name = f"_fxprune_keep_{name}_{d}"
             gm.register_buffer(const_name, torch.as_tensor(kept, dtype=torch.long), persistent=False)
@@ -197,7 +191,7 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
             for u in users:
                 u.replace_input_with(last, sel)
             last = sel
-            changed.setdefault(name, {})[("index_select", d)] = (_lay_size(lay), len(kept))
+            changed.setdefault(name, {})[("index_select", d)] = (layout_size(lay), len(kept))
     # 6. a view that was legal on the original strides may not be after pruning (a kernel can
     #    pick another output layout for the new head_dim), so views become reshapes.
     for node in gm.graph.nodes:
@@ -371,7 +365,6 @@ def apply_shapes_to_module(
     aliases: dict[str, list[str]],
 ) -> None:
     """Slice parameters/buffers of ``model`` in place (a copy the caller owns); tied stay tied."""
-    done: dict[str, torch.Tensor] = {}
     touched_modules: set[str] = set()
     for fqn, dims in tensor_dims.items():
         names = aliases.get(fqn, [fqn])
@@ -391,7 +384,6 @@ def apply_shapes_to_module(
             else:
                 setattr(m, at, new)
             touched_modules.add(mp)
-            done[name] = new
     for mp in touched_modules:
         _fix_module(model.get_submodule(mp) if mp else model)
 
@@ -430,7 +422,7 @@ def _fix_int_attributes(model: torch.nn.Module, graph: PrunableGraph, program: R
         for path, lay in entries.items():
             if lay is None or path[0] == "split":
                 continue
-            old = _lay_size(lay) if lay else 1
+            old = layout_size(lay) if lay else 1
             new = program.changed_constants.get(name, {}).get(path, (old, old))[1]
             all_constants.append((mod_path, old, new))
     changed_any = {(mp, old) for mp, old, new in all_constants if new != old}
@@ -491,19 +483,13 @@ def _candidate_attrs(model: torch.nn.Module, mod_path: str, old: int) -> list[tu
             (owner, k)
             for k, v in vars(mod).items()
             if type(v) is int and v == old and not k.startswith("_") and not _SKIP_ATTR.search(k)
-            and not (k in MANAGED_ATTRS and type(mod) in _managed_types())
+            and not (k in MANAGED_ATTRS and isinstance(mod, tuple(MODULE_FIXERS)))
         ]
         if found:
             return found
         if depth <= len(parts) - 2:  # look at most one level up
             break
     return []
-
-
-def _managed_types() -> set[type]:
-    return {t for t in MODULE_FIXERS} | {
-        t for t in list(MODULE_FIXERS) for t in t.__subclasses__()
-    }
 
 
 def _config_candidates(new_model: torch.nn.Module, old_model: torch.nn.Module, changes):
@@ -630,18 +616,6 @@ def _derived_count_candidates(new_model, old_model, fields: dict[str, int]) -> d
         if vals:
             out[k] = sorted(set(vals))[:4]
     return out
-
-
-def _int_attrs_match(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    mods_b = dict(b.named_modules())
-    for name, ma in a.named_modules():
-        mb = mods_b.get(name)
-        if mb is None:
-            return False
-        for k, v in vars(ma).items():
-            if type(v) is int and not k.startswith("_") and k in vars(mb) and vars(mb)[k] != v:
-                return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------
