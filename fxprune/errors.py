@@ -1,19 +1,46 @@
-"""Errors fxprune raises.  Each carries a message a user can act on without a traceback."""
+"""Every error fxprune raises, in one place.
+
+Each error carries a message a user can act on without a traceback, naming the file, parameter,
+group or op involved, and an ``exit_code`` the CLI returns:
+
+* 2: bad input (an argument, a path, a file's contents, a plan) -- fix the command line;
+* 3: the model could not be traced;
+* 1: anything else fxprune refused to do (a failed verification, an export failure...);
+* 130: interrupted (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_CAPTURE = 3
+EXIT_INTERRUPTED = 130
 
 
 class FxpruneError(Exception):
     """Base class: every error fxprune raises on bad input derives from it."""
 
+    exit_code = EXIT_ERROR
+
+
+class BadInputError(FxpruneError, ValueError):
+    """An argument, path or file the user gave is unusable."""
+
+    exit_code = EXIT_BAD_INPUT
+
 
 class CaptureError(FxpruneError):
     """The model could not be traced with torch.export."""
+
+    exit_code = EXIT_CAPTURE
 
 
 class AnalysisError(FxpruneError):
     """The dependency analysis met something it cannot handle safely."""
 
 
-class PlanError(FxpruneError, ValueError):
+class PlanError(BadInputError):
     """A pruning plan or ratio is invalid."""
 
 
@@ -22,12 +49,34 @@ class VerificationError(FxpruneError):
 
 
 class ScoringError(FxpruneError):
-    """Scoring failed, e.g. on NaN/inf losses or gradients."""
+    """Scoring failed, e.g. on NaN/inf losses or gradients (the message names the parameter)."""
 
 
-class DataError(FxpruneError, ValueError):
-    """Calibration or training data is missing or malformed."""
+class DataError(BadInputError):
+    """Calibration or training data is missing or malformed (the message names the file)."""
 
 
-class OutputExistsError(FxpruneError, FileExistsError):
-    """An output path exists and overwrite was not requested."""
+class ModelLoadError(BadInputError):
+    """A model directory or checkpoint cannot be loaded (the message names the file)."""
+
+
+class OutputExistsError(BadInputError, FileExistsError):
+    """An output path exists (or another run is writing it) and overwrite was not requested."""
+
+
+class UnsafeOutputError(BadInputError):
+    """An output path is, contains, or lies inside an input: fxprune never writes over its inputs."""
+
+
+class RecoveryError(FxpruneError):
+    """Recovery cannot run with these arguments, or training diverged."""
+
+
+class ExportError(FxpruneError):
+    """A model could not be exported to a deployment target, or its runtime is missing."""
+
+
+class Interrupted(FxpruneError):
+    """The run was stopped by SIGINT or SIGTERM; nothing was published."""
+
+    exit_code = EXIT_INTERRUPTED
