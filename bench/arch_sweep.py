@@ -40,14 +40,15 @@ def sweep_one(name: str) -> dict:
             "model": name, "family": zm.family, "class": type(model).__name__,
             "groups": len(groups), "exact": sum(g.exact for g in groups),
             "kinds": dict(collections.Counter(g.kind for g in groups)),
-            "unsupported": sorted({u.op for u in graph.unsupported}),
+            "unsupported": sorted({u.op for u in groups.unsupported}),
         }
         try:
-            pruned = fxprune.rewrite(model, graph, plan)
+            res = fxprune.rewrite(model, groups, plan)
+            pruned = res.model
             before = sum(p.numel() for p in model.parameters())
             after = sum(p.numel() for p in pruned.parameters()) if isinstance(pruned, torch.nn.Module) else None
             row.update(
-                verified=True, max_abs_diff=pruned.fxprune.verification.max_abs_diff,
+                verified=True, max_abs_diff=res.verification.max_abs_diff,
                 returned="graph" if isinstance(pruned, torch.fx.GraphModule) else "module",
                 params_kept=(after / before) if after else None,
             )

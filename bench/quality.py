@@ -423,8 +423,9 @@ def prune_by_passes(model, graph, groups, batches, importance: str, ratio: float
             scores = fxprune.score(model, groups, batches, importance=importance, loss_fn=loss_fn, progress=False)
             t_score = time.perf_counter() - ts
             numel = {n: p.numel() for n, p in model.named_parameters()}
-            plan, pinfo = fxprune.make_plan(groups, scores, ratio, numel=numel)
-            pruned = fxprune.rewrite(model, graph, plan)
+            plan = fxprune.make_plan(groups, scores, ratio, numel=numel)
+            res = fxprune.rewrite(model, groups, plan)
+            pruned = res.model
         except Exception as e:  # noqa: BLE001 - reported, never hidden
             tb = traceback.format_exc()
             log(f"    !! pass pipeline failed: {type(e).__name__}: {e}\n{tb}")

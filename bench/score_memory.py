@@ -73,6 +73,7 @@ def _groups_for(model) -> list:
     k/v rows are (kv_head, head_dim); head_dim is a frozen class (not a group) here.
     """
     from fxprune.graph import Group, Member
+    from fxprune.types import Atom
 
     cfg = model.config
     n_kv = cfg.num_key_value_heads
@@ -83,7 +84,7 @@ def _groups_for(model) -> list:
         block = f"model.layers.{i}"
         mlp, att = f"{block}.mlp.", f"{block}.self_attn."
         c_mlp, c_kv, c_rep, c_hd = 10 * i, 10 * i + 1, 10 * i + 2, 10 * i + 3
-        lay = (("atom", c_mlp, cfg.intermediate_size),)
+        lay = (Atom(c_mlp, cfg.intermediate_size),)
         groups.append(Group(
             f"{mlp}gate_proj:channels", "channels", cfg.intermediate_size, True,
             [Member(mlp + "gate_proj.weight", 0, "gate", lay, c_mlp),
@@ -91,8 +92,8 @@ def _groups_for(model) -> list:
              Member(mlp + "down_proj.weight", 1, "down", lay, c_mlp)],
             c_mlp, block=block,
         ))
-        q_lay = (("atom", c_kv, n_kv), ("atom", c_rep, rep), ("atom", c_hd, hd))
-        kv_lay = (("atom", c_kv, n_kv), ("atom", c_hd, hd))
+        q_lay = (Atom(c_kv, n_kv), Atom(c_rep, rep), Atom(c_hd, hd))
+        kv_lay = (Atom(c_kv, n_kv), Atom(c_hd, hd))
         groups.append(Group(
             f"{att}k_proj:kv_heads", "kv_heads", n_kv, True,
             [Member(att + "q_proj.weight", 0, "q", q_lay, c_kv),

@@ -44,20 +44,20 @@ def main(argv=None) -> int:
     # 1. capture: torch.export with dynamic batch/seq
     graph = fxprune.trace(model, kwargs={"input_ids": calib[0]["input_ids"]})
     # 2. analyse: coupled groups, no per-model hints
-    groups = fxprune.analyze(graph)
-    print(graph.summary(max_rows=12))
+    analysis = fxprune.analyze(graph)
+    print(analysis.summary(max_rows=12))
     # 3. score: Taylor importance with gradient hooks (bounded memory)
-    scores = fxprune.score(model, groups, calib, importance="taylor", progress=False)
+    scores = fxprune.score(model, analysis, calib, importance="taylor", progress=False)
     # 4. plan: 25% of all parameters, the same fraction per group kind, sizes multiple of 8
-    numel = {n: p.numel() for n, p in model.named_parameters()}
-    plan, info = fxprune.make_plan(groups, scores, args.ratio, numel=numel, allocation="uniform", round_to=8)
-    print(f"plan removes {info['achieved_ratio']:.1%} of the parameters from {len(plan)} groups")
+    plan = fxprune.make_plan(analysis, scores, args.ratio, allocation="uniform", round_to=8)
+    print(f"plan removes {plan.info['achieved_ratio']:.1%} of the parameters from {len(plan)} groups")
     # 5. rewrite: the user's own class, smaller, verified against the zeroed original
-    pruned = fxprune.rewrite(model, graph, plan)
-    print(type(pruned).__name__, pruned.fxprune.verification)
+    res = fxprune.rewrite(model, analysis, plan)
+    pruned = res.model
+    print(type(pruned).__name__, res.verification)
     # 6. save without pickles, reload
     out = args.out or os.path.join(tempfile.mkdtemp(), "pruned")
-    fxprune.save(pruned, out)
+    fxprune.save(res, out)
     again = fxprune.load(out)
     ids = calib[0]["input_ids"]
     with torch.no_grad():

@@ -1,51 +1,54 @@
 """fxprune: structured pruning as compiler passes over torch.export graphs.
 
-    graph  = fxprune.trace(model, kwargs=inputs)      # capture
-    groups = fxprune.analyze(graph)                   # coupled dependency groups
-    pruned = fxprune.rewrite(model, graph, plan)      # smaller module, verified
+    graph    = fxprune.trace(model, kwargs=inputs)            # capture  -> PrunableGraph
+    analysis = fxprune.analyze(graph)                         # analyse  -> Analysis
+    scores   = fxprune.score(model, analysis, batches)        # score    -> Scores
+    plan     = fxprune.make_plan(analysis, scores, 0.2)       # plan     -> Plan
+    weights  = fxprune.update(model, analysis, plan, scores)  # update   -> WeightUpdate
+    result   = fxprune.rewrite(model, analysis, plan, weights)  # rewrite -> RewriteResult
+    fxprune.save(result, "out/")
+
+or all at once: ``fxprune.prune(model, 0.2, calib=texts, tokenizer=tok)``.
 """
 
+from fxprune.api import PruneReport, PruneResult, count_flops, prune
+from fxprune.calib import load_calibration
 from fxprune.errors import (
     AnalysisError,
+    BadInputError,
     CaptureError,
     DataError,
+    ExportError,
     FxpruneError,
+    Interrupted,
+    ModelLoadError,
     OutputExistsError,
     PlanError,
+    RecoveryError,
     ScoringError,
+    UnsafeOutputError,
     VerificationError,
 )
-from fxprune.graph import Group, Member, PrunableGraph
-from fxprune.passes.analysis import analyze
+from fxprune.graph import FrozenClass, Group, Member, PrunableGraph, Unsupported
+from fxprune.io import load, save
+from fxprune.passes.analysis import Analysis, analyze
+from fxprune.passes.base import PASSES
 from fxprune.passes.capture import meta_model, trace
+from fxprune.passes.export import benchmark_latency, export_onnx, onnx_generate
+from fxprune.passes.plan import Plan, count_params_after, make_plan
+from fxprune.passes.recovery import RecoveryResult, recover
+from fxprune.passes.rewrite import RewriteResult, rewrite, rewrite_graph, verify, zeroed_copy
+from fxprune.passes.scoring import Scores, score
+from fxprune.passes.update import WeightUpdate, update
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AnalysisError", "CaptureError", "DataError", "FxpruneError", "OutputExistsError", "PlanError",
-    "ScoringError", "VerificationError", "Group", "Member", "PrunableGraph", "analyze",
-    "meta_model", "trace",
+    "PASSES", "Analysis", "AnalysisError", "BadInputError", "CaptureError", "DataError", "ExportError",
+    "FrozenClass", "FxpruneError", "Group", "Interrupted", "Member", "ModelLoadError", "OutputExistsError",
+    "Plan", "PlanError", "PrunableGraph", "PruneReport", "PruneResult", "RecoveryError", "RecoveryResult",
+    "RewriteResult", "ScoringError", "Scores", "UnsafeOutputError", "Unsupported", "VerificationError",
+    "WeightUpdate", "analyze", "benchmark_latency", "count_flops", "count_params_after", "export_onnx",
+    "load", "load_calibration", "make_plan", "meta_model", "onnx_generate", "prune", "recover", "rewrite",
+    "rewrite_graph", "save", "score", "trace", "update", "verify", "zeroed_copy",
 ]
-
-from fxprune.passes.rewrite import rewrite, rewrite_graph, verify, zeroed_copy  # noqa: E402
-
-__all__ += ["rewrite", "rewrite_graph", "verify", "zeroed_copy"]
-
-from fxprune.io import load, save  # noqa: E402
-
-__all__ += ["load", "save"]
-
-from fxprune.api import PruneReport, PruneResult, count_flops, prune  # noqa: E402
-from fxprune.calib import load_calibration  # noqa: E402
-from fxprune.passes.plan import count_params_after, make_plan  # noqa: E402
-from fxprune.passes.scoring import score, score_with_stats  # noqa: E402
-
-__all__ += [
-    "PruneReport", "PruneResult", "count_flops", "prune", "load_calibration", "count_params_after",
-    "make_plan", "score", "score_with_stats",
-]
-
-from fxprune.passes.export import benchmark_latency, export_onnx, onnx_generate  # noqa: E402
-from fxprune.passes.recovery import RecoveryResult, recover  # noqa: E402
-
-__all__ += ["benchmark_latency", "export_onnx", "onnx_generate", "RecoveryResult", "recover"]

@@ -1,6 +1,6 @@
 """The one-call API: ``fxprune.prune(model, ratio)`` runs every pass in order.
 
-    capture -> analyse -> score -> plan -> rewrite -> verify
+    capture -> analyse -> score -> plan -> update -> rewrite (+verify)
 
 Each step is also a public function (``trace``, ``analyze``, ``score``, ``make_plan``,
 ``rewrite``) for users who want to stop, inspect or replace one.  ``prune`` also accepts an
@@ -10,16 +10,25 @@ already traced ``PrunableGraph`` (its ``module`` is the model that gets pruned).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
-import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from fxprune.calib import load_calibration
 from fxprune.errors import DataError, PlanError
 from fxprune.graph import PrunableGraph
+from fxprune.passes.analysis import Analysis, analyze
+from fxprune.passes.capture import trace
+from fxprune.passes.plan import Plan, make_plan
+from fxprune.passes.rewrite import RewriteResult, rewrite
+from fxprune.passes.scoring import IMPORTANCE, Scores, score
+from fxprune.passes.update import WeightUpdate, update
+from fxprune.util.hf import default_example_inputs
+from fxprune.util.modules import count_params, numel_by_name
 
 
 @dataclasses.dataclass
@@ -88,17 +97,22 @@ class PruneReport:
         return self.table()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PruneResult:
+    """Everything :func:`prune` made, pass by pass: each field is that pass' own result."""
+
     model: Any
-    plan: dict[str, list[int]]
+    plan: Plan
     report: PruneReport
     graph: PrunableGraph
-    scores: dict[str, np.ndarray]
+    analysis: Analysis
+    scores: Scores
+    rewrite: RewriteResult | None
+    weights: WeightUpdate
 
 
 def prune(
-    model_or_graph: torch.nn.Module | PrunableGraph,
+    model_or_graph: torch.nn.Module | PrunableGraph | Analysis,
     ratio: float,
     *,
     example_inputs: Mapping[str, torch.Tensor] | None = None,
@@ -119,14 +133,25 @@ def prune(
     device: str = "auto",
     dtype: torch.dtype | None = None,
     loss_fn: Any = None,
+    update_method: str = "none",
     seed: int = 0,
     verify: bool = True,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``ratio`` of the model's parameters and return the smaller model with a report.
 
+    The composition of the passes, each of which is public:
+
+        graph    = trace(model, kwargs=example_inputs)
+        analysis = analyze(graph, ignore=ignore)
+        scores   = score(model, analysis, calib, importance=importance)
+        plan     = make_plan(analysis, scores, ratio, ...)
+        weights  = update(model, analysis, plan, scores, method=update_method)
+        result   = rewrite(model, analysis, plan, weights)
+
     Args:
-        model_or_graph: an ``nn.Module`` (left untouched) or a graph from ``fxprune.trace``.
+        model_or_graph: an ``nn.Module`` (left untouched), a graph from ``fxprune.trace``, or an
+            ``Analysis`` from ``fxprune.analyze`` (then neither capture nor analysis runs again).
         ratio: fraction of all parameters to remove, in [0, 1).
         example_inputs: kwargs used for tracing and verification (default: the first
             calibration batch, or token ids built from the model config).
@@ -139,78 +164,78 @@ def prune(
             ``fxprune.passes.plan.make_plan``.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
             built-in loss (encoders); HF causal LMs use their LM loss by default.
+        update_method: a weight-update method from ``fxprune.passes.update.UPDATES``.
     """
-    from fxprune.calib import load_calibration
-    from fxprune.passes.analysis import analyze
-    from fxprune.passes.capture import trace
-    from fxprune.passes.plan import make_plan
-    from fxprune.passes.rewrite import rewrite
-    from fxprune.passes.scoring import IMPORTANCE, score
-
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
     if importance not in IMPORTANCE:
         raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
     timings: dict[str, float] = {}
     notes: list[str] = []
+    clock = _Clock(timings)
 
-    t0 = time.perf_counter()
-    batches = None
-    if calib is not None:
-        batches = load_calibration(calib, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
-                                   seed=seed, batch_size=batch_size)
-        if not batches:
-            raise DataError("calibration data is empty")
-    timings["calibration"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if isinstance(model_or_graph, PrunableGraph):
-        graph = model_or_graph
+    with clock("calibration"):
+        batches = None
+        if calib is not None:
+            batches = load_calibration(calib, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
+                                       seed=seed, batch_size=batch_size)
+            if not batches:
+                raise DataError("calibration data is empty")
+    analysis = model_or_graph if isinstance(model_or_graph, Analysis) else None
+    with clock("capture"):
+        if analysis is not None:
+            graph = analysis.graph
+        elif isinstance(model_or_graph, PrunableGraph):
+            graph = model_or_graph
+        else:
+            inputs = dict(example_inputs) if example_inputs is not None else _default_inputs(model_or_graph, batches)
+            graph = trace(model_or_graph, kwargs=inputs)
         model = graph.module
-    else:
-        model = model_or_graph
-        inputs = dict(example_inputs) if example_inputs is not None else _default_inputs(model, batches)
-        graph = trace(model, kwargs=inputs)
-    timings["capture"] = time.perf_counter() - t0
+    with clock("analyze"):
+        if analysis is None or tuple(ignore) != analysis.ignore:
+            analysis = analyze(graph, ignore=ignore)
+    if IMPORTANCE[importance].needs_grad or IMPORTANCE[importance].needs_inputs:
+        if batches is None:
+            batches = [dict(graph.example_kwargs)]
+            notes.append(
+                f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
+            )
+    with clock("score"):
+        scores = score(model, analysis, batches, importance=importance, aggregate=aggregate, device=device,
+                       dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress)
+    with clock("plan"):
+        plan = make_plan(analysis, scores, float(ratio), numel=numel_by_name(model), allocation=allocation,
+                         max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
+                         keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
+    with clock("update"):
+        weights = update(model, analysis, plan, scores, method=update_method)
+    with clock("rewrite+verify"):
+        result = None
+        if plan:
+            result = rewrite(model, analysis, plan, weights, verify_outputs=verify)
+            pruned = result.model
+            notes.extend(result.notes)
+        else:
+            pruned = model
+            notes.append("the plan removes nothing (ratio too small for the group granularity?)")
+    report = _report(model, pruned, graph, analysis, plan, scores, float(ratio), importance, allocation,
+                     timings, notes, result)
+    return PruneResult(pruned, plan, report, graph, analysis, scores, result, weights)
 
-    t0 = time.perf_counter()
-    groups = graph.groups if graph.groups is not None else analyze(graph, ignore=ignore)
-    timings["analyze"] = time.perf_counter() - t0
 
-    crit = IMPORTANCE[importance]()
-    if getattr(crit, "needs_data", False) and batches is None:
-        batches = [_batch_from_inputs(graph)]
-        notes.append(
-            f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
-        )
-    t0 = time.perf_counter()
-    scores = score(model, groups, batches, importance=importance, aggregate=aggregate, device=device,
-                   dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress)
-    timings["score"] = time.perf_counter() - t0
+class _Clock:
+    """``with clock("step"):`` adds the step's seconds to ``timings``."""
 
-    t0 = time.perf_counter()
-    numel = _numel(model, graph)
-    plan, info = make_plan(groups, scores, float(ratio), numel=numel, allocation=allocation,
-                           max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
-                           keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
-    timings["plan"] = time.perf_counter() - t0
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
 
-    t0 = time.perf_counter()
-    if plan:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pruned = rewrite(model, graph, plan, verify_outputs=verify)
-        for w in caught:
-            if "fxprune" in str(w.message):
-                notes.append(str(w.message).replace("fxprune: ", ""))
-    else:
-        pruned = model
-        notes.append("the plan removes nothing (ratio too small for the group granularity?)")
-    timings["rewrite+verify"] = time.perf_counter() - t0
-
-    report = _report(model, pruned, graph, groups, plan, scores, float(ratio), importance, allocation,
-                     timings, notes)
-    return PruneResult(pruned, plan, report, graph, scores)
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,26 +244,9 @@ def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
         first = batches[0]
         if isinstance(first, Mapping):
             return {k: v for k, v in first.items() if isinstance(v, torch.Tensor) and k != "labels"}
-    from fxprune.passes.capture import default_example_inputs
-
     if getattr(model, "config", None) is None:
         raise DataError("pass example_inputs=... (a dict of tensors for the model's forward)")
     return default_example_inputs(model)
-
-
-def _batch_from_inputs(graph: PrunableGraph) -> dict:
-    return dict(graph.example_kwargs)
-
-
-def _numel(model: torch.nn.Module, graph: PrunableGraph) -> dict[str, int]:
-    out: dict[str, int] = {}
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        out[name] = p.numel()
-    return out
 
 
 def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs: Mapping | None = None) -> float | None:
@@ -253,15 +261,8 @@ def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs:
         return None
 
 
-def _report(model, pruned, graph, groups, plan, scores, ratio, importance, allocation, timings, notes) -> PruneReport:
-    def nparams(m: Any) -> int:
-        seen, n = set(), 0
-        for p in m.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        return n
-
+def _report(model, pruned, graph, groups, plan, scores, ratio, importance, allocation, timings, notes,
+            result: RewriteResult | None) -> PruneReport:
     on_meta = graph.on_meta
     flops_before = flops_after = None
     if not on_meta:
@@ -278,12 +279,11 @@ def _report(model, pruned, graph, groups, plan, scores, ratio, importance, alloc
             "scores": [float(x) for x in scores.get(g.id, [])],
             "removed_units": list(plan.get(g.id, [])),
         })
-    info = getattr(pruned, "fxprune", None)
-    verification = str(info.verification) if info is not None and info.verification is not None else "not run"
-    returned = "graph" if isinstance(pruned, torch.fx.GraphModule) else "module"
+    verification = str(result.verification) if result is not None and result.verification is not None else "not run"
+    returned = result.returned if result is not None else "module"
     return PruneReport(
-        params_before=nparams(model),
-        params_after=nparams(pruned),
+        params_before=count_params(model),
+        params_after=count_params(pruned),
         ratio_target=ratio,
         flops_before=flops_before,
         flops_after=flops_after,

@@ -1,6 +1,7 @@
 """The ``fxprune`` command line.
 
     fxprune analyze MODEL [--meta] [--graphml deps.graphml] [--ignore NAME ...]
+    fxprune explain MODEL PARAM_OR_GROUP [OTHER]     # why frozen / why coupled
 
 MODEL is a local Hugging Face model directory (config.json + weights) or ``module:factory``, a
 Python callable that returns an ``nn.Module`` (and optionally example inputs, see
@@ -46,7 +47,7 @@ def load_model(spec: str, *, meta: bool = False) -> tuple[Any, dict]:
 def _load_hf_dir(path: str, *, meta: bool) -> tuple[Any, dict]:
     import transformers
 
-    from fxprune.passes.capture import default_example_inputs
+    from fxprune.util.hf import default_example_inputs
 
     config = transformers.AutoConfig.from_pretrained(path)
     arch = (getattr(config, "architectures", None) or [None])[0]
@@ -62,25 +63,43 @@ def _load_hf_dir(path: str, *, meta: bool) -> tuple[Any, dict]:
     return model, default_example_inputs(model)
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
+def _analysis(spec: str, *, meta: bool, ignore: Any = ()) -> Any:
     import fxprune
 
-    model, inputs = load_model(args.model, meta=args.meta)
+    model, inputs = load_model(spec, meta=meta)
     graph = fxprune.trace(model, kwargs=inputs)
-    fxprune.analyze(graph, ignore=args.ignore or ())
-    print(graph.summary(max_rows=None if args.all else 60))
+    return fxprune.analyze(graph, ignore=ignore or ())
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from fxprune.util.publish import atomic_write_text
+
+    analysis = _analysis(args.model, meta=args.meta, ignore=args.ignore)
+    print(analysis.summary(max_rows=None if args.all else 60))
     if args.graphml:
-        path = graph.to_graphml(args.graphml)
-        print(f"dependency graph written to {path}")
+        path = analysis.to_graphml(args.graphml)
+        print(f"coupling graph written to {path}")
     if args.json:
         rows = [
             {"id": g.id, "kind": g.kind, "units": g.size, "exact": g.exact,
              "members": [{"name": m.name, "dim": m.dim, "unit_width": m.unit_width} for m in g.members]}
-            for g in graph.groups
+            for g in analysis.groups
         ]
-        with open(args.json, "w") as f:
-            json.dump({"groups": rows, "unsupported": [str(u) for u in graph.unsupported]}, f, indent=1)
+        atomic_write_text(args.json, json.dumps(
+            {"groups": rows, "unsupported": [str(u) for u in analysis.unsupported]}, indent=1))
         print(f"groups written to {args.json}")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    analysis = _analysis(args.model, meta=args.meta, ignore=args.ignore)
+    try:
+        if args.other:
+            print(analysis.why(args.target, args.other))
+        else:
+            print(analysis.explain(args.target))
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
     return EXIT_OK
 
 
@@ -122,15 +141,13 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, inputs: dict) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import shutil
-
     import fxprune
-    from fxprune.io import atomic_dir, save_into
+    from fxprune.io import save_into
     from fxprune.report import write_report
+    from fxprune.util.publish import Publication
 
     out_dir = args.out or (args.model.rstrip("/") + "-pruned")
-    if os.path.exists(out_dir) and not args.overwrite:
-        raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    pub = Publication(out_dir, overwrite=args.overwrite, protect=[args.model, args.calib])
     model, inputs = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     calib = _calibration(args, tokenizer, inputs)
@@ -141,9 +158,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(result.report.table())
-    tmp, commit = atomic_dir(out_dir, overwrite=args.overwrite)
-    try:
-        save_into(result.model, tmp, extra={"source": os.path.abspath(args.model), "plan": result.plan})
+    with pub:
+        tmp = str(pub.tmp)
+        save_into(result, tmp, extra={"source": os.path.abspath(args.model), "plan": result.plan.as_dict()})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "prune_report.json"), "w") as f:
@@ -151,10 +168,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
                      result.report.headline(), prune_report=result.report,
                      sections={"Details": result.report.table()})
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        pub.commit()
     print(f"pruned model, report.md and report.html written to {out_dir}")
     return EXIT_OK
 
@@ -182,23 +196,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _save_dir(model: Any, out_dir: str, overwrite: bool, tokenizer: Any, extra: dict, title: str,
-              headline: list, sections: dict) -> None:
-    import shutil
-
-    from fxprune.io import atomic_dir, save_into
+              headline: list, sections: dict, protect: tuple = ()) -> None:
+    from fxprune.io import save_into
     from fxprune.report import write_report
+    from fxprune.util.publish import publish_dir
 
-    tmp, commit = atomic_dir(out_dir, overwrite=overwrite)
-    try:
+    with publish_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         if model is not None:
-            save_into(model, tmp, extra=extra)
+            save_into(model, str(tmp), extra=extra)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_report(tmp, title, headline, sections=sections)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(str(tmp))
+        write_report(str(tmp), title, headline, sections=sections)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -206,9 +214,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"data file {args.data} does not exist")
+    from fxprune.util.publish import check_destination
+
     out_dir = args.out or (args.dir.rstrip("/") + "-recovered")
-    if os.path.exists(out_dir) and not args.overwrite:
-        raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    protect = (args.dir, args.data, args.teacher)
+    check_destination(out_dir, overwrite=args.overwrite, protect=[p for p in protect if p and os.path.exists(p)])
     model = load_any(args.dir)
     tokenizer = load_tokenizer(args.dir)
     teacher = None
@@ -227,7 +237,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     for row in headline:
         print("  ".join(str(c).ljust(18) for c in row))
     _save_dir(rec.model, out_dir, args.overwrite, tokenizer, {"source": _recorded_source(args.dir) or args.dir},
-              f"fxprune recover ({args.method}, {rec.steps} steps)", headline, {})
+              f"fxprune recover ({args.method}, {rec.steps} steps)", headline, {}, protect=protect)
     print(f"recovered model and report written to {out_dir}")
     return EXIT_OK
 
@@ -333,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", nargs="*", help="parameter or module name prefixes to keep unchanged")
     p.add_argument("--all", action="store_true", help="list every group (default: first 60)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("explain", help="why a parameter is frozen, or why two parameters are coupled")
+    p.add_argument("model", help="local HF model directory, or module:factory returning (model, kwargs)")
+    p.add_argument("target", help="a group id, a parameter name, or NAME:DIM")
+    p.add_argument("other", nargs="?", help="a second group/parameter: explain why the two are coupled")
+    p.add_argument("--meta", action="store_true", help="build from config on the meta device (no weights)")
+    p.add_argument("--ignore", nargs="*", help="parameter or module name prefixes to keep unchanged")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("prune", help="score, plan and remove a fraction of the parameters")
     p.add_argument("model", help="local HF model directory, or module:factory returning (model, kwargs)")

@@ -1,16 +1,16 @@
-"""The shared graph object and the plain data that the passes hand to each other.
+"""The plain data the passes hand to each other: the captured graph, groups, members, layouts.
 
-Every pass reads and writes these types only: ``PrunableGraph`` (what capture produces and the
-analysis annotates), ``Group``/``Member`` (what the analysis finds), and a plan, which is a plain
-``{group_id: [units to remove]}`` dict.
+``PrunableGraph`` is what capture produces.  ``Group``/``Member`` (and ``FrozenClass``,
+``Unsupported``) are what the analysis finds; they are frozen, so a later pass cannot change what
+an earlier one decided.
 
 A *layout* describes how the indices of one tensor dimension are built from *atoms*, the units of
 pruning.  It is a tuple of factors in row-major (product) order; each factor is either
 
-* ``("atom", class_id, size)``: an index space of ``size`` units that belongs to coupled class
-  ``class_id`` (the id of a group, or of a frozen class), or
-* ``("sum", (layout, layout, ...))``: a concatenation of sub-layouts along the same dimension
-  (a fused QKV projection, the two halves RoPE rotates, a channel concat).
+* :class:`~fxprune.types.Atom` ``(cls, size)``: an index space of ``size`` units that belongs to
+  coupled class ``cls`` (the id of a group, or of a frozen class), or
+* :class:`~fxprune.types.Concat` ``(parts)``: a concatenation of sub-layouts along the same
+  dimension (a fused QKV projection, the two halves RoPE rotates, a channel concat).
 
 Removing unit ``u`` of class ``c`` removes every index whose coordinate on any ``c`` factor is
 ``u``.  This one rule covers heads (``h * head_dim + d``), GQA repeats, RoPE pairs (the same class
@@ -21,34 +21,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-Layout = tuple  # tuple of factors, see the module docstring
+from fxprune.types import Atom, Concat, GroupKind, Layout, MemberKind
 
 
 def layout_size(layout: Layout) -> int:
     """Number of indices a layout spans."""
     n = 1
     for factor in layout:
-        if factor[0] == "atom":
-            n *= factor[2]
+        if isinstance(factor, Atom):
+            n *= factor.size
         else:
-            n *= sum(layout_size(part) for part in factor[1])
+            n *= sum(layout_size(part) for part in factor.parts)
     return n
 
 
 def layout_coords(layout: Layout) -> dict[int, list[np.ndarray]]:
     """For each class in ``layout``, one int array per occurrence giving the unit of every index.
 
-    Entries are -1 where an index does not lie in that occurrence (another segment of a sum).
+    Entries are -1 where an index does not lie in that occurrence (another segment of a concat).
     """
     size = layout_size(layout)
     result: dict[int, list[np.ndarray]] = {}
     inner = size
     for factor in layout:
-        fsize = factor[2] if factor[0] == "atom" else layout_size((factor,))
+        fsize = factor.size if isinstance(factor, Atom) else layout_size((factor,))
         inner //= fsize
         outer = size // (fsize * inner)
         for cls, arrays in _factor_coords(factor).items():
@@ -59,15 +59,14 @@ def layout_coords(layout: Layout) -> dict[int, list[np.ndarray]]:
     return result
 
 
-def _factor_coords(factor) -> dict[int, list[np.ndarray]]:
-    if factor[0] == "atom":
-        return {factor[1]: [np.arange(factor[2], dtype=np.int64)]}
-    parts = factor[1]
-    sizes = [layout_size(p) for p in parts]
+def _factor_coords(factor: Atom | Concat) -> dict[int, list[np.ndarray]]:
+    if isinstance(factor, Atom):
+        return {factor.cls: [np.arange(factor.size, dtype=np.int64)]}
+    sizes = [layout_size(p) for p in factor.parts]
     total = sum(sizes)
     out: dict[int, list[np.ndarray]] = {}
     offset = 0
-    for part, psize in zip(parts, sizes):
+    for part, psize in zip(factor.parts, sizes):
         for cls, arrays in layout_coords(part).items():
             for arr in arrays:
                 full = np.full(total, -1, dtype=np.int64)
@@ -77,12 +76,18 @@ def _factor_coords(factor) -> dict[int, list[np.ndarray]]:
     return out
 
 
-def kept_indices(layout: Layout, removed: dict[int, Iterable[int]]) -> np.ndarray:
+@functools.lru_cache(maxsize=4096)
+def cached_coords(layout: Layout) -> dict[int, list[np.ndarray]]:
+    """:func:`layout_coords`, cached (layouts are immutable and hashable)."""
+    return layout_coords(layout)
+
+
+def kept_indices(layout: Layout, removed: Mapping[int, Iterable[int]]) -> np.ndarray:
     """Indices of a dimension that survive removing ``removed[class] = units``."""
     size = layout_size(layout)
     keep = np.ones(size, dtype=bool)
     if removed:
-        coords = _cached_coords(layout)
+        coords = cached_coords(layout)
         for cls, units in removed.items():
             units = np.asarray(sorted(units), dtype=np.int64)
             if len(units) == 0:
@@ -92,31 +97,27 @@ def kept_indices(layout: Layout, removed: dict[int, Iterable[int]]) -> np.ndarra
     return np.nonzero(keep)[0]
 
 
-def kept_size(layout: Layout, removed: dict[int, Iterable[int]]) -> int:
-    """Size of a dimension after pruning, without materialising its indices."""
+def kept_size(layout: Layout, removed: Mapping[int, Any]) -> int:
+    """Size of a dimension after pruning; ``removed[c]`` is a unit list or a unit count."""
     n = 1
     for factor in layout:
-        if factor[0] == "atom":
-            n *= factor[2] - len(set(removed.get(factor[1], ())))
+        if isinstance(factor, Atom):
+            r = removed.get(factor.cls, ())
+            n *= factor.size - (r if isinstance(r, (int, np.integer)) else len(set(r)))
         else:
-            n *= sum(kept_size(part, removed) for part in factor[1])
+            n *= sum(kept_size(part, removed) for part in factor.parts)
     return n
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_coords(layout: Layout) -> dict[int, list[np.ndarray]]:
-    return layout_coords(layout)
 
 
 def layout_classes(layout: Layout) -> list[int]:
     """Classes appearing in a layout, in order of first appearance."""
     seen: list[int] = []
     for factor in layout:
-        if factor[0] == "atom":
-            if factor[1] not in seen:
-                seen.append(factor[1])
+        if isinstance(factor, Atom):
+            if factor.cls not in seen:
+                seen.append(factor.cls)
         else:
-            for part in factor[1]:
+            for part in factor.parts:
                 for c in layout_classes(part):
                     if c not in seen:
                         seen.append(c)
@@ -136,7 +137,7 @@ class Member:
     node: str
     layout: Layout
     class_id: int
-    kind: str = "parameter"  # "parameter" | "buffer" | "activation"
+    kind: MemberKind = "parameter"
 
     @property
     def dim_size(self) -> int:
@@ -148,7 +149,7 @@ class Member:
         if len(units) == 0:
             return []
         mask = np.zeros(self.dim_size, dtype=bool)
-        for arr in _cached_coords(self.layout).get(self.class_id, ()):
+        for arr in cached_coords(self.layout).get(self.class_id, ()):
             mask |= np.isin(arr, units)
         return np.nonzero(mask)[0].tolist()
 
@@ -158,7 +159,7 @@ class Member:
         return len(self.indices([0]))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Group:
     """A set of coupled channels: removing unit ``u`` removes ``m.indices([u])`` from every member.
 
@@ -167,13 +168,17 @@ class Group:
     """
 
     id: str
-    kind: str
+    kind: GroupKind
     size: int
     exact: bool
-    members: list[Member]
+    members: tuple[Member, ...]
     class_id: int
-    inexact_reasons: list[str] = dataclasses.field(default_factory=list)
+    inexact_reasons: tuple[str, ...] = ()
     block: str | None = None  # the module path of the repeated block it lives in, if any
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(self.members))
+        object.__setattr__(self, "inexact_reasons", tuple(self.inexact_reasons))
 
     @property
     def params(self) -> list[Member]:
@@ -183,8 +188,8 @@ class Group:
     def param_names(self) -> list[str]:
         return sorted({m.name for m in self.params})
 
-    def params_per_unit(self, numel: dict[str, int]) -> int:
-        """Parameters removed per unit (for planning against a parameter budget)."""
+    def params_per_unit(self, numel: Mapping[str, int]) -> int:
+        """Parameters removed per unit, in isolation (for planning against a parameter budget)."""
         total = 0
         for m in self.params:
             other = numel[m.name] // m.dim_size
@@ -198,77 +203,73 @@ class Group:
         )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Unsupported:
     """An op the analysis has no rule for; it froze every dimension the op touches."""
 
     node: str
     op: str
     source: str
+    why: str = "no rule"
 
     def __str__(self) -> str:
         return f"{self.node} ({self.op}) at {self.source}"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FrozenClass:
     """A coupled space that cannot be pruned, with the first reason found."""
 
     class_id: int
     size: int
     reason: str
-    members: list[Member]
+    members: tuple[Member, ...]
 
 
 def source_location(node: Any) -> str:
-    """The user's source line that produced a graph node, as 'file:line in fn'."""
+    """The user's source line that produced a graph node, as 'file:line in fn'.
+
+    The last frame of the node's stack trace outside torch itself is the user's (a model's
+    ``forward``), so errors and explanations point at the model code, not at torch internals.
+    """
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
     if not lines:
         return "<unknown source>"
-    last = lines[-1]
+    user = [ln for ln in lines if not _is_torch_frame(ln)]
+    last = (user or lines)[-1]
     # 'File "/path/x.py", line 12, in forward'
     try:
         path = last.split('"')[1]
         rest = last.split('"', 2)[2]
         line = rest.split("line")[1].split(",")[0].strip()
         fn = rest.split(" in ")[-1].strip()
+        if "site-packages/" in path:  # installed libraries: the package-relative path is enough
+            path = path.split("site-packages/", 1)[1]
         return f"{path}:{line} in {fn}"
     except IndexError:
         return last
 
 
-def normalize_plan(plan: dict[str, Sequence[int]], groups: dict[str, Group]) -> dict[str, list[int]]:
-    """Check a plan against its groups and return it with sorted unique unit lists.
+@functools.lru_cache(maxsize=1)
+def _torch_dir() -> str:
+    import os
 
-    Raises ``PlanError`` for an unknown group, a unit out of range, or removing every unit.
-    """
-    from fxprune.errors import PlanError
+    import torch
 
-    clean: dict[str, list[int]] = {}
-    for gid, units in plan.items():
-        if gid not in groups:
-            close = [g for g in groups if gid.split(":")[0] in g][:3]
-            hint = f" Did you mean one of {close}?" if close else ""
-            raise PlanError(f"plan names unknown group {gid!r}.{hint}")
-        group = groups[gid]
-        us = sorted(set(int(u) for u in units))
-        bad = [u for u in us if u < 0 or u >= group.size]
-        if bad:
-            raise PlanError(
-                f"plan for group {gid!r} has units {bad} out of range [0, {group.size})."
-            )
-        if len(us) >= group.size:
-            raise PlanError(
-                f"plan removes all {group.size} units of group {gid!r}; keep at least one."
-            )
-        if us:
-            clean[gid] = us
-    return clean
+    return os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _is_torch_frame(line: str) -> bool:
+    """A frame inside torch itself (export, fx, nn.Module.__call__), not the model's code."""
+    return _torch_dir() in line
 
 
 class PrunableGraph:
     """What capture produces and every later pass reads: an ExportedProgram plus bookkeeping.
+
+    It is a plain record: the analysis does not write into it (it returns an
+    :class:`~fxprune.passes.analysis.Analysis`), and neither does any later pass.
 
     Attributes:
         exported_program: the ATen-level ``torch.export.ExportedProgram`` (HOPs inlined).
@@ -278,7 +279,8 @@ class PrunableGraph:
         constant_kwargs: non-tensor keyword arguments frozen into the trace (e.g. use_cache=False).
         dynamic_shapes: the spec passed to torch.export.
         aliases: parameter FQN -> every FQN that shares the same tensor (tied weights).
-        groups / frozen / unsupported / analysis: filled in by ``fxprune.analyze``.
+        on_meta: traced on the meta device (no weights).
+        timings: seconds per capture step.
     """
 
     def __init__(
@@ -295,19 +297,14 @@ class PrunableGraph:
     ) -> None:
         self.exported_program = exported_program
         self.module = module
-        self.example_args = example_args
-        self.example_kwargs = example_kwargs
-        self.constant_kwargs = constant_kwargs
+        self.example_args = tuple(example_args)
+        self.example_kwargs = dict(example_kwargs)
+        self.constant_kwargs = dict(constant_kwargs)
         self.dynamic_shapes = dynamic_shapes
-        self.aliases = aliases
+        self.aliases = {k: list(v) for k, v in aliases.items()}
         self.on_meta = on_meta
         self.timings = dict(timings or {})
-        self.groups: list[Group] | None = None
-        self.frozen: list[FrozenClass] = []
-        self.unsupported: list[Unsupported] = []
-        self.analysis: Any = None
 
-    # ------------------------------------------------------------------ running
     def graph_module(self):
         """The exported program as a runnable (unlifted) GraphModule."""
         return self.exported_program.module()
@@ -320,25 +317,19 @@ class PrunableGraph:
     def num_nodes(self) -> int:
         return len(self.exported_program.graph.nodes)
 
-    def group(self, group_id: str) -> Group:
-        for g in self.groups or []:
-            if g.id == group_id:
-                return g
-        raise KeyError(group_id)
+    @functools.cached_property
+    def param_of(self) -> dict[str, str]:
+        """Placeholder node name -> parameter FQN."""
+        return dict(self.exported_program.graph_signature.inputs_to_parameters)
 
-    # ------------------------------------------------------------------ reporting
-    def summary(self, max_rows: int | None = 60) -> str:
-        """A table of groups: id, kind, units, exact, member count, parameters they shrink."""
-        from fxprune.report import group_table
+    @functools.cached_property
+    def buffer_of(self) -> dict[str, str]:
+        """Placeholder node name -> buffer FQN."""
+        return dict(self.exported_program.graph_signature.inputs_to_buffers)
 
-        return group_table(self, max_rows=max_rows)
-
-    def to_graphml(self, path: str) -> str:
-        """Write the group/parameter dependency graph as GraphML (for yEd, Gephi, Cytoscape)."""
-        from fxprune.report import write_graphml
-
-        return write_graphml(self, path)
+    def canonical(self, fqn: str) -> str:
+        """The first name of a (possibly tied) tensor."""
+        return self.aliases.get(fqn, [fqn])[0]
 
     def __repr__(self) -> str:
-        n = len(self.groups) if self.groups is not None else "?"
-        return f"PrunableGraph(nodes={self.num_nodes}, groups={n}, unsupported={len(self.unsupported)})"
+        return f"PrunableGraph(nodes={self.num_nodes}, module={type(self.module).__name__}, on_meta={self.on_meta})"

@@ -7,9 +7,10 @@ shrinks it to those shapes, sets the attributes and loads the weights, so a non-
 model (layers of different widths) comes back as the user's own class.  A uniformly pruned HF
 model also gets an updated ``config.json`` and loads with plain ``from_pretrained``.
 
-Writes go to a temporary directory next to the target that is renamed into place at the end,
-so an interrupted save never leaves a half-written model.  An existing target is refused
-unless ``overwrite=True``.
+Writes go through :class:`fxprune.util.publish.Publication`: a temporary directory next to the
+target, renamed into place at the end, so an interrupted save never leaves a half-written model.
+An existing target is refused unless ``overwrite=True``, and a target that is, contains or lies
+inside one of the ``protect`` paths (the source checkpoint) is always refused.
 """
 
 from __future__ import annotations
@@ -17,56 +18,47 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
-import tempfile
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-from fxprune.errors import FxpruneError, OutputExistsError
+from fxprune.errors import FxpruneError
+from fxprune.util.publish import publish_dir
 
 FORMAT_VERSION = 1
 
 
-def atomic_dir(path: str, overwrite: bool = False) -> tuple[str, callable]:
-    """A temp dir to fill, and a ``commit()`` that renames it to ``path`` atomically."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"output directory {path} exists; pass overwrite=True (or --overwrite) to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fxprune-", dir=parent)
-
-    def commit() -> None:
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".fxprune-old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-
-    return tmp, commit
+def _unpack(model_or_result: Any) -> tuple[Any, Any]:
+    """(model, RewriteResult or None) from a module, a RewriteResult or a PruneResult."""
+    rewrite = getattr(model_or_result, "rewrite", None)
+    if rewrite is not None and hasattr(rewrite, "attribute_changes"):  # PruneResult
+        return rewrite.model, rewrite
+    if hasattr(model_or_result, "attribute_changes") and hasattr(model_or_result, "model"):  # RewriteResult
+        return model_or_result.model, model_or_result
+    if hasattr(model_or_result, "model") and isinstance(model_or_result.model, torch.nn.Module):
+        return model_or_result.model, None  # a PruneResult whose plan removed nothing
+    return model_or_result, None
 
 
-def save(model: torch.nn.Module, directory: str, *, overwrite: bool = False) -> str:
-    """Write a pruned (or any) model to ``directory`` as safetensors + JSON."""
-    if not isinstance(model, torch.nn.Module):
-        raise FxpruneError(f"save() needs an nn.Module, got {type(model).__name__}")
-    tmp, commit = atomic_dir(directory, overwrite)
-    try:
-        save_into(model, tmp)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def save(model_or_result: Any, directory: str, *, overwrite: bool = False,
+         protect: Iterable[str] = ()) -> str:
+    """Write a pruned (or any) model to ``directory`` as safetensors + JSON.
+
+    Pass the :class:`~fxprune.passes.rewrite.RewriteResult` (or the ``PruneResult``) rather than
+    the bare module, so the per-layer attributes the rewrite set are recorded for ``load``.
+    """
+    with publish_dir(directory, overwrite=overwrite, protect=protect) as tmp:
+        save_into(model_or_result, str(tmp))
     return os.path.abspath(directory)
 
 
-def save_into(model: torch.nn.Module, tmp: str, extra: dict | None = None) -> None:
-    """Write the model files into an existing (temporary) directory; ``save`` commits it."""
+def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> None:
+    """Write the model files into an existing (temporary) directory; ``save`` publishes it."""
     from safetensors.torch import save_file
 
+    model, info = _unpack(model_or_result)
+    if not isinstance(model, torch.nn.Module):
+        raise FxpruneError(f"save() needs an nn.Module or a rewrite result, got {type(model).__name__}")
     if isinstance(model, torch.fx.GraphModule):
         raise FxpruneError(
             "this pruned model is a rewritten GraphModule (the eager class could not express it); "
@@ -74,7 +66,6 @@ def save_into(model: torch.nn.Module, tmp: str, extra: dict | None = None) -> No
         )
     state = _dedup_state(model)
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    info = getattr(model, "fxprune", None)
     record: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",

@@ -1,14 +1,17 @@
-"""Human-facing views of an analysis: the group table and a GraphML export."""
+"""Human-facing views: the group table, and prune/recover/bench reports with plots."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
+from fxprune.util.names import block_index as _block_index
+from fxprune.util.publish import atomic_write_text as _atomic_write
 
-def group_table(graph: Any, max_rows: int | None = 60) -> str:
-    groups = graph.groups or []
+
+def group_table(analysis: Any, max_rows: int | None = 60) -> str:
+    """One row per group (id, kind, units, exact, members, what it shrinks) and a footer."""
+    groups = list(analysis.groups)
     rows = [("id", "kind", "units", "exact", "members", "shrinks")]
     for g in groups[: max_rows or None]:
         params = g.param_names
@@ -26,49 +29,19 @@ def group_table(graph: Any, max_rows: int | None = 60) -> str:
         kinds[g.kind] = kinds.get(g.kind, 0) + 1
     lines.append(
         f"{len(groups)} groups ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
-        f"{sum(g.exact for g in groups)} exact; {len(graph.frozen)} frozen spaces; "
-        f"{len(graph.unsupported)} ops without a rule"
+        f"{sum(g.exact for g in groups)} exact; {len(analysis.frozen)} frozen spaces; "
+        f"{len(analysis.unsupported)} ops without a rule"
     )
-    for u in graph.unsupported[:10]:
+    for u in analysis.unsupported[:10]:
         lines.append(f"  unsupported: {u}")
+    if analysis.unsupported or analysis.frozen:
+        lines.append("  ask why a parameter is frozen: fxprune explain MODEL PARAM (or Analysis.explain)")
     return "\n".join(lines)
-
-
-def write_graphml(graph: Any, path: str) -> str:
-    """Bipartite graph: group nodes linked to the parameters they shrink (string attributes)."""
-    import networkx as nx
-
-    g = nx.Graph()
-    for grp in graph.groups or []:
-        g.add_node(grp.id, type="group", kind=grp.kind, units=str(grp.size), exact=str(grp.exact))
-        for m in grp.members:
-            pid = f"{m.name}"
-            if not g.has_node(pid):
-                g.add_node(pid, type=m.kind, kind="tensor", units="", exact="")
-            g.add_edge(grp.id, pid, dim=str(m.dim), unit_width=str(m.unit_width))
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".graphml.tmp")
-    os.close(fd)
-    try:
-        nx.write_graphml(g, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 # ------------------------------------------------------------------------------------------
 # Prune / recover / bench reports: report.md + report.html + PNG plots
 # ------------------------------------------------------------------------------------------
-def _block_index(block: str | None) -> int:
-    import re
-
-    m = re.search(r"\.(\d+)$", block or "")
-    return int(m.group(1)) if m else -1
-
-
 def plot_kept_per_layer(report: Any, path: str) -> str | None:
     """Kept fraction per layer, one line per group kind."""
     import matplotlib
@@ -189,10 +162,3 @@ def _md_table(rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
     return "\n".join(lines)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

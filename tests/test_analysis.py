@@ -80,7 +80,7 @@ def test_vocab_and_graph_outputs_are_frozen():
         for m in g.members:
             if m.name in ("lm_head.weight", "model.embed_tokens.weight"):
                 assert m.dim == 1, "the vocabulary dim must never be prunable"
-    assert any("graph output" in f.reason for f in graph.frozen)
+    assert any("graph output" in f.reason for f in groups.frozen)
 
 
 def test_gpt2_fused_qkv_heads_cover_q_k_v_segments():
@@ -144,7 +144,7 @@ def test_fused_qkv_chunk_and_unequal_gqa_slices():
 
 def test_grouped_and_depthwise_conv():
     _, graph, groups = traced("grouped_cnn")
-    assert groups and not graph.unsupported
+    assert groups and not groups.unsupported
 
 
 def test_mixtral_attention_and_experts_analyse():
@@ -171,8 +171,8 @@ def test_unknown_op_freezes_and_names_the_source_line():
     model = WithFFT().eval()
     graph = fxprune.trace(model, (torch.randn(3, 8),))
     groups = fxprune.analyze(graph)
-    assert graph.unsupported
-    u = graph.unsupported[0]
+    assert groups.unsupported
+    u = groups.unsupported[0]
     assert "fft" in u.op and "test_analysis.py" in u.source
     names = {n for g in groups for n in g.param_names}
     assert "a.weight" not in names, "a space touched by an unknown op must be frozen"
@@ -230,9 +230,9 @@ def test_export_failure_is_a_clear_error():
 
 def test_summary_and_graphml(tmp_path):
     _, graph, groups = traced("llama_gqa")
-    text = graph.summary()
+    text = groups.summary()
     assert "kv_heads" in text and "exact" in text
-    path = graph.to_graphml(str(tmp_path / "deps.graphml"))
+    path = groups.to_graphml(str(tmp_path / "deps.graphml"))
     import networkx as nx
 
     g = nx.read_graphml(path)

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from fxprune.errors import PlanError
 from fxprune.graph import Group, Member, kept_indices
 from fxprune.passes.plan import allowed_removals, count_params_after, make_plan
+from fxprune.types import Atom
 
 HID = 32  # model width of the synthetic "transformer"
 
 
 def _atom(cls: int, size: int) -> tuple:
-    return (("atom", cls, size),)
+    return (Atom(cls, size),)
 
 
 def _mlp_group(layer: int, width: int, cls: int) -> Group:
@@ -36,7 +37,7 @@ def _mlp_group(layer: int, width: int, cls: int) -> Group:
 def _head_groups(layer: int, heads: int, head_dim: int, cls: int) -> list[Group]:
     """A heads group and a head_dim group that both shrink q.weight dim 0 and o.weight dim 1."""
     pre = f"model.layers.{layer}.attn."
-    lay = (("atom", cls, heads), ("atom", cls + 1, head_dim))
+    lay = (Atom(cls, heads), Atom(cls + 1, head_dim))
     def members(c: int) -> list[Member]:
         return [Member(pre + "q.weight", 0, "q", lay, c), Member(pre + "o.weight", 1, "o", lay, c)]
     block = f"model.layers.{layer}"
@@ -76,7 +77,8 @@ def _slack(info: dict) -> float:
 @pytest.mark.parametrize("ratio", [0.05, 0.2, 0.35])
 def test_ratio_hits_target_within_one_step(allocation: str, ratio: float) -> None:
     groups, scores, numel, shapes = _model()
-    plan, info = make_plan(groups, scores, ratio, numel=numel, allocation=allocation)
+    plan = make_plan(groups, scores, ratio, numel=numel, allocation=allocation)
+    info = plan.info
     assert abs(info["achieved_ratio"] - ratio) <= _slack(info) + 1e-12
     after = count_params_after(groups, plan, shapes)
     assert info["removed_params"] == info["total_params"] - after
@@ -85,8 +87,9 @@ def test_ratio_hits_target_within_one_step(allocation: str, ratio: float) -> Non
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_round_to_is_honoured(allocation: str) -> None:
     groups, scores, numel, _ = _model(width=52)
-    plan, info = make_plan(groups, scores, 0.25, numel=numel, allocation=allocation,
+    plan = make_plan(groups, scores, 0.25, numel=numel, allocation=allocation,
                            round_to={"channels": 8, "heads": 1})
+    info = plan.info
     sizes = {g.id: g.size for g in groups}
     assert any(":channels" in gid for gid in plan)
     for gid, units in plan.items():
@@ -106,7 +109,7 @@ def test_deterministic() -> None:
 
 def test_uniform_prunes_the_same_fraction_everywhere() -> None:
     groups, scores, numel, _ = _model(n_layers=6)
-    plan, info = make_plan(groups, scores, 0.2, numel=numel, allocation="uniform")
+    plan = make_plan(groups, scores, 0.2, numel=numel, allocation="uniform")
     counts = [len(plan.get(g.id, [])) for g in groups if g.kind == "channels"]
     assert max(counts) - min(counts) <= 1  # shared fraction, plus at most one top-up step
     for g in groups:  # the lowest-scored units go
@@ -120,7 +123,7 @@ def test_global_follows_scores() -> None:
     groups, scores, numel, _ = _model()
     weak = "model.layers.2.mlp:channels"
     scores = {gid: (s * 0.01 if gid == weak else s) for gid, s in scores.items()}
-    plan, _ = make_plan(groups, scores, 0.1, numel=numel, allocation="global", max_group_ratio=0.5)
+    plan = make_plan(groups, scores, 0.1, numel=numel, allocation="global", max_group_ratio=0.5)
     assert len(plan[weak]) == 24  # capped at half of 48
     assert len(plan[weak]) > max(len(u) for gid, u in plan.items() if gid != weak)
 
@@ -129,7 +132,8 @@ def test_max_group_ratio_caps_every_group() -> None:
     groups, scores, numel, _ = _model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan, info = make_plan(groups, scores, 0.9, numel=numel, allocation="global", max_group_ratio=0.5)
+        plan = make_plan(groups, scores, 0.9, numel=numel, allocation="global", max_group_ratio=0.5)
+        info = plan.info
     sizes = {g.id: g.size for g in groups}
     assert all(len(u) <= sizes[gid] // 2 for gid, u in plan.items())
     assert info["achieved_ratio"] < 0.9
@@ -137,12 +141,15 @@ def test_max_group_ratio_caps_every_group() -> None:
 
 def test_default_kinds_and_overrides() -> None:
     groups, scores, numel, _ = _model()
-    plan, info = make_plan(groups, scores, 0.2, numel=numel)
+    plan = make_plan(groups, scores, 0.2, numel=numel)
+    info = plan.info
     assert {g.split(":")[1] for g in plan} <= {"channels", "heads"}
     assert "not pruned" in info["skipped"]["hidden"]
-    plan, _ = make_plan(groups, scores, 0.2, numel=numel, kinds={"hidden": True, "heads": False})
+    plan = make_plan(groups, scores, 0.2, numel=numel, kinds={"hidden": True, "heads": False})
+    info = plan.info
     assert "hidden" in plan and not any(g.endswith(":heads") for g in plan)
-    plan, info = make_plan(groups, scores, 0.3, numel=numel, kinds={"heads": 0.25})
+    plan = make_plan(groups, scores, 0.3, numel=numel, kinds={"heads": 0.25})
+    info = plan.info
     for g in groups:
         if g.kind == "heads":
             assert len(plan[g.id]) == 1  # exactly 25% of 4 heads, not searched
@@ -151,10 +158,12 @@ def test_default_kinds_and_overrides() -> None:
 
 def test_keep_blocks_and_ignore() -> None:
     groups, scores, numel, _ = _model(n_layers=12)
-    plan, _ = make_plan(groups, scores, 0.2, numel=numel, keep_blocks_first=1, keep_blocks_last=2)
+    plan = make_plan(groups, scores, 0.2, numel=numel, keep_blocks_first=1, keep_blocks_last=2)
+    info = plan.info
     touched = {gid.split(".")[2] for gid in plan}
     assert "0" not in touched and "10" not in touched and "11" not in touched and "1" in touched
-    plan, info = make_plan(groups, scores, 0.2, numel=numel, ignore=["model.layers.1"])
+    plan = make_plan(groups, scores, 0.2, numel=numel, ignore=["model.layers.1"])
+    info = plan.info
     touched = {gid.split(".")[2] for gid in plan}
     assert "1" not in touched and "10" in touched  # prefix matches on module boundaries
     assert "ignore" in info["skipped"]["model.layers.1.mlp:channels"]
@@ -162,7 +171,8 @@ def test_keep_blocks_and_ignore() -> None:
 
 def test_zero_ratio_is_an_empty_plan() -> None:
     groups, scores, numel, _ = _model()
-    plan, info = make_plan(groups, scores, 0.0, numel=numel)
+    plan = make_plan(groups, scores, 0.0, numel=numel)
+    info = plan.info
     assert plan == {} and info["removed_params"] == 0
 
 
@@ -242,11 +252,12 @@ def test_property_rounding_and_target(sizes, ratio, round_to, allocation, seed) 
     scores = {g.id: rng.random(g.size) for g in groups}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan, info = make_plan(groups, scores, ratio, numel=numel, allocation=allocation,
+        plan = make_plan(groups, scores, ratio, numel=numel, allocation=allocation,
                                round_to=round_to)
+        info = plan.info
     for g in groups:
         removed = plan.get(g.id, [])
-        assert removed == sorted(set(removed))
+        assert list(removed) == sorted(set(removed))
         if removed:
             kept = g.size - len(removed)
             assert kept % round_to == 0 and kept >= round_to

@@ -24,10 +24,10 @@ def _random_plan(groups, seed=0, exact_only=True, kinds=None):
     return plan
 
 
-def _rewrite(model, graph, plan):
+def _rewrite(model, analysis, plan):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fxprune.rewrite(model, graph, plan)
+        return fxprune.rewrite(model, analysis, plan)
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)
@@ -37,13 +37,14 @@ def test_exact_groups_match_zeroed_original(name):
     if not plan:
         pytest.skip("no exact groups")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned = _rewrite(model, graph, plan)  # raises VerificationError on any mismatch
-    assert pruned.fxprune.verification.exact_checked
+    res = _rewrite(model, groups, plan)  # raises VerificationError on any mismatch
+    pruned = res.model
+    assert res.verification.exact_checked
     # also at a batch/sequence length not used for tracing
     inputs = zoo.ZOO[name].make_inputs(3, 5)
     kwargs = {**inputs, **graph.constant_kwargs}
     with torch.no_grad():
-        ok, diff, why = compare_outputs(zeroed_copy(model, graph, plan)(**kwargs), pruned(**kwargs))
+        ok, diff, why = compare_outputs(zeroed_copy(model, groups, plan)(**kwargs), pruned(**kwargs))
     assert ok, why
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     after = model.state_dict()
@@ -54,16 +55,17 @@ def test_exact_groups_match_zeroed_original(name):
 @pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "bert", "vit", "resnet_tiny", "grouped_cnn", "qwen3", "hf_convnext"])
 def test_all_groups_give_finite_outputs_of_the_right_shape(name):
     model, graph, groups = traced(name)
-    pruned = _rewrite(model, graph, _random_plan(groups, seed=1, exact_only=False))
-    assert pruned.fxprune.verification.finite and pruned.fxprune.verification.output_shapes_ok
+    res = _rewrite(model, groups, _random_plan(groups, seed=1, exact_only=False))
+    assert res.verification.finite and res.verification.output_shapes_ok
 
 
 def test_pruned_llama_generates_with_kv_cache_and_updates_config():
     model, graph, groups = traced("llama_gqa")
     plan = {g.id: [0] for g in groups if g.kind in ("kv_heads", "channels")}
-    pruned = _rewrite(model, graph, plan)
+    res = _rewrite(model, groups, plan)
+    pruned = res.model
     assert type(pruned) is type(model)
-    assert pruned.fxprune.config_updated
+    assert res.config_updated
     assert pruned.config.num_key_value_heads == model.config.num_key_value_heads - 1
     assert pruned.config.intermediate_size == model.config.intermediate_size - 1
     assert pruned.config.head_dim == model.config.head_dim  # scale and head_dim unchanged
@@ -80,16 +82,18 @@ def test_non_uniform_llama_keeps_its_class_and_per_layer_sizes():
     model, graph, groups = traced("llama_gqa")
     mlp = [g for g in groups if g.kind == "channels"]
     plan = {g.id: list(range(1 + i % 2)) for i, g in enumerate(mlp)}
-    pruned = _rewrite(model, graph, plan)
+    res = _rewrite(model, groups, plan)
+    pruned = res.model
     sizes = [layer.mlp.gate_proj.out_features for layer in pruned.model.layers]
     assert len(set(sizes)) == 2
-    assert not pruned.fxprune.config_updated
+    assert not res.config_updated
 
 
 def test_peft_sees_consistent_linear_sizes():
     model, graph, groups = traced("llama_gqa")
     plan = {g.id: [0, 1] for g in groups if g.kind == "channels"}
-    pruned = _rewrite(model, graph, plan)
+    res = _rewrite(model, groups, plan)
+    pruned = res.model
     for mod in pruned.modules():
         if isinstance(mod, torch.nn.Linear):
             assert (mod.out_features, mod.in_features) == tuple(mod.weight.shape)
@@ -107,13 +111,13 @@ def test_bad_plans_get_clear_errors(plan, match):
     elif plan == "all":
         plan = {g.id: list(range(g.size))}
     with pytest.raises(fxprune.PlanError, match=match):
-        fxprune.rewrite(model, graph, plan)
+        fxprune.rewrite(model, groups, plan)
 
 
 def test_rewritten_program_reexports_with_dynamic_shapes():
     model, graph, groups = traced("llama_gqa")
     plan = _random_plan(groups, kinds={"kv_heads", "channels"})
-    program = fxprune.rewrite_graph(graph, plan, reexport=True)
+    program = fxprune.rewrite_graph(groups, plan, reexport=True)
     ep = program.exported_program
     gm = ep.module()
     inputs = zoo.ZOO["llama_gqa"].make_inputs(4, 7)
@@ -125,9 +129,10 @@ def test_save_and_load_round_trip(tmp_path):
     for name, kinds in [("llama_gqa", {"kv_heads", "channels"}), ("resnet_tiny", None), ("bert", {"heads", "channels"})]:
         model, graph, groups = traced(name)
         plan = _random_plan(groups, kinds=kinds)
-        pruned = _rewrite(model, graph, plan)
+        res = _rewrite(model, groups, plan)
+        pruned = res.model
         out = tmp_path / name
-        fxprune.save(pruned, str(out))
+        fxprune.save(res, str(out))
         cls = type(pruned)
         loaded = fxprune.load(str(out), cls if hasattr(cls, "config_class") else zoo.ZOO[name].build().__class__)
         inputs = zoo.ZOO[name].make_inputs(2, 6)
@@ -135,13 +140,14 @@ def test_save_and_load_round_trip(tmp_path):
             ok, _, why = compare_outputs(pruned(**inputs), loaded(**inputs))
         assert ok, f"{name}: {why}"
         with pytest.raises(fxprune.OutputExistsError):
-            fxprune.save(pruned, str(out))
+            fxprune.save(res, str(out))
 
 
 def test_uniform_hf_model_round_trips_through_from_pretrained(tmp_path):
     model, graph, groups = traced("llama_gqa")
     plan = {g.id: [0] for g in groups if g.kind in ("kv_heads", "channels")}
-    pruned = _rewrite(model, graph, plan)
+    res = _rewrite(model, groups, plan)
+    pruned = res.model
     pruned.save_pretrained(tmp_path / "hf")
     again = type(model).from_pretrained(tmp_path / "hf")
     ids = torch.tensor([[3, 4, 5]])

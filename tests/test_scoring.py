@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,13 +12,13 @@ from torch import nn
 from fxprune.errors import DataError, ScoringError
 from fxprune.graph import Group, Member
 from fxprune.passes import scoring
+from fxprune.types import Atom, Concat
 from fxprune.passes.scoring import (
     AGGREGATES,
     IMPORTANCE,
     Importance,
     register_importance,
     score,
-    score_with_stats,
     unit_sums,
 )
 
@@ -26,7 +28,7 @@ DATA_FREE = {"l1", "l2", "random"}
 
 
 def _atom(cls: int, size: int) -> tuple:
-    return (("atom", cls, size),)
+    return (Atom(cls, size),)
 
 
 def _mlp_group(prefix: str = "") -> Group:
@@ -162,7 +164,7 @@ def _assert_no_hooks(model: nn.Module) -> None:
 def test_activation_hooks_removed_and_flap_means_exposed() -> None:
     model = _mlp()
     batches = _batches()
-    result = score_with_stats(model, [_mlp_group()], batches, importance="flap", progress=False)
+    result = score(model, [_mlp_group()], batches, importance="flap", progress=False)
     _assert_no_hooks(model)
     with torch.no_grad():
         hidden = torch.cat([torch.tanh(model[0](b)) for b in batches])
@@ -201,7 +203,9 @@ def test_nan_gradient_names_batch_and_parameter() -> None:
 
     model.insert(1, Poisoned())  # fc1 -> poison -> tanh -> fc2 ; fc2 is now index 3
     group = _mlp_group()
-    group.members[2] = Member("3.weight", 1, "fc2", group.members[2].layout, 0)
+    members = list(group.members)
+    members[2] = Member("3.weight", 1, "fc2", group.members[2].layout, 0)
+    group = dataclasses.replace(group, members=members)
     with pytest.raises(ScoringError, match=r"batch 0: non-finite gradient for parameter '0\.(weight|bias)'"):
         score(model, [group], _batches(), progress=False)
     _assert_no_hooks(model)
@@ -258,15 +262,15 @@ def test_registry_accepts_new_criteria() -> None:
 
 def test_duplicate_and_tied_members_count_once() -> None:
     group = _mlp_group()
-    group.members.append(group.members[0])
+    group = dataclasses.replace(group, members=[*group.members, group.members[0]])
     dup = score(_mlp(), [group], None, importance="l1", normalize=None)["hidden"]
     ref = score(_mlp(), [_mlp_group()], None, importance="l1", normalize=None)["hidden"]
     np.testing.assert_array_equal(dup, ref)
 
 
 def test_unit_sums_matches_member_indices_for_heads_and_rope_layouts() -> None:
-    heads = Member("w", 0, "n", (("atom", 7, 3), ("atom", 8, 4)), 7)  # 3 heads x head_dim 4
-    rope = Member("w", 0, "n", (("sum", (_atom(9, 2), _atom(9, 2))),), 9)  # same class twice
+    heads = Member("w", 0, "n", (Atom(7, 3), Atom(8, 4)), 7)  # 3 heads x head_dim 4
+    rope = Member("w", 0, "n", (Concat((_atom(9, 2), _atom(9, 2))),), 9)  # same class twice
     for member, size in [(heads, 3), (rope, 2)]:
         values = np.arange(member.dim_size, dtype=np.float64) ** 2
         expected = [values[member.indices([u])].sum() for u in range(size)]

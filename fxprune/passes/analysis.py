@@ -1,9 +1,12 @@
 """Analysis pass: find the coupled dependency groups of an exported graph.
 
+    PrunableGraph --analyze--> Analysis
+
 Each (tensor, dim) of the graph is a product of atoms (see ``atoms.py``).  Per-op rules from the
-registry in ``op_rules.py`` tie the atoms of an op's inputs and outputs.  When every node has been
-visited, the leaf classes of the union-find are the coupled groups: removing unit ``u`` of a class
-removes the matching slice of every parameter, buffer and activation that carries it.
+registry (``rules.py`` holds the API, ``op_rules.py`` the rules) tie the atoms of an op's inputs
+and outputs.  When every node has been visited, the leaf classes of the union-find are the
+coupled groups: removing unit ``u`` of a class removes the matching slice of every parameter,
+buffer and activation that carries it.
 
 Two more facts are computed per class:
 
@@ -13,19 +16,26 @@ Two more facts are computed per class:
   dataflow tracks, per tensor and class, whether the removed units are zero once the parameter
   slices are zeroed.  Contracting over a class is exact when one operand is zero there; a mean,
   softmax or norm over it is not.
+
+The result is an immutable :class:`Analysis`.  It also keeps the provenance of every tie, split
+and freeze (which op, at which source line), so ``Analysis.coupling_graph()`` (a networkx
+MultiGraph), ``Analysis.why(a, b)`` and ``Analysis.explain(x)`` can say *why* two parameters are
+coupled or *why* a space is frozen.  Like torchao's pt2e annotations, every visited node also gets
+a typed, read-only :class:`NodeAnnotation` in ``node.meta["fxprune"]``; no pass reads it back.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import operator
-import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import torch
 import torch.fx as fx
 
+import fxprune.passes.op_rules  # noqa: F401 - registers the rules
+from fxprune.errors import AnalysisError, BadInputError
 from fxprune.graph import (
     FrozenClass,
     Group,
@@ -35,373 +45,245 @@ from fxprune.graph import (
     layout_classes,
     source_location,
 )
-from fxprune.passes.atoms import AtomStore
+from fxprune.passes.atoms import AtomStore, Site
+from fxprune.passes.base import check, fxpass
+from fxprune.passes.op_rules import probe_zero
+from fxprune.passes.rules import AnalysisContext, ZeroSpec, find_rule, flat_args, site_of
+from fxprune.types import ArgPath, GroupKind, Layout, Tag, TensorRef
+from fxprune.util.names import common_block, matches_prefix, module_of
 
-TRef = tuple  # (node_name, output_index or None)
-
-
-# ------------------------------------------------------------------------------------------
-# Rule registry
-# ------------------------------------------------------------------------------------------
-Rule = Callable[["AnalysisContext", fx.Node], None]
-RULES: dict[Any, Rule] = {}
-
-
-def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
-    """Register a rule for ATen overloads or packets (a packet covers all its overloads)."""
-
-    def deco(fn: Rule) -> Rule:
-        for t in targets:
-            RULES[t] = fn
-        return fn
-
-    return deco
+META_KEY = "fxprune"
+"""``node.meta`` key of the :class:`NodeAnnotation` the analysis leaves on every visited node."""
 
 
-def find_rule(target: Any) -> Rule | None:
-    if target in RULES:
-        return RULES[target]
-    packet = getattr(target, "overloadpacket", None)
-    if packet is not None and packet in RULES:
-        return RULES[packet]
-    name = str(target)
-    if name in RULES:  # custom ops registered by name (they may not exist at import time)
-        return RULES[name]
-    tags = getattr(target, "tags", ())
-    if torch.Tag.pointwise in tags:
-        return RULES.get("pointwise")
-    return None
+@dataclasses.dataclass(frozen=True)
+class NodeAnnotation:
+    """What the analysis found for one node: each output's per-dim layout (None: symbolic dim)."""
+
+    layouts: tuple[tuple[Layout | None, ...], ...]
+    rule: str | None  # the rule's function name, None for placeholders/outputs
 
 
-# ------------------------------------------------------------------------------------------
-# Zero-propagation specs recorded by rules and evaluated once the classes are final
-# ------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class ZeroSpec:
-    """How an op's output can be zero on a class, given which inputs are zero on it.
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """The analysis' working state, kept for explanations: atoms, which tensor dim made each, edges."""
 
-    kind:
-      "pass":     zero iff every tensor input carrying the class is zero on it (layout ops)
-      "contract": zero iff some ``products`` operand carrying it is zero and every ``additive``
-                  operand is zero on it (linear, matmul, conv, norms with affine params)
-      "probe":    evaluate the pointwise op itself on tiny tensors (see ``_probe_zero``)
-      "never":    the output is not zero on any class (sources, softmax, ...)
+    store: AtomStore
+    dims: Mapping[TensorRef, list[list[int]]]
+    origin: Mapping[int, tuple[TensorRef, int]]
+    tensor_names: Mapping[str, str]  # placeholder node -> parameter/buffer FQN
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """The result of :func:`analyze`: prunable groups, frozen spaces, ops without rules.
+
+    It is a read-only sequence of its groups (``for g in analysis``, ``len(analysis)``,
+    ``analysis[0]``) and also looks groups up by id (``analysis["model.layers.0.mlp:channels"]``).
+    The rewrite reads ``layouts``, ``size_args``, ``offset_args``, ``sources`` and
+    ``attention_nodes`` from here, never from the graph.
     """
 
-    kind: str
-    products: list[TRef] = dataclasses.field(default_factory=list)
-    additive: list[TRef] = dataclasses.field(default_factory=list)
-    inputs: list[TRef] = dataclasses.field(default_factory=list)
+    graph: PrunableGraph
+    groups: tuple[Group, ...]
+    frozen: tuple[FrozenClass, ...]
+    unsupported: tuple[Unsupported, ...]
+    layouts: Mapping[TensorRef, tuple[Layout | None, ...]]
+    size_args: Mapping[str, Mapping[ArgPath, Layout | None]]
+    offset_args: Mapping[str, Mapping[ArgPath, tuple[Layout, int]]]
+    sources: frozenset[str]
+    attention_nodes: tuple[str, ...]
+    ignore: tuple[str, ...] = ()
+    rule_defects: tuple[str, ...] = ()
+    provenance: Provenance | None = dataclasses.field(default=None, repr=False, compare=False)
 
+    # ---------------------------------------------------------------- sequence of groups
+    def __iter__(self) -> Iterator[Group]:
+        return iter(self.groups)
 
-@dataclasses.dataclass
-class NeedsZero:
-    """Contraction over (ref, dim): exact only where one of ``operands`` is zero."""
+    def __len__(self) -> int:
+        return len(self.groups)
 
-    ref: TRef
-    dim: int
-    operands: list[TRef]
-    reason: str
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            return self.group(key)
+        return self.groups[key]
 
+    def __bool__(self) -> bool:
+        return bool(self.groups)
 
-# ------------------------------------------------------------------------------------------
-# Context handed to rules
-# ------------------------------------------------------------------------------------------
-class AnalysisContext:
-    """State of one analysis: atoms per tensor dim, plus what rules record for later phases."""
+    @functools.cached_property
+    def by_id(self) -> dict[str, Group]:
+        return {g.id: g for g in self.groups}
 
-    def __init__(self, gm_graph: fx.Graph) -> None:
-        self.graph = gm_graph
-        self.store = AtomStore()
-        self.dims: dict[TRef, list[list[int]]] = {}
-        self.shapes: dict[TRef, list] = {}
-        self.zero_specs: dict[TRef, ZeroSpec] = {}
-        self.needs_zero: list[NeedsZero] = []
-        self.size_args: dict[str, dict] = collections.defaultdict(dict)
-        self.offset_args: dict[str, dict] = collections.defaultdict(dict)
-        self.sources: set[str] = set()  # factory nodes whose pruned dims are index_select'ed
-        self.unsupported: list[Unsupported] = []
-        self.node_by_name: dict[str, fx.Node] = {n.name: n for n in gm_graph.nodes}
-        self.attention_nodes: list[str] = []
-
-    # ---------------------------------------------------------------- tensor access
-    def ref(self, arg: Any) -> TRef | None:
-        """The tensor reference of an fx argument (None for non-tensors)."""
-        if isinstance(arg, fx.Node):
-            if arg.target is operator.getitem:
-                src, idx = arg.args
-                return (src.name, idx)
-            val = arg.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                return (arg.name, None)
-        return None
-
-    def val(self, ref: TRef) -> torch.Tensor | None:
-        name, idx = ref
-        val = self.node_by_name[name].meta.get("val")
-        if idx is not None:
-            if isinstance(val, (list, tuple)) and idx < len(val):
-                val = val[idx]
-            else:
-                return None
-        return val if isinstance(val, torch.Tensor) else None
-
-    def shape(self, ref: TRef) -> list:
-        if ref not in self.shapes:
-            val = self.val(ref)
-            self.shapes[ref] = [_size_of(s) for s in val.shape] if val is not None else []
-        return self.shapes[ref]
-
-    def d(self, ref: TRef) -> list[list[int]]:
-        """Atoms of every dimension of ``ref`` (created on first use; size-1 dims have none)."""
-        if ref not in self.dims:
-            dims = []
-            for s in self.shape(ref):
-                if isinstance(s, int) and s == 1:
-                    dims.append([])
-                elif isinstance(s, int) and s == 0:
-                    dims.append([])
-                else:
-                    dims.append([self.store.new(s)])
-            self.dims[ref] = dims
-        return self.dims[ref]
-
-    def rank(self, ref: TRef) -> int:
-        return len(self.shape(ref))
-
-    def out(self, node: fx.Node, idx: int | None = None) -> TRef:
-        return (node.name, idx)
-
-    # ---------------------------------------------------------------- ties
-    def tie(self, a: TRef, da: int, b: TRef, db: int) -> None:
-        """Dimension ``da`` of ``a`` and ``db`` of ``b`` are the same index space."""
-        sa, sb = self.shape(a)[da], self.shape(b)[db]
-        if _is_one(sa) and _is_one(sb):
-            return
-        if sa != sb and isinstance(sa, int) and isinstance(sb, int):
-            self.freeze_dim(a, da, f"size mismatch {sa} vs {sb}")
-            self.freeze_dim(b, db, f"size mismatch {sa} vs {sb}")
-            return
-        self.store.unify_prod(self.d(a)[da], self.d(b)[db])
-
-    def tie_all(self, a: TRef, b: TRef) -> None:
-        """Same-rank tensors whose dims line up one to one (an identity-like op)."""
-        for i in range(min(self.rank(a), self.rank(b))):
-            self.tie(a, i, b, i)
-
-    def broadcast(self, out: TRef, inputs: Sequence[TRef]) -> None:
-        """Right-aligned broadcasting: equal non-1 dims tie, size-1 dims tie nothing."""
-        ro = self.rank(out)
-        for inp in inputs:
-            ri = self.rank(inp)
-            for k in range(1, ri + 1):
-                if _is_one(self.shape(inp)[ri - k]):
-                    continue
-                self.tie(inp, ri - k, out, ro - k)
-
-    def freeze_dim(self, ref: TRef, dim: int, reason: str) -> None:
-        self.store.freeze(self.d(ref)[dim], reason)
-
-    def freeze_ref(self, ref: TRef, reason: str) -> None:
-        for atoms in self.d(ref):
-            self.store.freeze(atoms, reason)
-
-    def inexact(self, ref: TRef, dim: int, reason: str) -> None:
-        self.store.mark_inexact(self.d(ref)[dim], reason)
-
-    def tag(self, ref: TRef, dim: int, tag: str) -> None:
-        self.store.tag(self.d(ref)[dim], tag)
-
-    # ---------------------------------------------------------------- rewrite records
-    def size_arg(self, node: fx.Node, path: tuple, ref: TRef, dim: int) -> None:
-        """``node``'s argument at ``path`` equals the size of (ref, dim): rewrite recomputes it."""
-        self.size_args[node.name][path] = ("dim", ref, dim)
-
-    def size_arg_atoms(self, node: fx.Node, path: tuple, atoms: Sequence[int]) -> None:
-        """``node``'s argument at ``path`` equals the product of ``atoms``' sizes."""
-        self.size_args[node.name][path] = ("atoms", list(atoms))
-
-    def offset_arg(self, node: fx.Node, path: tuple, ref: TRef, dim: int, offset: int) -> None:
-        """``node``'s argument at ``path`` is an offset into (ref, dim)."""
-        self.offset_args[node.name][path] = (ref, dim, offset)
-
-    # ---------------------------------------------------------------- zero specs
-    def zero_pass(self, out: TRef, inputs: Sequence[TRef]) -> None:
-        self.zero_specs[out] = ZeroSpec("pass", inputs=list(inputs))
-
-    def zero_contract(self, out: TRef, products: Sequence[TRef], additive: Sequence[TRef] = ()) -> None:
-        self.zero_specs[out] = ZeroSpec("contract", products=list(products), additive=list(additive))
-
-    def zero_never(self, out: TRef) -> None:
-        self.zero_specs[out] = ZeroSpec("never")
-
-    def zero_probe(self, out: TRef, inputs: Sequence[TRef]) -> None:
-        self.zero_specs[out] = ZeroSpec("probe", inputs=list(inputs))
-
-    def contraction(self, ref: TRef, dim: int, operands: Sequence[TRef], what: str) -> None:
-        self.needs_zero.append(NeedsZero(ref, dim, list(operands), what))
-
-    # ---------------------------------------------------------------- unknown ops
-    def unsupported_op(self, node: fx.Node, why: str = "no rule") -> None:
-        self.unsupported.append(Unsupported(node.name, str(node.target), source_location(node)))
-        reason = f"op {node.target} ({why}) at node {node.name}, {source_location(node)}"
-        for arg in _flat_args(node):
-            r = self.ref(arg)
-            if r is not None:
-                self.freeze_ref(r, reason)
-        for r in self.output_refs(node):
-            self.freeze_ref(r, reason)
-            self.zero_never(r)
-
-    def output_refs(self, node: fx.Node) -> list[TRef]:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return [(node.name, None)]
-        if isinstance(val, (list, tuple)):
-            return [(node.name, i) for i, v in enumerate(val) if isinstance(v, torch.Tensor)]
-        return []
-
-
-def _size_of(s: Any):
-    if isinstance(s, int):
-        return s
-    if isinstance(s, torch.SymInt):
-        node = s.node
+    def group(self, group_id: str) -> Group:
+        """The group with this id (KeyError with close matches otherwise)."""
         try:
-            if node.is_constant() or not node.expr.free_symbols:
-                return int(s)
-        except Exception:  # noqa: BLE001 - fall back to the symbolic expression
-            pass
-        return node.expr
-    return int(s)
+            return self.by_id[group_id]
+        except KeyError:
+            close = [g for g in self.by_id if group_id.split(":")[0] in g][:5]
+            raise KeyError(f"no group {group_id!r}" + (f"; close: {close}" if close else "")) from None
+
+    @functools.cached_property
+    def class_to_group(self) -> dict[int, str]:
+        return {g.class_id: g.id for g in self.groups}
+
+    @functools.cached_property
+    def param_layouts(self) -> dict[str, tuple[Layout | None, ...]]:
+        """Parameter/buffer FQN -> layout per dim (each name of a tied tensor)."""
+        names = {**self.graph.param_of, **self.graph.buffer_of}
+        return {fqn: self.layouts[TensorRef(node)] for node, fqn in names.items() if TensorRef(node) in self.layouts}
+
+    # ---------------------------------------------------------------- views
+    def summary(self, max_rows: int | None = 60) -> str:
+        """A table of groups: id, kind, units, exact, member count, parameters they shrink."""
+        from fxprune.report import group_table
+
+        return group_table(self, max_rows=max_rows)
+
+    def coupling_graph(self) -> Any:
+        """The coupling graph as a ``networkx.MultiGraph`` (see :mod:`fxprune.coupling`)."""
+        from fxprune.coupling import coupling_graph
+
+        return coupling_graph(self)
+
+    def why(self, a: str, b: str) -> str:
+        """Why two parameters (``name`` or ``name:dim``) or groups are coupled: the chain of ops."""
+        from fxprune.coupling import why
+
+        return why(self, a, b)
+
+    def explain(self, target: str) -> str:
+        """What a group, parameter or ``parameter:dim`` belongs to, and why it is frozen if it is."""
+        from fxprune.coupling import explain
+
+        return explain(self, target)
+
+    def to_graphml(self, path: str) -> str:
+        """Write the coupling graph as GraphML (for yEd, Gephi, Cytoscape)."""
+        from fxprune.coupling import write_graphml
+
+        return write_graphml(self, path)
+
+    def __repr__(self) -> str:
+        return (f"Analysis(groups={len(self.groups)}, frozen={len(self.frozen)}, "
+                f"unsupported={len(self.unsupported)})")
 
 
-def _is_one(s: Any) -> bool:
-    return isinstance(s, int) and s == 1
+def _requires(graph: Any, ignore: Any = (), **_: Any) -> None:
+    check(isinstance(graph, PrunableGraph), BadInputError,
+          f"analyze() needs the PrunableGraph from fxprune.trace(model, ...), got {type(graph).__name__}")
 
 
-def _flat_args(node: fx.Node) -> list:
-    flat: list = []
-
-    def visit(a: Any) -> None:
-        if isinstance(a, (list, tuple)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-        else:
-            flat.append(a)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return flat
+def _ensures(result: Analysis) -> None:
+    ids = [g.id for g in result.groups]
+    check(len(ids) == len(set(ids)), AnalysisError, "group ids are not unique")
+    for g in result.groups:
+        check(bool(g.params), AnalysisError, f"group {g.id} has no parameter member")
+        check(g.size >= 2, AnalysisError, f"group {g.id} has fewer than 2 units")
 
 
-# ------------------------------------------------------------------------------------------
-# Result of the analysis, kept on the graph for the rewrite
-# ------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class AnalysisResult:
-    groups: list[Group]
-    frozen: list[FrozenClass]
-    unsupported: list[Unsupported]
-    layouts: dict[TRef, list]  # (node, idx) -> layout per dim (None for symbolic dims)
-    size_args: dict[str, dict]
-    offset_args: dict[str, dict]
-    sources: set[str]
-    class_to_group: dict[int, str]
-    attention_nodes: list[str]
-
-
-def analyze(graph: PrunableGraph, ignore: Iterable[str] = ()) -> list[Group]:
+@fxpass("analyze", requires=_requires, ensures=_ensures)
+def analyze(graph: PrunableGraph, ignore: Iterable[str] | str = (), *, annotate: bool = True) -> Analysis:
     """Find the coupled dependency groups of a traced graph.
 
-    Returns the prunable groups; the graph object keeps the full result (frozen spaces with
-    reasons, ops without rules, and the layouts the rewrite needs) in ``graph.analysis``.
-    ``ignore`` takes parameter or module name prefixes whose dimensions must not change.
+    ``ignore`` takes parameter or module name prefixes (matched on ``.`` boundaries) whose
+    dimensions must not change.  Returns an :class:`Analysis`; the graph is not modified except
+    for the read-only ``node.meta["fxprune"]`` annotations (``annotate=False`` skips them).
     """
-    from fxprune.passes import op_rules  # noqa: F401 - registers the rules
-
+    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     ep = graph.exported_program
     g = ep.graph
     ctx = AnalysisContext(g)
-    sig = ep.graph_signature
-    param_of = dict(sig.inputs_to_parameters)
-    buffer_of = dict(sig.inputs_to_buffers)
-    ignore = tuple(ignore)
-    seen_tensors: dict[str, TRef] = {}  # canonical FQN -> placeholder, to tie shared weights
+    param_of, buffer_of = graph.param_of, graph.buffer_of
+    seen_tensors: dict[str, TensorRef] = {}  # canonical FQN -> placeholder, to tie shared weights
+    defects: list[str] = []
+    rules_used: dict[str, str] = {}
 
     for node in g.nodes:
         if node.op == "placeholder":
-            _visit_placeholder(ctx, node, param_of, buffer_of, ignore, graph)
             fqn = param_of.get(node.name) or buffer_of.get(node.name)
+            ctx.store.site = Site(node.name, "placeholder", fqn or f"graph input {node.name}")
+            _visit_placeholder(ctx, node, param_of, ignore, graph)
             if fqn is not None and ctx.ref(node) is not None:
-                canonical = graph.aliases.get(fqn, [fqn])[0]
+                canonical = graph.canonical(fqn)
                 if canonical in seen_tensors:
+                    ctx.store.site = Site(node.name, "tied weights", f"{fqn} is {canonical}")
                     ctx.tie_all(seen_tensors[canonical], ctx.ref(node))
                 else:
                     seen_tensors[canonical] = ctx.ref(node)
         elif node.op == "call_function":
-            _visit_call(ctx, node)
+            ctx.store.site = site_of(node)
+            rule = _visit_call(ctx, node, defects)
+            if rule is not None:
+                rules_used[node.name] = rule
         elif node.op == "output":
-            for arg in _flat_args(node):
-                r = ctx.ref(arg)
+            ctx.store.site = Site(node.name, "output", "graph output (the model's return value)")
+            for a in flat_args(node):
+                r = ctx.ref(a)
                 if r is not None:
                     ctx.freeze_ref(r, "graph output")
         elif node.op == "get_attr":
+            ctx.store.site = Site(node.name, "get_attr", f"constant attribute {node.target}")
             r = ctx.ref(node)
             if r is not None:
                 ctx.freeze_ref(r, f"constant attribute {node.target}")
                 ctx.zero_never(r)
-
-    result = _finalize(ctx, graph, param_of, buffer_of)
-    graph.analysis = result
-    graph.groups = result.groups
-    graph.unsupported = result.unsupported
-    graph.frozen = result.frozen
-    return result.groups
+    ctx.store.site = None
+    result = _finalize(ctx, graph, param_of, buffer_of, ignore, defects)
+    if annotate:
+        _annotate(g, ctx, result, rules_used)
+    return result
 
 
-def _visit_placeholder(ctx, node, param_of, buffer_of, ignore, graph) -> None:
+def _visit_placeholder(ctx: AnalysisContext, node: fx.Node, param_of: Mapping[str, str],
+                       ignore: Sequence[str], graph: PrunableGraph) -> None:
     r = ctx.ref(node)
     if r is None:
         return
-    name = param_of.get(node.name) or buffer_of.get(node.name)
+    name = param_of.get(node.name) or graph.buffer_of.get(node.name)
     if name is None:
         ctx.freeze_ref(r, f"graph input {node.name}")
         ctx.zero_never(r)
         return
     ctx.d(r)  # materialise atoms for every parameter dim
     aliases = graph.aliases.get(name, [name])
-    if any(_matches(a, ignore) for a in aliases):
+    if any(matches_prefix(a, ignore) for a in aliases):
+        ctx.store.site = Site(node.name, "ignore=", name)
         ctx.freeze_ref(r, f"ignored by the user: {name}")
-    if name in param_of.values() and node.name in param_of:
+    if node.name in param_of:
         ctx.zero_specs[r] = ZeroSpec("param")
     else:
         ctx.zero_never(r)
 
 
-def _matches(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _visit_call(ctx: AnalysisContext, node: fx.Node) -> None:
+def _visit_call(ctx: AnalysisContext, node: fx.Node, defects: list[str]) -> str | None:
+    """Run the op's rule, then check the rule's duties (see ``rules.py``)."""
     if node.target is operator.getitem:
-        return  # getitem refs resolve to (source, index) in ctx.ref; nothing to tie
+        return None  # getitem refs resolve to (source, index) in ctx.ref; nothing to tie
     outs = ctx.output_refs(node)
-    if not outs and not any(ctx.ref(a) is not None for a in _flat_args(node)):
-        return  # pure symbolic-int arithmetic, asserts on sizes
+    if not outs and not any(ctx.ref(a) is not None for a in flat_args(node)):
+        return None  # pure symbolic-int arithmetic, asserts on sizes
     rule = find_rule(node.target)
     if rule is None:
         if not outs and _is_metadata_only(node):
-            return
+            return None
         ctx.unsupported_op(node)
-        return
+        return None
     try:
         rule(ctx, node)
     except Exception as exc:  # noqa: BLE001 - a rule that fails must freeze, never guess
         ctx.unsupported_op(node, f"rule failed: {type(exc).__name__}: {exc}")
+        return rule.__name__
+    problems = ctx.unmet_duties(node)
+    if problems:
+        where = f"{node.target} at node {node.name} ({source_location(node)})"
+        defects.append(f"rule {rule.__name__} for {where}: " + "; ".join(problems))
+        reason = f"the rule for {node.target} left this space unaccounted at node {node.name}"
+        for r in outs:
+            ctx.freeze_ref(r, reason)
+            ctx.zero_specs.setdefault(r, ZeroSpec("never"))
+    return rule.__name__
 
 
 def _is_metadata_only(node: fx.Node) -> bool:
@@ -412,26 +294,101 @@ def _is_metadata_only(node: fx.Node) -> bool:
 # ------------------------------------------------------------------------------------------
 # Finalisation: layouts, zero dataflow, exactness, groups
 # ------------------------------------------------------------------------------------------
-def _finalize(ctx: AnalysisContext, graph, param_of, buffer_of) -> AnalysisResult:
+def _finalize(ctx: AnalysisContext, graph: PrunableGraph, param_of: Mapping[str, str],
+              buffer_of: Mapping[str, str], ignore: tuple[str, ...], defects: list[str]) -> Analysis:
     store = ctx.store
-    layouts: dict[TRef, list] = {}
+    layouts: dict[TensorRef, tuple[Layout | None, ...]] = {}
     for ref, dims in ctx.dims.items():
-        lay = []
-        for atoms, s in zip(dims, ctx.shape(ref)):
-            lay.append(store.layout(atoms) if isinstance(s, int) else None)
-        layouts[ref] = lay
+        layouts[ref] = tuple(
+            store.layout(atoms) if isinstance(s, int) else None for atoms, s in zip(dims, ctx.shape(ref))
+        )
+    classes_cache: dict[TensorRef, frozenset[int]] = {}
 
-    def classes_of(ref: TRef) -> set[int]:
-        out: set[int] = set()
-        for lay in layouts.get(ref, ()):
-            if lay is not None:
-                out.update(layout_classes(lay))
-        return out
+    def classes_of(ref: TensorRef) -> frozenset[int]:
+        if ref not in classes_cache:
+            out: set[int] = set()
+            for lay in layouts.get(ref, ()):
+                if lay is not None:
+                    out.update(layout_classes(lay))
+            classes_cache[ref] = frozenset(out)
+        return classes_cache[ref]
 
-    # --- zero dataflow, in graph order
-    zero: dict[TRef, set[int]] = {}
-    from fxprune.passes.op_rules import probe_zero
+    zero = _zero_dataflow(ctx, layouts, classes_of)
+    # --- exactness of contractions over a class
+    for nz in ctx.needs_zero:
+        lay = layouts[nz.ref][nz.dim] if nz.ref in layouts else None
+        if lay is None:
+            continue
+        for c in layout_classes(lay):
+            if not any(c in zero.get(o, ()) for o in nz.operands):
+                store.mark_inexact([c], f"{nz.reason}: neither operand is zero on removed units")
 
+    # --- members per leaf class (parameters and buffers)
+    members: dict[int, list[Member]] = collections.defaultdict(list)
+    placeholder_order: dict[str, int] = {}
+    for node in ctx.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = param_of.get(node.name) or buffer_of.get(node.name)
+        ref = TensorRef(node.name)
+        if name is None or ref not in layouts:
+            continue
+        kind = "parameter" if node.name in param_of else "buffer"
+        placeholder_order[node.name] = len(placeholder_order)
+        for dim, lay in enumerate(layouts[ref]):
+            if lay is None:
+                continue
+            for c in layout_classes(lay):
+                members[c].append(Member(name, dim, node.name, lay, c, kind))
+
+    # --- groups and frozen classes
+    drafts: list[tuple[tuple, int, GroupKind, list[Member], list[str]]] = []
+    frozen: list[FrozenClass] = []
+    for c, mems in members.items():
+        size = store.size[c]
+        if not isinstance(size, int):
+            continue
+        reason = store.frozen_reason(c)
+        if reason is None and not any(m.kind == "parameter" for m in mems):
+            reason = "no parameter to shrink"
+        if reason is None and size < 2:
+            reason = "a single unit"
+        if reason is not None:
+            frozen.append(FrozenClass(c, size, reason, tuple(mems)))
+            continue
+        kind = _kind_of(store, c)
+        order = (min(placeholder_order.get(m.node, 10**9) for m in mems), _KIND_ORDER[kind], c)
+        drafts.append((order, c, kind, mems, store.inexact_reasons(c)))
+    drafts.sort(key=lambda d: d[0])
+    groups = []
+    for gid, (_, c, kind, mems, inexact) in zip(_ids(drafts), drafts):
+        groups.append(Group(
+            id=gid, kind=kind, size=store.size[c], exact=not inexact, members=tuple(mems), class_id=c,
+            inexact_reasons=tuple(inexact), block=common_block(m.name for m in mems if m.kind == "parameter"),
+        ))
+    provenance = Provenance(store, ctx.dims, ctx.origin, {**param_of, **buffer_of})
+    return Analysis(
+        graph=graph,
+        groups=tuple(groups),
+        frozen=tuple(sorted(frozen, key=lambda f: f.class_id)),
+        unsupported=tuple(ctx.unsupported),
+        layouts=layouts,
+        size_args=_resolve_size_args(ctx, layouts),
+        offset_args={
+            name: {path: (layouts[ref][dim], off) for path, (ref, dim, off) in entries.items()}
+            for name, entries in ctx.offset_args.items()
+        },
+        sources=frozenset(ctx.sources),
+        attention_nodes=tuple(ctx.attention_nodes),
+        ignore=ignore,
+        rule_defects=tuple(defects),
+        provenance=provenance,
+    )
+
+
+def _zero_dataflow(ctx: AnalysisContext, layouts: Mapping[TensorRef, Any], classes_of) -> dict[TensorRef, set[int]]:
+    """Per tensor, the classes on which it is zero once the removed parameter slices are zero."""
+    zero: dict[TensorRef, set[int]] = {}
     for node in ctx.graph.nodes:
         for ref in ([ctx.ref(node)] if node.op == "placeholder" else ctx.output_refs(node)):
             if ref is None or ref not in layouts:
@@ -441,7 +398,7 @@ def _finalize(ctx: AnalysisContext, graph, param_of, buffer_of) -> AnalysisResul
             if spec is None or spec.kind == "never":
                 zero[ref] = set()
             elif spec.kind == "param":
-                zero[ref] = mine
+                zero[ref] = set(mine)
             elif spec.kind == "pass":
                 zs = set()
                 for c in mine:
@@ -467,83 +424,12 @@ def _finalize(ctx: AnalysisContext, graph, param_of, buffer_of) -> AnalysisResul
                     if any(pattern) and probe_zero(node, pattern):
                         zs.add(c)
                 zero[ref] = zs
-    # --- exactness of contractions over a class
-    for nz in ctx.needs_zero:
-        lay = layouts.get(nz.ref, [None])[nz.dim] if nz.ref in layouts else None
-        if lay is None:
-            continue
-        for c in layout_classes(lay):
-            if not any(c in zero.get(o, ()) for o in nz.operands):
-                store.mark_inexact([c], f"{nz.reason}: neither operand is zero on removed units")
-
-    # --- members per leaf class (parameters and buffers)
-    members: dict[int, list[Member]] = collections.defaultdict(list)
-    placeholder_refs = []
-    for node in ctx.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        name = param_of.get(node.name) or buffer_of.get(node.name)
-        ref = (node.name, None)
-        if name is None or ref not in layouts:
-            continue
-        kind = "parameter" if node.name in param_of else "buffer"
-        placeholder_refs.append(ref)
-        for dim, lay in enumerate(layouts[ref]):
-            if lay is None:
-                continue
-            for c in layout_classes(lay):
-                members[c].append(Member(name, dim, node.name, lay, c, kind))
-
-    # --- groups and frozen classes
-    groups: list[Group] = []
-    frozen: list[FrozenClass] = []
-    for c, mems in members.items():
-        size = store.size[c]
-        if not isinstance(size, int):
-            continue
-        reason = store.frozen_reason(c)
-        if reason is None and not any(m.kind == "parameter" for m in mems):
-            reason = "no parameter to shrink"
-        if reason is None and size < 2:
-            reason = "a single unit"
-        if reason is not None:
-            frozen.append(FrozenClass(c, size, reason, mems))
-            continue
-        inexact = store.inexact_reasons(c)
-        groups.append(
-            Group(
-                id="",
-                kind=_kind_of(store, c),
-                size=size,
-                exact=not inexact,
-                members=mems,
-                class_id=c,
-                inexact_reasons=inexact,
-                block=_block_of(mems),
-            )
-        )
-    groups.sort(key=lambda g: _param_order(g, placeholder_refs))
-    _assign_ids(groups)
-    class_to_group = {g.class_id: g.id for g in groups}
-    return AnalysisResult(
-        groups=groups,
-        frozen=frozen,
-        unsupported=ctx.unsupported,
-        layouts=layouts,
-        size_args=_resolve_size_args(ctx, layouts),
-        offset_args={
-            name: {path: (layouts[ref][dim], off) for path, (ref, dim, off) in entries.items()}
-            for name, entries in ctx.offset_args.items()
-        },
-        sources=ctx.sources,
-        class_to_group=class_to_group,
-        attention_nodes=ctx.attention_nodes,
-    )
+    return zero
 
 
-def _resolve_size_args(ctx: AnalysisContext, layouts) -> dict[str, dict]:
+def _resolve_size_args(ctx: AnalysisContext, layouts) -> dict[str, dict[ArgPath, Layout | None]]:
     """Each recorded size argument as the layout whose kept size is its new value."""
-    out: dict[str, dict] = {}
+    out: dict[str, dict[ArgPath, Layout | None]] = {}
     for name, entries in ctx.size_args.items():
         resolved = {}
         for path, entry in entries.items():
@@ -556,56 +442,46 @@ def _resolve_size_args(ctx: AnalysisContext, layouts) -> dict[str, dict]:
     return out
 
 
-def _kind_of(store: AtomStore, c: int) -> str:
+def _kind_of(store: AtomStore, c: int) -> GroupKind:
     tags = store.all_tags(c)
+    parent_tags: set[Tag] = set()
     for anc in store.ancestors(c):
-        tags |= {f"parent:{t}" for t in store.all_tags(anc)}
-    if "heads" in tags or "parent:heads" in tags:
-        if "broadcast" in tags:
+        parent_tags |= store.all_tags(anc)
+    if Tag.HEADS in tags or Tag.HEADS in parent_tags:
+        if Tag.BROADCAST in tags:
             return "head_repeat"
-        if "parent:heads" in tags:
+        if Tag.HEADS in parent_tags:
             return "kv_heads"
         return "heads"
-    if "head_dim" in tags or "parent:head_dim" in tags:
+    if Tag.HEAD_DIM in tags or Tag.HEAD_DIM in parent_tags:
         return "head_dim"
-    if "experts" in tags:
-        return "experts"
-    if "embedding_dim" in tags or "normalized" in tags:
+    if Tag.EMBEDDING_DIM in tags or Tag.NORMALIZED in tags:
         return "hidden"
     return "channels"
 
 
-_BLOCK_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+_KIND_ORDER: dict[str, int] = {"heads": 0, "kv_heads": 1, "head_repeat": 2, "head_dim": 3, "channels": 4, "hidden": 6}
 
 
-def _block_of(members: Sequence[Member]) -> str | None:
-    blocks = set()
-    for m in members:
-        if m.kind != "parameter" or m.name is None:
-            continue
-        match = _BLOCK_RE.match(m.name)
-        blocks.add(match.group(1) if match else None)
-    if len(blocks) == 1:
-        return blocks.pop()
-    return None
-
-
-def _module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-def _assign_ids(groups: list[Group]) -> None:
+def _ids(drafts: Sequence[tuple]) -> list[str]:
     seen: collections.Counter = collections.Counter()
-    for g in groups:
-        first = next((m for m in g.members if m.kind == "parameter"), g.members[0])
-        base = f"{_module_of(first.name)}:{g.kind}"
+    ids = []
+    for _, _, kind, mems, _ in drafts:
+        first = next((m for m in mems if m.kind == "parameter"), mems[0])
+        base = f"{module_of(first.name)}:{kind}"
         seen[base] += 1
-        g.id = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        ids.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return ids
 
 
-def _param_order(g: Group, refs: list[TRef]) -> tuple:
-    order = {r[0]: i for i, r in enumerate(refs)}
-    return (min(order.get(m.node, 10**9) for m in g.members), _KIND_ORDER.get(g.kind, 9), g.class_id)
+def _annotate(g: fx.Graph, ctx: AnalysisContext, result: Analysis, rules_used: Mapping[str, str]) -> None:
+    for node in g.nodes:
+        refs = [ctx.ref(node)] if node.op in ("placeholder", "get_attr") else ctx.output_refs(node)
+        lays = tuple(result.layouts.get(r, ()) for r in refs if r is not None)
+        if lays:
+            node.meta[META_KEY] = NodeAnnotation(lays, rules_used.get(node.name))
 
 
-_KIND_ORDER = {"heads": 0, "kv_heads": 1, "head_repeat": 2, "head_dim": 3, "channels": 4, "experts": 5, "hidden": 6}
+def annotation(node: fx.Node) -> NodeAnnotation | None:
+    """The analysis' annotation of a node, if the node was analysed."""
+    return node.meta.get(META_KEY)

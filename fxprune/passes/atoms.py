@@ -14,30 +14,69 @@ concatenation, sizes that do not divide), the spaces involved are frozen instead
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence, Union
+from typing import Iterable, NamedTuple, Sequence, Union
 
 import sympy
+
+from fxprune.types import Atom, Concat, SplitKind, Tag
 
 Size = Union[int, sympy.Expr]
 
 
 @dataclasses.dataclass
 class Split:
-    kind: str  # "prod" (row-major product) or "sum" (concatenation)
+    kind: SplitKind
     parts: list[int]
 
 
+class Site(NamedTuple):
+    """Where a tie, split or freeze came from: the FX node, its ATen op and the user's source line."""
+
+    node: str
+    op: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.op} at node {self.node} ({self.source})"
+
+
+class Freeze(NamedTuple):
+    """Why a class is frozen, which atom the freeze was applied to, and where."""
+
+    reason: str
+    atom: int
+    site: Site | None
+
+
+class Edge(NamedTuple):
+    """A recorded step of the analysis: ``a`` and ``b`` became one space (``tie``), or ``b`` is a
+    sub-space of ``a`` (``split``), by the rule of the op at ``site``."""
+
+    a: int
+    b: int
+    how: str  # "tie" | "split"
+    site: Site | None
+
+
 class AtomStore:
-    """Union-find over atoms with per-class splits, freeze reasons and inexact reasons."""
+    """Union-find over atoms with per-class splits, freeze reasons and inexact reasons.
+
+    It also keeps the *provenance* of every tie and split (:attr:`edges`, with the :class:`Site`
+    of the op whose rule made it) and of every freeze, so that the coupling graph can answer
+    "why are these two coupled" and "why is this frozen" without a second analysis.
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.size: list[Size] = []
         self.split: dict[int, Split] = {}
         self.split_parents: dict[int, set[int]] = {}  # root -> atoms whose split contains it
-        self.frozen: dict[int, str] = {}
+        self.frozen: dict[int, Freeze] = {}
         self.inexact: dict[int, list[str]] = {}
-        self.tags: dict[int, set[str]] = {}
+        self.tags: dict[int, set[Tag]] = {}
+        self.edges: list[Edge] = []
+        self.touched: set[int] = set()  # atoms a rule tied, split or froze (for duty checks)
+        self.site: Site | None = None  # the op being visited; set by the analysis
 
     # ----------------------------------------------------------------- basics
     def new(self, size: Size, frozen: str | None = None) -> int:
@@ -45,9 +84,11 @@ class AtomStore:
         self.parent.append(atom)
         self.size.append(size)
         if frozen:
-            self.frozen[atom] = frozen
+            self.frozen[atom] = Freeze(frozen, atom, self.site)
+            self.touched.add(atom)
         elif not isinstance(size, int):
-            self.frozen[atom] = "symbolic (dynamic) dimension"
+            self.frozen[atom] = Freeze("symbolic (dynamic) dimension", atom, self.site)
+            self.touched.add(atom)
         return atom
 
     def find(self, atom: int) -> int:
@@ -64,7 +105,8 @@ class AtomStore:
     def freeze(self, atoms: Iterable[int], reason: str) -> None:
         for atom in atoms:
             root = self.find(atom)
-            self.frozen.setdefault(root, reason)
+            self.touched.add(atom)
+            self.frozen.setdefault(root, Freeze(reason, atom, self.site))
 
     def mark_inexact(self, atoms: Iterable[int], reason: str) -> None:
         for atom in atoms:
@@ -72,18 +114,21 @@ class AtomStore:
             if reason not in reasons and len(reasons) < 8:
                 reasons.append(reason)
 
-    def tag(self, atoms: Iterable[int], tag: str) -> None:
+    def tag(self, atoms: Iterable[int], tag: Tag) -> None:
         for atom in atoms:
             self.tags.setdefault(self.find(atom), set()).add(tag)
 
-    def set_split(self, atom: int, kind: str, parts: Sequence[int]) -> None:
+    def set_split(self, atom: int, kind: SplitKind, parts: Sequence[int]) -> None:
         root = self.find(atom)
         assert root not in self.split
         self.split[root] = Split(kind, list(parts))
+        self.touched.add(atom)
         for part in parts:
+            self.touched.add(part)
             self.split_parents.setdefault(self.find(part), set()).add(root)
+            self.edges.append(Edge(atom, part, "split", self.site))
 
-    def make(self, kind: str, parts: Sequence[int]) -> int:
+    def make(self, kind: SplitKind, parts: Sequence[int]) -> int:
         """A fresh atom that is the product or concatenation of ``parts``."""
         if len(parts) == 1:
             return parts[0]
@@ -101,8 +146,10 @@ class AtomStore:
     # -------------------------------------------------------------- unification
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
+        self.touched.update((a, b))
         if ra == rb:
             return
+        self.edges.append(Edge(a, b, "tie", self.site))
         if self.size[ra] != self.size[rb]:
             self._conflict([ra, rb], f"size mismatch {self.size[ra]} vs {self.size[rb]}")
             return
@@ -138,7 +185,8 @@ class AtomStore:
             if root in seen:
                 continue
             seen.add(root)
-            self.frozen.setdefault(root, reason)
+            self.touched.add(root)
+            self.frozen.setdefault(root, Freeze(reason, root, self.site))
             if root in self.split:
                 stack.extend(self.split[root].parts)
 
@@ -281,13 +329,13 @@ class AtomStore:
         split = self.split.get(root)
         if split is None:
             size = self.size[root]
-            return [("atom", root, size if isinstance(size, int) else -1)]
+            return [Atom(root, size if isinstance(size, int) else -1)]
         if split.kind == "prod":
             out: list = []
             for part in split.parts:
                 out.extend(self._atom_layout(part))
             return out
-        return [("sum", tuple(tuple(self._atom_layout(p)) for p in split.parts))]
+        return [Concat(tuple(tuple(self._atom_layout(p)) for p in split.parts))]
 
     def ancestors(self, root: int) -> set[int]:
         """Every class whose split (transitively) contains ``root``."""
@@ -302,14 +350,19 @@ class AtomStore:
                     stack.append(p)
         return seen
 
-    def frozen_reason(self, root: int) -> str | None:
+    def freeze_of(self, root: int) -> Freeze | None:
+        """The freeze that applies to a class: its own, else one of an enclosing space's."""
         root = self.find(root)
         if root in self.frozen:
             return self.frozen[root]
-        for anc in self.ancestors(root):
+        for anc in sorted(self.ancestors(root)):
             if anc in self.frozen:
                 return self.frozen[anc]
         return None
+
+    def frozen_reason(self, root: int) -> str | None:
+        freeze = self.freeze_of(root)
+        return freeze.reason if freeze is not None else None
 
     def inexact_reasons(self, root: int) -> list[str]:
         root = self.find(root)
@@ -320,5 +373,5 @@ class AtomStore:
                     reasons.append(r)
         return reasons
 
-    def all_tags(self, root: int) -> set[str]:
+    def all_tags(self, root: int) -> set[Tag]:
         return set(self.tags.get(self.find(root), ()))

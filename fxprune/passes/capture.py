@@ -8,16 +8,18 @@ specialises size-1 dims silently, and the program would then fail at batch 3.  A
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import time
 import warnings
 from typing import Any, Callable
 
 import torch
 
-from fxprune.errors import CaptureError
+from fxprune.errors import BadInputError, CaptureError
 from fxprune.graph import PrunableGraph
+from fxprune.passes.base import check, fxpass
+from fxprune.util.hf import default_constants, default_example_inputs  # noqa: F401 - re-exported
+from fxprune.util.modules import eval_mode
+from fxprune.util.modules import on_meta as _on_meta
 
 BATCH = "batch"
 SEQ = "seq"
@@ -34,6 +36,14 @@ def meta_model(factory: Callable[..., torch.nn.Module], *args: Any, **kwargs: An
     return model.eval()
 
 
+def _requires(model: Any, *args: Any, **kwargs: Any) -> None:
+    check(isinstance(model, torch.nn.Module), CaptureError, f"trace() needs an nn.Module, got {type(model).__name__}")
+    kw = kwargs.get("kwargs")
+    check(kw is None or isinstance(kw, dict), BadInputError,
+          f"trace(kwargs=...) must be a dict of keyword inputs, got {type(kw).__name__}")
+
+
+@fxpass("trace", requires=_requires)
 def trace(
     model: torch.nn.Module,
     args: tuple = (),
@@ -53,14 +63,12 @@ def trace(
         dynamic_shapes: an explicit torch.export ``dynamic_shapes`` spec.
         strict: passed to torch.export (non-strict tracing handles more Python).
     """
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"trace() needs an nn.Module, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
     args = tuple(args)
     on_meta = _on_meta(model)
     tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     constant_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-    constant_kwargs = _default_constants(model, constant_kwargs)
+    constant_kwargs = default_constants(model, constant_kwargs)
 
     if dynamic and dynamic_shapes is None:
         args, tensor_kwargs = _widen_size_one(args, tensor_kwargs)
@@ -74,7 +82,7 @@ def trace(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    with _eval_mode(model), warnings.catch_warnings():
+    with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             ep = torch.export.export(
@@ -176,45 +184,8 @@ def inline_grad_mode_regions(ep: Any) -> bool:
     return True
 
 
-def default_example_inputs(model: torch.nn.Module) -> dict:
-    """Example inputs built from an HF model's config: token ids (with a mask when the forward
-    takes one), or pixel values for vision models.  Batch 2 so the trace stays dynamic."""
-    config = getattr(model, "config", None)
-    params = inspect.signature(model.forward).parameters
-    device = "meta" if _on_meta(model) else "cpu"
-    if "pixel_values" in params and "input_ids" not in params:
-        size = getattr(config, "image_size", 224)
-        size = size if isinstance(size, int) else size[0]
-        chans = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(2, chans, size, size, device=device)}
-    vocab = getattr(config, "vocab_size", 100)
-    ids = torch.randint(0, max(2, min(vocab, 1000)), (2, 16), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids.to(device)}
-    if "attention_mask" in params:
-        inputs["attention_mask"] = torch.ones_like(ids).to(device)
-    return inputs
-
-
-def _on_meta(model: torch.nn.Module) -> bool:
-    for p in model.parameters():
-        return p.device.type == "meta"
-    return False
-
-
 def _to_device(x: Any, device: str) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _default_constants(model: torch.nn.Module, constants: dict) -> dict:
-    """Freeze HF cache switches off: a traced KV cache is a separate export (see export pass)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return constants
-    out = dict(constants)
-    if "use_cache" in params and "use_cache" not in out:
-        out["use_cache"] = False
-    return out
 
 
 def _widen_size_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -239,7 +210,7 @@ def _widen_size_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             "fxprune: example inputs had size 1 on dynamic dims "
             f"{', '.join(widened)}; repeated them to size 2 so the trace stays dynamic "
             "(torch.export specialises size-1 dims).",
-            stacklevel=3,
+            stacklevel=4,
         )
     return new_args, new_kwargs
 
@@ -285,16 +256,6 @@ def _as_auto(spec: Any) -> Any:
     if isinstance(spec, tuple):
         return tuple(_as_auto(v) for v in spec)
     return spec
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _export_failure_message(model: torch.nn.Module, exc: Exception) -> str:

@@ -15,28 +15,19 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from fxprune.passes.analysis import AnalysisContext, TRef, _flat_args, _is_one, register_rule
+from fxprune.passes.rules import (
+    AnalysisContext,
+    arg,
+    flat_args,
+    int_size,
+    is_one,
+    norm_dim,
+    register_rule,
+)
+from fxprune.types import ArgPath, Tag, TensorRef
 
 aten = torch.ops.aten
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _tensor_inputs(ctx: AnalysisContext, node: fx.Node) -> list[TRef]:
-    return [r for r in (ctx.ref(a) for a in _flat_args(node)) if r is not None]
-
-
-def _norm_dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
-
-
-def _int_size(ctx: AnalysisContext, ref: TRef, dim: int) -> int | None:
-    s = ctx.shape(ref)[dim]
-    return s if isinstance(s, int) else None
+TRef = TensorRef
 
 
 def _trace_to_param(ctx: AnalysisContext, ref: TRef, depth: int = 0) -> bool:
@@ -68,7 +59,7 @@ def _trace_to_param(ctx: AnalysisContext, ref: TRef, depth: int = 0) -> bool:
 )
 def pointwise_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     out = ctx.out(node)
-    inputs = [ctx.ref(a) for a in _flat_args(node)]
+    inputs = [ctx.ref(a) for a in flat_args(node)]
     tensors = [r for r in inputs if r is not None]
     ctx.broadcast(out, tensors)
     ctx.zero_probe(out, tensors)
@@ -112,8 +103,8 @@ def native_dropout_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def _reshape_ties(ctx: AnalysisContext, src: TRef, out: TRef) -> None:
     """Line up input and output dims in chunks of equal product and tie their atoms."""
     in_shape, out_shape = ctx.shape(src), ctx.shape(out)
-    in_dims = [i for i, s in enumerate(in_shape) if not _is_one(s)]
-    out_dims = [j for j, s in enumerate(out_shape) if not _is_one(s)]
+    in_dims = [i for i, s in enumerate(in_shape) if not is_one(s)]
+    out_dims = [j for j, s in enumerate(out_shape) if not is_one(s)]
     chunks = _product_chunks([in_shape[i] for i in in_dims], [out_shape[j] for j in out_dims])
     if chunks is None:
         reason = f"reshape {in_shape} -> {out_shape} at {out[0]} does not factor"
@@ -183,12 +174,12 @@ def reshape_rule(ctx: AnalysisContext, node: fx.Node) -> None:
         shape = node.args[1]
         for i, s in enumerate(shape):
             if isinstance(s, int) and s != -1:
-                ctx.size_arg(node, ("args", 1, i), out, i)
+                ctx.size_arg(node, ArgPath("args", 1, i), out, i)
     elif packet is aten.unflatten:
-        dim = _norm_dim(node.args[1], ctx.rank(src))
+        dim = norm_dim(node.args[1], ctx.rank(src))
         for i, s in enumerate(node.args[2]):
             if isinstance(s, int) and s != -1:
-                ctx.size_arg(node, ("args", 2, i), out, dim + i)
+                ctx.size_arg(node, ArgPath("args", 2, i), out, dim + i)
 
 
 @register_rule(aten.permute, aten.permute_copy)
@@ -196,7 +187,7 @@ def permute_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     rank = ctx.rank(src)
     for i, d in enumerate(node.args[1]):
-        ctx.tie(out, i, src, _norm_dim(d, rank))
+        ctx.tie(out, i, src, norm_dim(d, rank))
     ctx.zero_pass(out, [src])
 
 
@@ -207,7 +198,7 @@ def transpose_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     if node.target.overloadpacket in (aten.t, aten.numpy_T):
         perm = list(reversed(range(rank)))
     else:
-        a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+        a, b = norm_dim(node.args[1], rank), norm_dim(node.args[2], rank)
         perm = list(range(rank))
         perm[a], perm[b] = perm[b], perm[a]
     for i, d in enumerate(perm):
@@ -218,8 +209,8 @@ def transpose_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.unsqueeze, aten.squeeze, aten.unsqueeze_copy, aten.squeeze_copy)
 def squeeze_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
-    a = [i for i, s in enumerate(ctx.shape(src)) if not _is_one(s)]
-    b = [j for j, s in enumerate(ctx.shape(out)) if not _is_one(s)]
+    a = [i for i, s in enumerate(ctx.shape(src)) if not is_one(s)]
+    b = [j for j, s in enumerate(ctx.shape(out)) if not is_one(s)]
     if len(a) != len(b):
         ctx.unsupported_op(node, "squeeze of a dynamic dim")
         return
@@ -235,15 +226,16 @@ def expand_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     for k in range(1, ro + 1):
         so = ctx.shape(out)[ro - k]
         si = ctx.shape(src)[ri - k] if k <= ri else 1
-        if k <= ri and not _is_one(si):
+        if k <= ri and not is_one(si):
             ctx.tie(src, ri - k, out, ro - k)
-        elif not _is_one(so):
-            ctx.tag(out, ro - k, "broadcast")
+        elif not is_one(so):
+            ctx.tag(out, ro - k, Tag.BROADCAST)
+            ctx.fresh(out, ro - k)
     sizes = node.args[1]
     if isinstance(sizes, (list, tuple)):  # expand_as takes a tensor: its shape follows by itself
         for i, s in enumerate(sizes):
             if isinstance(s, int) and s != -1:
-                ctx.size_arg(node, ("args", 1, i), out, i)
+                ctx.size_arg(node, ArgPath("args", 1, i), out, i)
     ctx.zero_pass(out, [src])
 
 
@@ -261,8 +253,8 @@ def movedim_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     source, dest = node.args[1], node.args[2]
     source = [source] if isinstance(source, int) else list(source)
     dest = [dest] if isinstance(dest, int) else list(dest)
-    source = [_norm_dim(d, rank) for d in source]
-    dest = [_norm_dim(d, rank) for d in dest]
+    source = [norm_dim(d, rank) for d in source]
+    dest = [norm_dim(d, rank) for d in dest]
     perm = [-1] * rank
     for sdim, ddim in zip(source, dest):
         perm[ddim] = sdim
@@ -289,35 +281,35 @@ def repeat_rule(ctx: AnalysisContext, node: fx.Node) -> None:
                 ctx.tie(src, ri - k, out, ro - k)
             continue
         rep = ctx.store.new(r)
-        ctx.store.tag([rep], "broadcast")
+        ctx.store.tag([rep], Tag.BROADCAST)
         ctx.store.unify_prod(ctx.d(out)[ro - k], [rep, *in_atoms])
-        ctx.size_arg_atoms(node, ("args", 1, ro - k), [rep])
+        ctx.size_arg_atoms(node, ArgPath("args", 1, ro - k), [rep])
     ctx.zero_pass(out, [src])
 
 
 @register_rule(aten.repeat_interleave)
 def repeat_interleave_rule(ctx: AnalysisContext, node: fx.Node) -> None:
-    repeats = _arg(node, 1, "repeats")
+    repeats = arg(node, 1, "repeats")
     if node.target is not aten.repeat_interleave.self_int or not isinstance(repeats, int):
         ctx.unsupported_op(node, "tensor repeats")
         return
     src, out = ctx.ref(node.args[0]), ctx.out(node)
-    dim = _arg(node, 2, "dim")
+    dim = arg(node, 2, "dim")
     if dim is None:
         ctx.unsupported_op(node, "flattening repeat_interleave")
         return
-    dim = _norm_dim(dim, ctx.rank(src))
+    dim = norm_dim(dim, ctx.rank(src))
     for i in range(ctx.rank(src)):
         if i != dim:
             ctx.tie(src, i, out, i)
     rep = ctx.store.new(repeats) if repeats > 1 else None
     parts = list(ctx.d(src)[dim]) + ([rep] if rep is not None else [])
     if rep is not None:
-        ctx.store.tag([rep], "broadcast")
-        ctx.size_arg_atoms(node, ("args", 1), [rep])
+        ctx.store.tag([rep], Tag.BROADCAST)
+        ctx.size_arg_atoms(node, ArgPath("args", 1), [rep])
     ctx.store.unify_prod(ctx.d(out)[dim], parts)
-    if _arg(node, 3, "output_size") is not None:
-        path = ("args", 3) if len(node.args) > 3 else ("kwargs", "output_size")
+    if arg(node, 3, "output_size") is not None:
+        path = ArgPath("args", 3) if len(node.args) > 3 else ArgPath("kwargs", "output_size")
         ctx.size_arg(node, path, out, dim)
     ctx.zero_pass(out, [src])
 
@@ -332,15 +324,15 @@ _INT_MAX = 2**62
 def slice_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     rank = ctx.rank(src)
-    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
-    start = _arg(node, 2, "start", None)
-    end = _arg(node, 3, "end", None)
-    step = _arg(node, 4, "step", 1)
+    dim = norm_dim(arg(node, 1, "dim", 0), rank)
+    start = arg(node, 2, "start", None)
+    end = arg(node, 3, "end", None)
+    step = arg(node, 4, "step", 1)
     for i in range(rank):
         if i != dim:
             ctx.tie(src, i, out, i)
     ctx.zero_pass(out, [src])
-    n = _int_size(ctx, src, dim)
+    n = int_size(ctx, src, dim)
     if n is None or not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
         ctx.freeze_dim(src, dim, f"dynamic slice at {node.name}")
         ctx.freeze_dim(out, dim, f"dynamic slice at {node.name}")
@@ -357,9 +349,9 @@ def slice_rule(ctx: AnalysisContext, node: fx.Node) -> None:
         if hi > lo:
             ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
         if start is not None and lo != 0:
-            ctx.offset_arg(node, ("args", 2), src, dim, lo)
+            ctx.offset_arg(node, ArgPath("args", 2), src, dim, lo)
         if end is not None and hi != n:
-            ctx.offset_arg(node, ("args", 3), src, dim, hi)
+            ctx.offset_arg(node, ArgPath("args", 3), src, dim, hi)
         return
     # strided slice: [n] = [n/step, step]; selecting one phase of the inner atom
     count = len(range(lo, hi, step))
@@ -378,12 +370,12 @@ def narrow_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     """narrow(x, dim, start, length): a slice whose length is a size argument."""
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     rank = ctx.rank(src)
-    dim, start, length = _norm_dim(node.args[1], rank), node.args[2], node.args[3]
+    dim, start, length = norm_dim(node.args[1], rank), node.args[2], node.args[3]
     for i in range(rank):
         if i != dim:
             ctx.tie(src, i, out, i)
     ctx.zero_pass(out, [src])
-    n = _int_size(ctx, src, dim)
+    n = int_size(ctx, src, dim)
     if n is None or not isinstance(start, int) or not isinstance(length, int):
         ctx.freeze_dim(src, dim, f"dynamic narrow at {node.name}")
         ctx.freeze_dim(out, dim, f"dynamic narrow at {node.name}")
@@ -398,15 +390,15 @@ def narrow_rule(ctx: AnalysisContext, node: fx.Node) -> None:
         return
     ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
     if start:
-        ctx.offset_arg(node, ("args", 2), src, dim, start)
-    ctx.size_arg(node, ("args", 3), out, dim)
+        ctx.offset_arg(node, ArgPath("args", 2), src, dim, start)
+    ctx.size_arg(node, ArgPath("args", 3), out, dim)
 
 
 @register_rule(aten.select, aten.select_copy)
 def select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     rank = ctx.rank(src)
-    dim = _norm_dim(node.args[1], rank)
+    dim = norm_dim(node.args[1], rank)
     ctx.freeze_dim(src, dim, f"select of one position at {node.name}")
     rest = [i for i in range(rank) if i != dim]
     for j, i in enumerate(rest):
@@ -418,7 +410,7 @@ def select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def unbind_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src = ctx.ref(node.args[0])
     rank = ctx.rank(src)
-    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    dim = norm_dim(arg(node, 1, "dim", 0), rank)
     ctx.freeze_dim(src, dim, f"unbind at {node.name}")
     rest = [i for i in range(rank) if i != dim]
     for out in ctx.output_refs(node):
@@ -431,7 +423,7 @@ def unbind_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def cat_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     out = ctx.out(node)
     rank = ctx.rank(out)
-    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    dim = norm_dim(arg(node, 1, "dim", 0), rank)
     inputs = [ctx.ref(t) for t in node.args[0]]
     inputs = [r for r in inputs if r is not None and ctx.rank(r) == rank]
     for r in inputs:
@@ -464,9 +456,9 @@ def cat_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def split_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src = ctx.ref(node.args[0])
     rank = ctx.rank(src)
-    dim = _norm_dim(_arg(node, 2, "dim", 0), rank)
+    dim = norm_dim(arg(node, 2, "dim", 0), rank)
     outs = ctx.output_refs(node)
-    n = _int_size(ctx, src, dim)
+    n = int_size(ctx, src, dim)
     for out in outs:
         for i in range(rank):
             if i != dim:
@@ -483,7 +475,7 @@ def split_rule(ctx: AnalysisContext, node: fx.Node) -> None:
             ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
         elif size:
             ctx.freeze_dim(out, dim, f"split at {node.name} cuts across atoms")
-        ctx.size_arg(node, ("split", k), out, dim)
+        ctx.size_arg(node, ArgPath("split", k), out, dim)
         offset += size
 
 
@@ -491,7 +483,7 @@ def split_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def stack_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     out = ctx.out(node)
     rank = ctx.rank(out)
-    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    dim = norm_dim(arg(node, 1, "dim", 0), rank)
     inputs = [ctx.ref(t) for t in node.args[0]]
     for r in inputs:
         rest = [i for i in range(rank) if i != dim]
@@ -521,8 +513,8 @@ def pad_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def flip_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     rank = ctx.rank(src)
-    dims = node.args[1] if node.target.overloadpacket is aten.flip else _arg(node, 2, "dims", [])
-    dims = {_norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    dims = node.args[1] if node.target.overloadpacket is aten.flip else arg(node, 2, "dims", [])
+    dims = {norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
     if not dims and node.target.overloadpacket is aten.roll:
         ctx.freeze_ref(src, "roll over the flattened tensor")
         ctx.freeze_ref(out, "roll over the flattened tensor")
@@ -555,15 +547,15 @@ def _attention_tags(ctx: AnalysisContext, a: TRef, b: TRef, a_dims: Sequence[int
     if _trace_to_param(ctx, a) or _trace_to_param(ctx, b):
         return
     if len(a_dims) >= 1:
-        ctx.tag(a, a_dims[-1], "heads")
-    ctx.tag(a, contract_dim, "head_dim")
-    ctx.tag(b, ctx.rank(b) - 1, "head_dim")  # probs @ v: v's free dim is the value head dim
+        ctx.tag(a, a_dims[-1], Tag.HEADS)
+    ctx.tag(a, contract_dim, Tag.HEAD_DIM)
+    ctx.tag(b, ctx.rank(b) - 1, Tag.HEAD_DIM)  # probs @ v: v's free dim is the value head dim
 
 
 @register_rule(aten.linear)
 def linear_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     x, w = ctx.ref(node.args[0]), ctx.ref(node.args[1])
-    b = ctx.ref(_arg(node, 2, "bias"))
+    b = ctx.ref(arg(node, 2, "bias"))
     out = ctx.out(node)
     rx = ctx.rank(x)
     for i in range(rx - 1):
@@ -603,7 +595,7 @@ def _matmul_dims(ctx: AnalysisContext, a: TRef, b: TRef, out: TRef, bias: TRef |
         ctx.tie(b, rb - 1, out, ro - 1)
         for k in range(3, ro + 1):  # broadcast batch dims
             for t, r in ((a, ra), (b, rb)):
-                if k <= r and not _is_one(ctx.shape(t)[r - k]):
+                if k <= r and not is_one(ctx.shape(t)[r - k]):
                     ctx.tie(t, r - k, out, ro - k)
         batch = list(range(ra - 2))
         _attention_tags(ctx, a, b, batch, ra - 1)
@@ -621,7 +613,7 @@ def matmul_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.addmm, aten.baddbmm, aten.addmv)
 def addmm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     bias, a, b = (ctx.ref(x) for x in node.args[:3])
-    beta = _arg(node, 3, "beta", 1)
+    beta = arg(node, 3, "beta", 1)
     _matmul_dims(ctx, a, b, ctx.out(node), bias if beta != 0 else None, node.name)
 
 
@@ -638,7 +630,7 @@ def einsum_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     first: dict[str, tuple[TRef, int]] = {}
     for ref, spec in zip(operands, specs):
         for i, letter in enumerate(spec):
-            if _is_one(ctx.shape(ref)[i]):
+            if is_one(ctx.shape(ref)[i]):
                 continue
             if letter in first:
                 ctx.tie(first[letter][0], first[letter][1], ref, i)
@@ -653,9 +645,9 @@ def einsum_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_contract(out, operands)
 
 
-def _conv_rule(ctx: AnalysisContext, node: fx.Node, transposed: bool, groups: int, groups_path: tuple) -> None:
+def _conv_rule(ctx: AnalysisContext, node: fx.Node, transposed: bool, groups: int, groups_path: ArgPath) -> None:
     x, w = ctx.ref(node.args[0]), ctx.ref(node.args[1])
-    b = ctx.ref(_arg(node, 2, "bias"))
+    b = ctx.ref(arg(node, 2, "bias"))
     out = ctx.out(node)
     rank = ctx.rank(x)
     ctx.tie(x, 0, out, 0)
@@ -695,20 +687,20 @@ def _conv_rule(ctx: AnalysisContext, node: fx.Node, transposed: bool, groups: in
 @register_rule(aten.convolution, aten._convolution)
 def convolution_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     transposed = bool(node.args[6])
-    _conv_rule(ctx, node, transposed, int(node.args[8]), ("args", 8))
+    _conv_rule(ctx, node, transposed, int(node.args[8]), ArgPath("args", 8))
 
 
 @register_rule(aten.conv1d, aten.conv2d, aten.conv3d)
 def conv_rule(ctx: AnalysisContext, node: fx.Node) -> None:
-    groups = _arg(node, 6, "groups", 1)
-    path = ("args", 6) if len(node.args) > 6 else ("kwargs", "groups")
+    groups = arg(node, 6, "groups", 1)
+    path = ArgPath("args", 6) if len(node.args) > 6 else ArgPath("kwargs", "groups")
     _conv_rule(ctx, node, False, int(groups), path)
 
 
 @register_rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
 def conv_transpose_rule(ctx: AnalysisContext, node: fx.Node) -> None:
-    groups = _arg(node, 6, "groups", 1)
-    path = ("args", 6) if len(node.args) > 6 else ("kwargs", "groups")
+    groups = arg(node, 6, "groups", 1)
+    path = ArgPath("args", 6) if len(node.args) > 6 else ArgPath("kwargs", "groups")
     _conv_rule(ctx, node, True, int(groups), path)
 
 
@@ -735,7 +727,7 @@ def grouped_mm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu)
 def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     q, k, v = (ctx.ref(a) for a in node.args[:3])
-    mask = ctx.ref(_arg(node, 3, "attn_mask"))
+    mask = ctx.ref(arg(node, 3, "attn_mask"))
     outs = ctx.output_refs(node)
     out = outs[0]
     rq, rk = ctx.rank(q), ctx.rank(k)
@@ -743,7 +735,7 @@ def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     # leading batch dims
     for i in range(rq - 3):
         for t in (k, v):
-            if not _is_one(ctx.shape(t)[i]) and not _is_one(ctx.shape(q)[i]):
+            if not is_one(ctx.shape(t)[i]) and not is_one(ctx.shape(q)[i]):
                 ctx.tie(q, i, t, i)
         ctx.tie(q, i, out, i)
     if rq >= 3:
@@ -754,15 +746,15 @@ def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
             ctx.tie(q, rq - 3, k, rk - 3)
         elif isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0:
             rep = ctx.store.new(hq // hk)
-            ctx.store.tag([rep], "broadcast")
+            ctx.store.tag([rep], Tag.BROADCAST)
             ctx.store.unify_prod(ctx.d(q)[rq - 3], [*ctx.d(k)[rk - 3], rep])
         else:
             ctx.freeze_dim(q, rq - 3, f"attention heads do not line up at {node.name}")
-        ctx.tag(q, rq - 3, "heads")
+        ctx.tag(q, rq - 3, Tag.HEADS)
     ctx.tie(q, rq - 1, k, rk - 1)
     ctx.contraction(q, rq - 1, [q, k], f"attention q.k at {node.name}")
-    ctx.tag(q, rq - 1, "head_dim")
-    ctx.tag(v, rk - 1, "head_dim")
+    ctx.tag(q, rq - 1, Tag.HEAD_DIM)
+    ctx.tag(v, rk - 1, Tag.HEAD_DIM)
     ctx.tie(k, rk - 2, v, rk - 2)
     ctx.inexact(k, rk - 2, f"softmax over keys at {node.name}")
     ctx.tie(q, rq - 2, out, rq - 2)
@@ -770,7 +762,7 @@ def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     if mask is not None:
         rm = ctx.rank(mask)
         for kk in range(1, rm + 1):
-            if _is_one(ctx.shape(mask)[rm - kk]):
+            if is_one(ctx.shape(mask)[rm - kk]):
                 continue
             if kk == 1:
                 ctx.tie(mask, rm - 1, k, rk - 2)
@@ -794,9 +786,9 @@ def _affine_norm(ctx: AnalysisContext, node: fx.Node, out: TRef, x: TRef, w: TRe
             if p is not None:
                 ctx.tie(p, ctx.rank(p) - k + j, x, d)
         ctx.inexact(x, d, f"normalisation over this dim at {node.name}")
-        ctx.tag(x, d, "normalized")
+        ctx.tag(x, d, Tag.NORMALIZED)
         if shape_arg is not None:
-            ctx.size_arg(node, ("args", shape_arg, j), x, d)
+            ctx.size_arg(node, ArgPath("args", shape_arg, j), x, d)
     if w is not None:
         ctx.zero_contract(out, [w], [b] if b is not None else [])
     else:
@@ -807,8 +799,8 @@ def _affine_norm(ctx: AnalysisContext, node: fx.Node, out: TRef, x: TRef, w: TRe
 def layer_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     x = ctx.ref(node.args[0])
     shape = list(node.args[1])
-    w = ctx.ref(_arg(node, 2, "weight"))
-    b = ctx.ref(_arg(node, 3, "bias")) if node.target.overloadpacket is aten.layer_norm else None
+    w = ctx.ref(arg(node, 2, "weight"))
+    b = ctx.ref(arg(node, 3, "bias")) if node.target.overloadpacket is aten.layer_norm else None
     rank = ctx.rank(x)
     _affine_norm(ctx, node, ctx.out(node), x, w, b, list(range(rank - len(shape), rank)), 1)
 
@@ -817,14 +809,14 @@ def layer_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def native_layer_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     x = ctx.ref(node.args[0])
     shape = list(node.args[1])
-    w = ctx.ref(_arg(node, 2, "weight"))
-    b = ctx.ref(_arg(node, 3, "bias")) if node.target.overloadpacket is aten.native_layer_norm else None
+    w = ctx.ref(arg(node, 2, "weight"))
+    b = ctx.ref(arg(node, 3, "bias")) if node.target.overloadpacket is aten.native_layer_norm else None
     rank = ctx.rank(x)
     outs = ctx.output_refs(node)
     _affine_norm(ctx, node, outs[0], x, w, b, list(range(rank - len(shape), rank)), 1)
     for stat in outs[1:]:
         for i in range(ctx.rank(stat)):
-            if not _is_one(ctx.shape(stat)[i]) and i < rank:
+            if not is_one(ctx.shape(stat)[i]) and i < rank:
                 ctx.tie(stat, i, x, i)
         ctx.zero_never(stat)
 
@@ -838,7 +830,7 @@ def group_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
         groups = int(node.args[6])
     else:
         groups = int(node.args[1])
-        w, b = ctx.ref(_arg(node, 2, "weight")), ctx.ref(_arg(node, 3, "bias"))
+        w, b = ctx.ref(arg(node, 2, "weight")), ctx.ref(arg(node, 3, "bias"))
     outs = ctx.output_refs(node)
     out = outs[0]
     ctx.tie_all(out, x)
@@ -848,21 +840,21 @@ def group_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     per = [st.new(c // groups)] if c // groups > 1 else []
     st.unify_prod(ctx.d(x)[1], ([g_atom] if g_atom is not None else []) + per)
     st.mark_inexact(per, f"group norm within a group at {node.name}")
-    st.tag(per, "normalized")
+    st.tag(per, Tag.NORMALIZED)
     for p in (w, b):
         if p is not None:
             ctx.tie(p, 0, x, 1)
     if native:
-        ctx.size_arg(node, ("args", 4), x, 1)
+        ctx.size_arg(node, ArgPath("args", 4), x, 1)
         if g_atom is not None:
-            ctx.size_arg_atoms(node, ("args", 6), [g_atom])
+            ctx.size_arg_atoms(node, ArgPath("args", 6), [g_atom])
         for stat in outs[1:]:
             ctx.tie(stat, 0, x, 0)
             if g_atom is not None:
                 st.unify_prod(ctx.d(stat)[1], [g_atom])
             ctx.zero_never(stat)
     elif g_atom is not None:
-        ctx.size_arg_atoms(node, ("args", 1), [g_atom])
+        ctx.size_arg_atoms(node, ArgPath("args", 1), [g_atom])
     if w is not None:
         ctx.zero_contract(out, [w], [b] if b is not None else [])
     else:
@@ -907,7 +899,7 @@ def embedding_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     for i in range(ri):
         ctx.tie(out, i, ids, i)
     ctx.freeze_dim(w, 0, f"embedding rows are indexed by token ids at {node.name}")
-    ctx.tag(w, 1, "embedding_dim")
+    ctx.tag(w, 1, Tag.EMBEDDING_DIM)
     ctx.zero_contract(out, [w])
 
 
@@ -935,7 +927,7 @@ def index_rule(ctx: AnalysisContext, node: fx.Node) -> None:
             continue
         rr = ctx.rank(r)
         for k in range(1, rr + 1):
-            if not _is_one(ctx.shape(r)[rr - k]):
+            if not is_one(ctx.shape(r)[rr - k]):
                 ctx.tie(r, rr - k, out, first + bshape_rank - k)
     trailing = list(range(used[-1] + 1, rank)) if used else []
     for j, i in enumerate(trailing):
@@ -946,7 +938,7 @@ def index_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.index_select)
 def index_select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
-    dim = _norm_dim(node.args[1], ctx.rank(src))
+    dim = norm_dim(node.args[1], ctx.rank(src))
     idx = ctx.ref(node.args[2])
     for i in range(ctx.rank(src)):
         if i == dim:
@@ -961,7 +953,7 @@ def index_select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.gather)
 def gather_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
-    dim = _norm_dim(node.args[1], ctx.rank(src))
+    dim = norm_dim(node.args[1], ctx.rank(src))
     idx = ctx.ref(node.args[2])
     ctx.tie_all(out, idx)
     ctx.freeze_dim(src, dim, f"gathered by values at {node.name}")
@@ -976,7 +968,7 @@ def gather_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.index_add, aten.index_copy)
 def index_add_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
-    dim = _norm_dim(node.args[1], ctx.rank(src))
+    dim = norm_dim(node.args[1], ctx.rank(src))
     values = ctx.ref(node.args[3])
     ctx.tie_all(out, src)
     ctx.freeze_dim(src, dim, f"written at index values at {node.name}")
@@ -998,7 +990,7 @@ def index_put_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     trailing = [i for i in range(ctx.rank(src)) if i > (used[-1] if used else -1)]
     rv = ctx.rank(values)
     for k, i in enumerate(reversed(trailing)):
-        if k < rv and not _is_one(ctx.shape(values)[rv - 1 - k]):
+        if k < rv and not is_one(ctx.shape(values)[rv - 1 - k]):
             ctx.tie(values, rv - 1 - k, src, i)
     ctx.zero_pass(out, [src, values])
 
@@ -1019,7 +1011,7 @@ def _reduce(ctx: AnalysisContext, node: fx.Node, src: TRef, dims: Sequence[int] 
             mode: str) -> None:
     """mode: 'sum' (exact on zeroed input), 'inexact' (mean, var, max...), 'index' (argmax)."""
     rank = ctx.rank(src)
-    dims = list(range(rank)) if dims is None or len(dims) == 0 else [_norm_dim(d, rank) for d in dims]
+    dims = list(range(rank)) if dims is None or len(dims) == 0 else [norm_dim(d, rank) for d in dims]
     outs = ctx.output_refs(node)
     for out in outs:
         j = 0
@@ -1039,7 +1031,7 @@ def _reduce(ctx: AnalysisContext, node: fx.Node, src: TRef, dims: Sequence[int] 
         else:
             ctx.inexact(src, d, f"{node.target.overloadpacket.__name__} over this dim at {node.name}")
             if mode == "mean" and d == rank - 1:
-                ctx.tag(src, d, "normalized")
+                ctx.tag(src, d, Tag.NORMALIZED)
     for k, out in enumerate(outs):
         if mode in ("sum", "mean") or (mode == "inexact" and k == 0 and "max" in str(node.target)):
             ctx.zero_pass(out, [src])
@@ -1074,7 +1066,7 @@ def reduction_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     if packet in (aten.max, aten.min) and dims is not None and len(ctx.output_refs(node)) == 2:
         _reduce(ctx, node, src, dims, keepdim, "inexact")
         rank = ctx.rank(src)
-        ctx.freeze_dim(src, _norm_dim(dims[0], rank), f"max/min indices along this dim at {node.name}")
+        ctx.freeze_dim(src, norm_dim(dims[0], rank), f"max/min indices along this dim at {node.name}")
         return
     if packet in (aten.norm, aten.linalg_vector_norm) and dims is None and "dim" not in names:
         dims = None
@@ -1082,13 +1074,13 @@ def reduction_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     if packet in (aten.var, aten.std, aten.var_mean, aten.std_mean):
         rank = ctx.rank(src)
         for d in (dims or range(rank)):
-            ctx.tag(src, _norm_dim(d, rank), "normalized")
+            ctx.tag(src, norm_dim(d, rank), Tag.NORMALIZED)
 
 
 @register_rule(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
 def softmax_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
-    dim = _norm_dim(node.args[1], ctx.rank(src))
+    dim = norm_dim(node.args[1], ctx.rank(src))
     ctx.tie_all(out, src)
     ctx.inexact(src, dim, f"softmax over this dim at {node.name}")
     ctx.zero_never(out)
@@ -1097,7 +1089,7 @@ def softmax_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.diff)
 def diff_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
-    dim = _norm_dim(_arg(node, 2, "dim", -1), ctx.rank(src))
+    dim = norm_dim(arg(node, 2, "dim", -1), ctx.rank(src))
     for i in range(ctx.rank(src)):
         if i == dim:
             ctx.freeze_dim(src, i, f"diff along this dim at {node.name}")
@@ -1110,7 +1102,7 @@ def diff_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 @register_rule(aten.cumsum, aten.cumprod, aten.cummax, aten.logcumsumexp)
 def cumulative_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src = ctx.ref(node.args[0])
-    dim = _norm_dim(node.args[1], ctx.rank(src))
+    dim = norm_dim(node.args[1], ctx.rank(src))
     for out in ctx.output_refs(node):
         ctx.tie_all(out, src)
         ctx.zero_never(out)
@@ -1129,7 +1121,7 @@ def topk_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     if "dim" in schema:
         i = schema.index("dim")
         dim = node.args[i] if i < len(node.args) else node.kwargs.get("dim", -1)
-    dim = _norm_dim(dim, rank)
+    dim = norm_dim(dim, rank)
     ctx.freeze_dim(src, dim, f"{node.target.overloadpacket.__name__} picks positions along this dim at {node.name}")
     for out in ctx.output_refs(node):
         for i in range(rank):
@@ -1148,6 +1140,7 @@ def topk_rule(ctx: AnalysisContext, node: fx.Node) -> None:
                aten.eye, aten.empty_strided, aten.new_empty_strided, aten.randint)
 def source_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     for out in ctx.output_refs(node):
+        ctx.fresh(out)
         ctx.zero_never(out)
     ctx.sources.add(node.name)
 

@@ -27,16 +27,18 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-import re
+import types
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from fxprune.errors import PlanError
-from fxprune.graph import Group, Member
+from fxprune.graph import Group, Member, kept_size
+from fxprune.passes.base import fxpass
+from fxprune.util.names import edge_blocks, matches_prefix
 
-__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "count_params_after", "make_plan"]
+__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "make_plan"]
 
 DEFAULT_KINDS: dict[str, bool] = {
     "channels": True,
@@ -45,13 +47,98 @@ DEFAULT_KINDS: dict[str, bool] = {
     "head_dim": False,
     "head_repeat": False,
     "hidden": False,
-    "experts": False,
 }
 """Which group kinds are pruned when ``kinds`` does not mention them (unknown kinds: not pruned)."""
 
 ALLOCATIONS = ("uniform", "global")
 
-Plan = dict[str, list[int]]
+
+def _groups_of(groups: Any) -> list[Group]:
+    return list(groups.groups) if hasattr(groups, "groups") and not isinstance(groups, (list, tuple)) else list(groups)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan(Mapping[str, tuple[int, ...]]):
+    """Which units of which groups to remove: a read-only ``{group_id: sorted units}``.
+
+    A plan is validated once, when it is made (:meth:`of`): every group exists, every unit is in
+    range, no group loses all its units.  Later passes trust it and only check that it belongs to
+    the analysis they are given (same group ids, sizes and classes).  ``info`` is the planner's
+    account (target and achieved ratio, exact removed parameters, what was skipped and why).
+    """
+
+    units: Mapping[str, tuple[int, ...]]
+    class_of: Mapping[str, int]
+    sizes: Mapping[str, int]
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, groups: Any, plan: Mapping[str, Iterable[int]], info: Mapping[str, Any] | None = None) -> "Plan":
+        """Validate ``plan`` ``{group_id: units}`` against ``groups`` (an Analysis or its groups)."""
+        by_id = {g.id: g for g in _groups_of(groups)}
+        clean: dict[str, tuple[int, ...]] = {}
+        for gid, units in plan.items():
+            if gid not in by_id:
+                close = [g for g in by_id if gid.split(":")[0] in g][:3]
+                hint = f" Did you mean one of {close}?" if close else ""
+                raise PlanError(f"plan names unknown group {gid!r}.{hint}")
+            group = by_id[gid]
+            try:
+                us = sorted(set(int(u) for u in units))
+            except (TypeError, ValueError):
+                raise PlanError(f"plan for group {gid!r} must list unit numbers, got {units!r}.") from None
+            bad = [u for u in us if u < 0 or u >= group.size]
+            if bad:
+                raise PlanError(f"plan for group {gid!r} has units {bad} out of range [0, {group.size}).")
+            if len(us) >= group.size:
+                raise PlanError(f"plan removes all {group.size} units of group {gid!r}; keep at least one.")
+            if us:
+                clean[gid] = tuple(us)
+        return cls(
+            types.MappingProxyType(clean),
+            types.MappingProxyType({gid: by_id[gid].class_id for gid in clean}),
+            types.MappingProxyType({gid: by_id[gid].size for gid in clean}),
+            types.MappingProxyType(dict(info or {})),
+        )
+
+    def __getitem__(self, group_id: str) -> tuple[int, ...]:
+        return self.units[group_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.units)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def removed_by_class(self) -> dict[int, tuple[int, ...]]:
+        """The plan keyed by analysis class (what layouts speak)."""
+        return {self.class_of[gid]: units for gid, units in self.units.items()}
+
+    def check_against(self, groups: Any) -> None:
+        """Raise PlanError unless every planned group exists in ``groups`` with the same size and class."""
+        by_id = {g.id: g for g in _groups_of(groups)}
+        for gid in self.units:
+            g = by_id.get(gid)
+            if g is None or g.class_id != self.class_of[gid] or g.size != self.sizes[gid]:
+                raise PlanError(f"this plan was made for another analysis: group {gid!r} does not match")
+
+    def as_dict(self) -> dict[str, list[int]]:
+        """A plain JSON-able ``{group_id: [units]}``."""
+        return {gid: list(units) for gid, units in self.units.items()}
+
+    def __repr__(self) -> str:
+        return f"Plan(groups={len(self.units)}, units={sum(len(u) for u in self.units.values())})"
+
+
+def as_plan(groups: Any, plan: Any) -> Plan:
+    """``plan`` as a :class:`Plan` for ``groups``: validated if it is a dict, checked if it is a Plan."""
+    if isinstance(plan, Plan):
+        plan.check_against(groups)
+        return plan
+    if not isinstance(plan, Mapping):
+        raise PlanError(f"a plan is a {{group_id: [units]}} mapping or a Plan, got {type(plan).__name__}")
+    return Plan.of(groups, plan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,17 +147,6 @@ Plan = dict[str, list[int]]
 
 
 UnitsOf = Callable[[str], Sequence[int]]  # group id -> removed units (only asked when needed)
-
-
-def _kept_by_count(layout: tuple, removed: Mapping[int, int]) -> int:
-    """``graph.kept_size`` from unit *counts*: the kept size of a dim depends only on them."""
-    n = 1
-    for factor in layout:
-        if factor[0] == "atom":
-            n *= factor[2] - removed.get(factor[1], 0)
-        else:
-            n *= sum(_kept_by_count(part, removed) for part in factor[1])
-    return n
 
 
 @dataclasses.dataclass
@@ -89,7 +165,7 @@ class _Dim:
         layouts = {m.layout for _, m in active}
         if len(layouts) == 1:
             removed = {m.class_id: counts[gid] for gid, m in active}
-            return _kept_by_count(next(iter(layouts)), removed)
+            return kept_size(next(iter(layouts)), removed)
         gone: set[int] = set()  # members disagree on the layout: fall back to index sets
         for gid, m in active:
             gone.update(m.indices(units_of(gid)))
@@ -233,32 +309,9 @@ def _kind_setting(kind: str, kinds: Mapping[str, Any] | None) -> float | bool:
     return False if f == 0.0 else f
 
 
-_INDEX_RE = re.compile(r"^(.*?)(\d+)$")
-
-
 def _blocks_kept(groups: Sequence[Group], first: int, last: int) -> set[str]:
     """Blocks among the first/last N of their family (``model.layers.<i>``), by numeric index."""
-    if first <= 0 and last <= 0:
-        return set()
-    families: dict[str, list[tuple[int, str]]] = {}
-    for g in groups:
-        match = _INDEX_RE.match(g.block) if g.block else None
-        if match:
-            families.setdefault(match.group(1), []).append((int(match.group(2)), g.block))
-    kept: set[str] = set()
-    for blocks in families.values():
-        ordered = [b for _, b in sorted(set(blocks))]
-        kept.update(ordered[: max(first, 0)])
-        kept.update(ordered[len(ordered) - max(last, 0) :] if last > 0 else [])
-    return kept
-
-
-def _is_ignored(name: str, prefixes: Sequence[str]) -> bool:
-    """Prefix match on module boundaries: 'model.layers.1' ignores layer 1, not layer 10."""
-    for p in prefixes:
-        if name == p or (name.startswith(p) and (p.endswith(".") or name[len(p)] == ".")):
-            return True
-    return False
+    return edge_blocks([g.block for g in groups], first, last)
 
 
 def _round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
@@ -305,7 +358,7 @@ def _skip_reason(g: Group, setting: float | bool, counter: ParamCounter,
         return f"kind {g.kind!r} is not pruned (enable it with kinds={{{g.kind!r}: True}})"
     if g.block is not None and g.block in kept_blocks:
         return f"block {g.block!r} is kept (keep_blocks_first/last)"
-    if any(_is_ignored(n, ignore) for n in g.param_names):
+    if any(matches_prefix(n, ignore) for n in g.param_names):
         return "a parameter matches `ignore`"
     if g.id not in counter.touches:
         return "no counted parameter members (nothing to save)"
@@ -330,7 +383,7 @@ def _group_scores(g: Group, scores: Mapping[str, np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _plan_from_counts(cands: Sequence[_Candidate], counts: Mapping[int, int]) -> Plan:
+def _plan_from_counts(cands: Sequence[_Candidate], counts: Mapping[int, int]) -> dict[str, list[int]]:
     return {c.group.id: c.units(counts[c.index]) for c in cands if counts.get(c.index, 0) > 0}
 
 
@@ -447,12 +500,13 @@ _STRATEGIES = {"uniform": _uniform, "global": _global}
 # --------------------------------------------------------------------------------------------
 
 
+@fxpass("make_plan")
 def make_plan(
-    groups: Sequence[Group],
+    groups: Any,
     scores: Mapping[str, np.ndarray],
     ratio: float,
     *,
-    numel: Mapping[str, int],
+    numel: Mapping[str, int] | None = None,
     allocation: str = "uniform",
     max_group_ratio: float = 0.9,
     keep_blocks_first: int = 0,
@@ -464,13 +518,14 @@ def make_plan(
     """Choose units to remove so that about ``ratio`` of all parameters go.
 
     Args:
-        groups: the analysis' groups.
+        groups: the :class:`~fxprune.passes.analysis.Analysis` (or a sequence of its groups).
         scores: ``{group_id: per-unit scores}`` from :func:`fxprune.passes.scoring.score`
             (higher = keep).  Needed for every group that may be pruned; for ``global`` they
             must be comparable across groups (the scoring pass normalizes them by default).
         ratio: fraction in [0, 1) of the model's *total* parameters (``sum(numel.values())``,
             one entry per distinct tensor) to remove.
-        numel: parameter FQN -> number of elements.
+        numel: parameter FQN -> number of elements, one entry per distinct tensor (default: read
+            from the model the Analysis was traced from).
         allocation: ``"uniform"`` (the same fraction of every searched group, like LLM-Pruner;
             bisected to hit the target, then at most one extra rounding step per group, given to
             the groups whose next units score lowest) or ``"global"`` (the lowest-scoring units
@@ -488,7 +543,7 @@ def make_plan(
             searched kinds fill the rest of the budget.
 
     Returns:
-        ``(plan, info)``: the plan ``{group_id: sorted units}`` and a dict with ``allocation``,
+        A :class:`Plan` ``{group_id: sorted units}``; ``plan.info`` is a dict with ``allocation``,
         ``target_ratio``, ``achieved_ratio``, ``total_params``, ``target_params``,
         ``removed_params`` (exact, see :func:`count_params_after`), ``removed_units``
         ``{group_id: count}``, ``skipped`` ``{group_id: reason}``, ``max_step_params`` (the
@@ -501,7 +556,15 @@ def make_plan(
     """
     _check_args(ratio, allocation, max_group_ratio, kinds)
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
-    groups = list(groups)
+    source = groups
+    groups = _groups_of(groups)
+    if numel is None:
+        module = getattr(getattr(source, "graph", None), "module", None)
+        if module is None:
+            raise PlanError("make_plan(groups, ...) needs numel= (parameter name -> number of elements)")
+        from fxprune.util.modules import numel_by_name
+
+        numel = numel_by_name(module)
     counter = ParamCounter(groups, numel)
     kept_blocks = _blocks_kept(groups, keep_blocks_first, keep_blocks_last)
     cands, skipped = _candidates(
@@ -517,13 +580,14 @@ def make_plan(
         warnings.warn(
             f"the fixed per-kind ratios alone remove {fixed_removed / max(counter.total, 1):.3f} "
             f"of the parameters, more than ratio={ratio}; the searched kinds are not pruned.",
-            stacklevel=2,
+            stacklevel=3,
         )
         counts, details = fixed, {}
     else:
         counts, details = _STRATEGIES[allocation](cands, fixed, counter, target)
     plan = _plan_from_counts(cands, counts)
-    return plan, _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
+    info = _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
+    return Plan.of(groups, plan, info)
 
 
 def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter) -> int:
@@ -556,7 +620,7 @@ def _check_args(ratio: float, allocation: str, max_group_ratio: float,
         _kind_setting(kind, kinds)  # validates the value
 
 
-def _info(plan: Plan, groups: Sequence[Group], cands: Sequence[_Candidate],
+def _info(plan: Mapping[str, Sequence[int]], groups: Sequence[Group], cands: Sequence[_Candidate],
           skipped: dict[str, str], counter: ParamCounter, ratio: float, target: float,
           allocation: str, details: dict[str, Any]) -> dict[str, Any]:
     removed = counter.removed(plan)
@@ -566,7 +630,7 @@ def _info(plan: Plan, groups: Sequence[Group], cands: Sequence[_Candidate],
         warnings.warn(
             f"could only reach {removed / total:.4f} of the parameters for ratio={ratio} "
             "(groups capped by max_group_ratio/round_to, or too few prunable kinds).",
-            stacklevel=3,
+            stacklevel=4,
         )
     sizes = {g.id: g.size for g in groups}
     return {

@@ -6,12 +6,16 @@ pins the attention scale to its original value, and index-selects the outputs of
 (``arange`` feeding RoPE, say) along pruned dims.  It is then re-exported, so the result carries
 fresh shape metadata and is what the ONNX export consumes.
 
+Both rewrites read their weights from one place, the update pass' ``WeightUpdate`` (the model's
+own tensors when nothing was updated).
+
 The module rewrite gives the user their own class back with smaller layers: new parameters,
 consistent ``in_features``/``out_features``-style attributes (peft reads them), and per-layer int
 attributes that the forward reads (``head_dim``, ``num_key_value_groups``...).  Those attributes
 are found from the graph, not from a table of model names: a shape constant that changed sits in
 a node whose ``nn_module_stack`` names its module, and that module's int attribute holding the
-old value is the one to update.  The result is always checked against the rewritten graph.
+old value is the one to update.  The result is always checked against the rewritten graph, and everything the pass did is in
+the :class:`RewriteResult` it returns (nothing is attached to the module).
 """
 
 from __future__ import annotations
@@ -21,14 +25,21 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from fxprune.errors import PlanError, VerificationError
-from fxprune.graph import PrunableGraph, kept_indices, kept_size, layout_size, normalize_plan
+from fxprune.errors import BadInputError, VerificationError
+from fxprune.graph import PrunableGraph, kept_indices, kept_size, layout_size
+from fxprune.passes.base import check, fxpass
+from fxprune.passes.plan import Plan, as_plan
+from fxprune.passes.update import IDENTITY, WeightUpdate
+from fxprune.types import ArgPath, TensorRef
+from fxprune.util import hf
+from fxprune.util.modules import eval_mode, get_tensor, set_tensor
+from fxprune.util.outputs import tensor_leaves
 
 aten = torch.ops.aten
 
@@ -36,29 +47,13 @@ aten = torch.ops.aten
 # ------------------------------------------------------------------------------------------
 # Plan resolution
 # ------------------------------------------------------------------------------------------
-def removed_by_class(graph: PrunableGraph, plan: dict[str, Iterable[int]]) -> dict[int, list[int]]:
-    """Validate ``plan`` ({group_id: units}) and key it by analysis class."""
-    if graph.groups is None:
-        raise PlanError("the graph has not been analysed; call fxprune.analyze(graph) first")
-    groups = {g.id: g for g in graph.groups}
-    clean = normalize_plan(plan, groups)
-    return {groups[gid].class_id: units for gid, units in clean.items()}
-
-
-def _param_layouts(graph: PrunableGraph) -> dict[str, list]:
-    """Parameter/buffer FQN -> layout per dim."""
-    sig = graph.exported_program.graph_signature
-    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    layouts = graph.analysis.layouts
-    return {fqn: layouts[(node, None)] for node, fqn in names.items() if (node, None) in layouts}
-
-
-def new_tensor_shapes(graph: PrunableGraph, removed: dict[int, list[int]]) -> dict[str, dict[int, np.ndarray]]:
-    """For each parameter/buffer FQN that shrinks: {dim: kept indices}."""
+def new_tensor_shapes(analysis: Any, removed: Mapping[int, Any]) -> dict[str, dict[int, np.ndarray]]:
+    """For each parameter/buffer FQN that shrinks: {dim: kept indices} (one entry per tied tensor)."""
+    graph: PrunableGraph = analysis.graph
     out: dict[str, dict[int, np.ndarray]] = {}
     seen: set[str] = set()
-    for fqn, lays in _param_layouts(graph).items():
-        canonical = graph.aliases.get(fqn, [fqn])[0]
+    for fqn, lays in analysis.param_layouts.items():
+        canonical = graph.canonical(fqn)
         if canonical in seen:  # a tied weight appears once per use in the signature
             continue
         seen.add(canonical)
@@ -93,8 +88,8 @@ class RewrittenProgram:
     graph_module: fx.GraphModule
     source: PrunableGraph
     constant_kwargs: dict
-    changed_constants: dict[str, dict[tuple, tuple[int, int]]]  # node -> path -> (old, new)
-    removed: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # class -> units
+    changed_constants: dict[str, dict[ArgPath, tuple[int, int]]]  # node -> path -> (old, new)
+    removed: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # class -> units
     _exported: Any = None
 
     @property
@@ -108,20 +103,29 @@ class RewrittenProgram:
         return self.graph_module(*args, **{**kwargs, **self.constant_kwargs})
 
 
-def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexport: bool = False) -> RewrittenProgram:
-    """Apply ``plan`` to the exported program and return the smaller program."""
-    removed = removed_by_class(graph, plan)
-    analysis = graph.analysis
+def rewrite_graph(analysis: Any, plan: Any, weights: WeightUpdate | None = None, *,
+                  reexport: bool = False) -> RewrittenProgram:
+    """Apply ``plan`` to the exported program (with ``weights``) and return the smaller program."""
+    plan = as_plan(analysis, plan)
+    weights = weights or IDENTITY
+    graph: PrunableGraph = analysis.graph
+    removed = plan.removed_by_class
     gm = graph.exported_program.module()
     nodes = {n.name: n for n in gm.graph.nodes}
 
-    # 1. parameters and buffers
-    for fqn, dims in new_tensor_shapes(graph, removed).items():
+    # 1. parameters and buffers: the updated values, sliced
+    shapes = new_tensor_shapes(analysis, removed)
+    for fqn in sorted(set(shapes) | set(weights.changed)):
+        dims = shapes.get(graph.canonical(fqn), shapes.get(fqn, {}))
         for alias in graph.aliases.get(fqn, [fqn]):
-            if _has_attr_path(gm, alias):
-                _set_attr_tensor(gm, alias, dims)
+            old = get_tensor(gm, alias)
+            if old is not None:
+                src = weights.changed.get(alias, old)
+                _set_sliced(gm, alias, src, dims)
+    if weights.added:
+        _add_tensors_to_graph(gm, weights, analysis, shapes)
 
-    changed: dict[str, dict[tuple, tuple[int, int]]] = {}
+    changed: dict[str, dict[ArgPath, tuple[int, int]]] = {}
     # 2. shape constants
     for name, entries in analysis.size_args.items():
         node = nodes.get(name)
@@ -133,21 +137,22 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
                 continue
             new = kept_size(lay, removed) if lay else 1
             old = layout_size(lay) if lay else 1
-            if path[0] == "split":
-                split_sizes[path[1]] = new
+            if path.where == "split":
+                split_sizes[path.key] = new
                 continue
             if new != old:
                 _set_path(node, path, new)
                 changed.setdefault(name, {})[path] = (old, new)
         if split_sizes and any(
-            kept_size(entries[("split", k)], removed) != layout_size(entries[("split", k)]) for k in split_sizes
+            kept_size(entries[ArgPath("split", k)], removed) != layout_size(entries[ArgPath("split", k)])
+            for k in split_sizes
         ):
             sizes = [split_sizes[k] for k in sorted(split_sizes)]
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             node.target = aten.split_with_sizes.default
             node.args = (node.args[0], sizes, dim)
             node.kwargs = {}
-            changed.setdefault(name, {})[("split",)] = (-1, -1)
+            changed.setdefault(name, {})[ArgPath("split", -1)] = (-1, -1)
     # 3. slice offsets
     for name, entries in analysis.offset_args.items():
         node = nodes.get(name)
@@ -171,7 +176,7 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
     # 5. factory ops whose outputs lie in pruned spaces: select the kept positions
     for name in analysis.sources:
         node = nodes.get(name)
-        lays = analysis.layouts.get((name, None))
+        lays = analysis.layouts.get(TensorRef(name))
         if node is None or not lays:
             continue
         last = node
@@ -191,7 +196,7 @@ def rewrite_graph(graph: PrunableGraph, plan: dict[str, Iterable[int]], *, reexp
             for u in users:
                 u.replace_input_with(last, sel)
             last = sel
-            changed.setdefault(name, {})[("index_select", d)] = (layout_size(lay), len(kept))
+            changed.setdefault(name, {})[ArgPath("args", "index_select", d)] = (layout_size(lay), len(kept))
     # 6. a view that was legal on the original strides may not be after pruning (a kernel can
     #    pick another output layout for the new head_dim), so views become reshapes.
     for node in gm.graph.nodes:
@@ -221,8 +226,9 @@ def _reexport(gm: fx.GraphModule, graph: PrunableGraph):
     return ep
 
 
-def _set_path(node: fx.Node, path: tuple, value: int) -> None:
-    where, key, *rest = path
+def _set_path(node: fx.Node, path: ArgPath, value: int) -> None:
+    where, key = path.where, path.key
+    rest = [] if path.sub is None else [path.sub]
     if where == "args":
         args = list(node.args)
         if rest:
@@ -243,26 +249,39 @@ def _set_path(node: fx.Node, path: tuple, value: int) -> None:
         node.kwargs = kwargs
 
 
-def _has_attr_path(root: torch.nn.Module, fqn: str) -> bool:
-    obj: Any = root
-    for part in fqn.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return isinstance(obj, torch.Tensor)
-
-
-def _set_attr_tensor(root: torch.nn.Module, fqn: str, dims: dict[int, np.ndarray]) -> None:
-    mod_path, _, attr = fqn.rpartition(".")
-    mod = root.get_submodule(mod_path) if mod_path else root
-    old = getattr(mod, attr)
-    new = _slice_tensor(old.detach(), dims)
+def _set_sliced(root: torch.nn.Module, fqn: str, value: torch.Tensor, dims: Mapping[int, np.ndarray]) -> None:
+    """Put ``value`` sliced to ``dims`` at ``fqn`` (a Parameter stays a Parameter, a buffer a buffer)."""
+    old = get_tensor(root, fqn)
+    new = _slice_tensor(value.detach(), dims) if dims else value.detach()
     if isinstance(old, torch.nn.Parameter):
-        mod._parameters[attr] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
-    elif attr in getattr(mod, "_buffers", {}):
-        mod._buffers[attr] = new
-    else:
-        setattr(mod, attr, new)
+        new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    set_tensor(root, fqn, new)
+
+
+def _add_tensors_to_graph(gm: fx.GraphModule, weights: WeightUpdate, analysis: Any, shapes: Mapping) -> None:
+    """Tensors an update adds (a compensating bias) enter the graph through the op that uses them.
+
+    Only biases of ``aten.linear`` are supported: the bias becomes the op's third argument.
+    """
+    by_weight = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.linear.default:
+            w = node.args[1]
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                by_weight[w.target] = node
+    for fqn, value in weights.added.items():
+        mod_path, _, attr = fqn.rpartition(".")
+        if attr != "bias":
+            raise VerificationError(f"the update added {fqn!r}; only biases of linear layers can be added")
+        node = by_weight.get(f"{mod_path}.weight" if mod_path else "weight")
+        if node is None or (len(node.args) > 2 and node.args[2] is not None):
+            raise VerificationError(f"the update added {fqn!r} but no bias-free linear reads {mod_path}.weight")
+        dims = shapes.get(fqn, {})
+        name = fqn.replace(".", "_") + "_fxprune_added"
+        gm.register_parameter(name, torch.nn.Parameter(_slice_tensor(value.detach(), dims) if dims else value.detach()))
+        with gm.graph.inserting_before(node):
+            getter = gm.graph.get_attr(name)
+        node.args = (node.args[0], node.args[1], getter)
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,12 +347,8 @@ def _fix_hf_conv1d(m: torch.nn.Module) -> None:
     m.nf = m.weight.shape[1]
 
 
-try:  # transformers' GPT-2 style Conv1D (a Linear with a transposed weight)
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-
-    register_module_fixer(_HFConv1D)(_fix_hf_conv1d)
-except ImportError:  # pragma: no cover
-    pass
+if hf.HFConv1D is not None:  # transformers' GPT-2 style Conv1D (a Linear with a transposed weight)
+    register_module_fixer(hf.HFConv1D)(_fix_hf_conv1d)
 
 
 # Size attributes the fixers above own: the graph-driven int fix-up must leave them alone.
@@ -388,39 +403,39 @@ def apply_shapes_to_module(
         _fix_module(model.get_submodule(mp) if mp else model)
 
 
-def rewrite_module(
-    model: torch.nn.Module, graph: PrunableGraph, plan: dict[str, Iterable[int]], program: RewrittenProgram
-) -> ModuleRewrite:
-    """A smaller copy of ``model``: sliced tensors, refreshed size attributes, fixed int attrs."""
-    removed = removed_by_class(graph, plan)
+def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: RewrittenProgram,
+                   weights: WeightUpdate | None = None) -> ModuleRewrite:
+    """A smaller copy of ``model``: updated and sliced tensors, refreshed size attributes, int attrs."""
     new_model = copy.deepcopy(model)
-    apply_shapes_to_module(new_model, new_tensor_shapes(graph, removed), graph.aliases)
-    changes, problems, conflicts = _fix_int_attributes(new_model, graph, program)
+    if weights is not None and not weights.is_identity:
+        weights.apply_to(new_model)
+    apply_shapes_to_module(new_model, new_tensor_shapes(analysis, plan.removed_by_class), analysis.graph.aliases)
+    changes, problems, conflicts = _fix_int_attributes(new_model, analysis, program)
     return ModuleRewrite(new_model, changes, problems, False, conflicts)
 
 
 _SKIP_ATTR = re.compile(r"(idx|index|layer|seed|id$|_id$|vocab|position|max_|rank)", re.I)
 
 
-def _fix_int_attributes(model: torch.nn.Module, graph: PrunableGraph, program: RewrittenProgram):
+def _fix_int_attributes(model: torch.nn.Module, analysis: Any, program: RewrittenProgram):
     """Update module int attributes that produced shape constants which changed in the graph."""
-    ep_nodes = {n.name: n for n in graph.exported_program.graph.nodes}
+    ep_nodes = {n.name: n for n in analysis.graph.exported_program.graph.nodes}
     # requirements[(module_path, attr)] -> set of new values demanded
     requirements: dict[tuple[str, str], set[int]] = {}
     olds: dict[tuple[str, str], int] = {}
     all_constants: list[tuple[str, int, int]] = []  # (module path, old, new) for every size arg
-    for name, entries in graph.analysis.size_args.items():
+    for name, entries in analysis.size_args.items():
         node = ep_nodes.get(name)
         if node is None:
             continue
         mod_path = _module_path(node)
-        splits = {p: lay for p, lay in entries.items() if p[0] == "split" and lay is not None}
+        splits = {p: lay for p, lay in entries.items() if p.where == "split" and lay is not None}
         if splits and node.target in (aten.split.Tensor, aten.split_copy.Tensor):
             news = {kept_size(lay, program.removed) for lay in splits.values()}
             if len(news) == 1:  # still an even split: its split_size follows the module attr
                 all_constants.append((mod_path, node.args[1], news.pop()))
         for path, lay in entries.items():
-            if lay is None or path[0] == "split":
+            if lay is None or path.where == "split":
                 continue
             old = layout_size(lay) if lay else 1
             new = program.changed_constants.get(name, {}).get(path, (old, old))[1]
@@ -492,60 +507,14 @@ def _candidate_attrs(model: torch.nn.Module, mod_path: str, old: int) -> list[tu
     return []
 
 
-def _config_candidates(new_model: torch.nn.Module, old_model: torch.nn.Module, changes):
-    """Yield HF configs whose rebuilt skeleton has exactly the pruned parameter shapes.
-
-    Candidate fields are int config entries whose old value changed somewhere in the model (and
-    head counts scaled by a width ratio).  Assignments with the fewest changed fields come first.
-    Equal shapes are necessary, not sufficient (4 heads of 6 vs 2 heads of 12), so the caller
-    also checks each candidate against the rewritten graph.
-    """
-    import itertools
-
-    config = getattr(new_model, "config", None)
-    if config is None or not hasattr(config, "to_dict") or not hasattr(type(new_model), "_from_config"):
-        return
-    target = {n: tuple(p.shape) for n, p in new_model.state_dict().items()}
-    original = {n: tuple(p.shape) for n, p in old_model.state_dict().items()}
-    if target == original:
-        return
-    value_map: dict[int, set[int]] = {}
-    for n, shape in original.items():
-        for a, b in zip(shape, target.get(n, shape)):
-            value_map.setdefault(a, set()).add(b)
-    for attrs in changes.values():
-        for old, new in attrs.values():
-            value_map.setdefault(old, set()).add(new)
-    fields = {
-        k: v for k, v in config.to_dict().items() if type(v) is int and not _SKIP_ATTR.search(k)
-    }
-    candidates: dict[str, set[int]] = {}
-    for k, v in fields.items():
-        news = value_map.get(v, set()) - {v}
-        if news:
-            candidates[k] = set(news)
-    for k, vals in _derived_count_candidates(new_model, old_model, fields).items():
-        candidates.setdefault(k, set()).update(vals)
-    keys = sorted(candidates)
-    options = [[None, *sorted(candidates[k])] for k in keys]
-    combos = sorted(itertools.product(*options), key=lambda c: sum(v is not None for v in c))
-    for combo in combos[1:513]:
-        cfg = copy.deepcopy(config)
-        for k, v in zip(keys, combo):
-            if v is not None:
-                setattr(cfg, k, v)
-        if _mismatch(new_model, cfg, target) == 0:
-            yield cfg
-
-
 def _update_config(mod: "ModuleRewrite", old_model: torch.nn.Module, check: Callable[[], bool]) -> bool:
     """Adopt the first candidate config under which the module still matches the graph."""
     model = mod.module
     before_cfg = getattr(model, "config", None)
     snapshot = _int_attr_snapshot(model)
-    for cfg in _config_candidates(model, old_model, mod.attribute_changes):
+    for cfg in hf.config_candidates(model, old_model, mod.attribute_changes, skip=_SKIP_ATTR):
         model.config = cfg
-        _copy_int_attrs(_skeleton(model, cfg), model)
+        hf.copy_int_attrs(hf.skeleton(model, cfg), model)
         if check():
             return True
         model.config = before_cfg
@@ -566,62 +535,10 @@ def _restore_int_attrs(model: torch.nn.Module, snapshot: dict[str, dict[str, int
             setattr(m, k, v)
 
 
-def _skeleton(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return type(model)._from_config(cfg)
-
-
-def _mismatch(model: torch.nn.Module, cfg: Any, target: dict[str, tuple]) -> int:
-    """How far the skeleton built from ``cfg`` is from the pruned model (0 = identical shapes)."""
-    try:
-        skeleton = _skeleton(model, cfg)
-    except Exception:  # noqa: BLE001 - an inconsistent config is just a bad candidate
-        return 10**9
-    shapes = {n: tuple(p.shape) for n, p in skeleton.state_dict().items()}
-    return sum(shapes.get(n) != s for n, s in target.items()) + sum(n not in target for n in shapes)
-
-
-def _copy_int_attrs(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Bring bookkeeping ints (``hidden_size`` on an MLP, say) in line with the skeleton."""
-    dst_mods = dict(dst.named_modules())
-    for name, ms in src.named_modules():
-        md = dst_mods.get(name)
-        if md is None:
-            continue
-        for k, v in vars(ms).items():
-            if type(v) is int and not k.startswith("_") and type(vars(md).get(k)) is int and vars(md)[k] != v:
-                setattr(md, k, v)
-
-
-def _derived_count_candidates(new_model, old_model, fields: dict[str, int]) -> dict[str, list[int]]:
-    """For count-like config fields (heads), propose old * (new width / old width) values."""
-    out: dict[str, list[int]] = {}
-    ratios = set()
-    old_sd, new_sd = old_model.state_dict(), new_model.state_dict()
-    for n, p in old_sd.items():
-        q = new_sd.get(n)
-        if q is None:
-            continue
-        for a, b in zip(p.shape, q.shape):
-            if a != b and a:
-                ratios.add((a, b))
-    for k, v in fields.items():
-        if "head" not in k.lower():
-            continue
-        vals = []
-        for a, b in ratios:
-            if (v * b) % a == 0 and 0 < v * b // a < v:
-                vals.append(v * b // a)
-        if vals:
-            out[k] = sorted(set(vals))[:4]
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 # Verification and the one-call rewrite
 # ------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class VerifyReport:
     exact_checked: bool
     max_abs_diff: float
@@ -633,14 +550,17 @@ class VerifyReport:
         return f"verified {what} (max |diff| {self.max_abs_diff:.2e})"
 
 
-def zeroed_copy(model: torch.nn.Module, graph: PrunableGraph, plan: dict[str, Iterable[int]]) -> torch.nn.Module:
-    """A copy of ``model`` with the parameter slices of the removed units set to zero."""
-    groups = {g.id: g for g in graph.groups}
-    clean = normalize_plan(plan, groups)
+def zeroed_copy(model: torch.nn.Module, analysis: Any, plan: Any, weights: WeightUpdate | None = None) -> torch.nn.Module:
+    """A copy of ``model`` (with ``weights`` applied) whose removed units' parameter slices are zero."""
+    plan = as_plan(analysis, plan)
+    groups = analysis.by_id
+    graph = analysis.graph
     z = copy.deepcopy(model)
+    if weights is not None and not weights.is_identity:
+        weights.apply_to(z)
     params = dict(z.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for gid, units in clean.items():
+        for gid, units in plan.items():
             for m in groups[gid].params:
                 for name in graph.aliases.get(m.name, [m.name]):
                     if name in params:
@@ -650,14 +570,6 @@ def zeroed_copy(model: torch.nn.Module, graph: PrunableGraph, plan: dict[str, It
     return z
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
-
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
     if dtype in (torch.float16, torch.bfloat16):
         return 2e-2, 2e-2
@@ -665,7 +577,7 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def compare_outputs(a: Any, b: Any, rtol: float | None = None, atol: float | None = None) -> tuple[bool, float, str]:
-    la, lb = _leaves(a), _leaves(b)
+    la, lb = tensor_leaves(a), tensor_leaves(b)
     if len(la) != len(lb):
         return False, float("inf"), f"{len(la)} outputs vs {len(lb)}"
     worst = 0.0
@@ -689,30 +601,35 @@ def compare_outputs(a: Any, b: Any, rtol: float | None = None, atol: float | Non
 def verify(
     original: torch.nn.Module,
     pruned: Any,
-    plan: dict[str, Iterable[int]],
-    graph: PrunableGraph,
+    plan: Any,
+    analysis: Any,
     inputs: dict | None = None,
     *,
+    weights: WeightUpdate | None = None,
     rtol: float | None = None,
     atol: float | None = None,
 ) -> VerifyReport:
     """Check a pruned model: shapes, finiteness and, when every pruned group is exact, equality
-    with the original whose removed units are zeroed.  Raises VerificationError on mismatch."""
-    groups = {g.id: g for g in graph.groups}
-    clean = normalize_plan(plan, groups)
-    exact = all(groups[g].exact for g in clean)
+    with the original (``weights`` applied) whose removed units are zeroed.
+
+    Raises VerificationError on mismatch.
+    """
+    plan = as_plan(analysis, plan)
+    graph = analysis.graph
+    groups = analysis.by_id
+    exact = all(groups[g].exact for g in plan)
     kwargs = {**(inputs if inputs is not None else graph.example_kwargs), **graph.constant_kwargs}
     args = graph.example_args if inputs is None else ()
     with torch.no_grad():
         out_p = _call(pruned, args, kwargs)
         if exact:
-            out_o = _call(zeroed_copy(original, graph, clean).eval(), args, kwargs)
+            out_o = _call(zeroed_copy(original, analysis, plan, weights), args, kwargs)
         else:
-            out_o = _call(original.eval() if isinstance(original, torch.nn.Module) else original, args, kwargs)
-    finite = all(bool(torch.isfinite(t).all()) for t in _leaves(out_p) if t.is_floating_point())
+            out_o = _call(original, args, kwargs)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensor_leaves(out_p, floating=True))
     if not finite:
         raise VerificationError("the pruned model produces non-finite outputs")
-    la, lb = _leaves(out_o), _leaves(out_p)
+    la, lb = tensor_leaves(out_o), tensor_leaves(out_p)
     shapes_ok = [t.shape for t in la] == [t.shape for t in lb]
     if not shapes_ok:
         raise VerificationError(
@@ -730,55 +647,82 @@ def verify(
 
 
 def _call(model: Any, args: tuple, kwargs: dict) -> Any:
-    was_training = getattr(model, "training", None)
-    try:
-        if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
-            model.eval()
+    with eval_mode(model):
         return model(*args, **kwargs)
-    finally:
-        if was_training and isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
-            model.train()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RewriteResult:
-    """What ``rewrite`` hands back besides the module (also attached as ``module.fxprune``)."""
+    """What :func:`rewrite` returns.
 
+    ``model`` is the user's own class, smaller (``returned == "module"``), or the rewritten
+    ``GraphModule`` when the eager class cannot express the result (``returned == "graph"``, with
+    the reason in ``notes``).  ``program`` is the rewritten graph either way.
+    ``attribute_changes`` lists the per-module int attributes the rewrite set (module path ->
+    attr -> (old, new)); ``config_updated`` says whether the HF config now describes the model.
+    """
+
+    model: Any
     program: RewrittenProgram
-    attribute_changes: dict
-    problems: list[str]
-    config_updated: bool
+    plan: Plan
+    returned: Literal["module", "graph"]
     verification: VerifyReport | None
-    shapes: dict[str, list[int]]
+    attribute_changes: Mapping[str, Mapping[str, tuple[int, int]]]
+    config_updated: bool
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+    shapes: Mapping[str, list[int]]
+    weights: WeightUpdate = IDENTITY
+
+    def __repr__(self) -> str:
+        return (f"RewriteResult(model={type(self.model).__name__}, returned={self.returned!r}, "
+                f"verification={self.verification})")
 
 
+def _rewrite_requires(model: Any, analysis: Any, plan: Any, *args: Any, **kwargs: Any) -> None:
+    check(isinstance(model, torch.nn.Module), BadInputError,
+          f"rewrite() needs the user's nn.Module, got {type(model).__name__}")
+    check(hasattr(analysis, "layouts") and hasattr(analysis, "graph"), BadInputError,
+          "rewrite() needs the Analysis from fxprune.analyze(graph), not the graph itself")
+
+
+def _rewrite_ensures(result: RewriteResult) -> None:
+    if result.returned == "module" and isinstance(result.model, torch.nn.Module):
+        got = {n: list(t.shape) for n, t in result.model.state_dict().items()}
+        check(got == dict(result.shapes), VerificationError, "the returned module's shapes are not the recorded ones")
+
+
+@fxpass("rewrite", requires=_rewrite_requires, ensures=_rewrite_ensures)
 def rewrite(
     model: torch.nn.Module,
-    graph: PrunableGraph,
-    plan: dict[str, Iterable[int]],
+    analysis: Any,
+    plan: Any,
+    weights: WeightUpdate | None = None,
     *,
     verify_outputs: bool = True,
     inputs: dict | None = None,
     return_graph_on_mismatch: bool = True,
     reexport: bool = False,
-) -> torch.nn.Module:
-    """Apply ``plan`` ({group_id: units to remove}) and return a smaller model.
+) -> RewriteResult:
+    """Apply ``plan`` ({group_id: units to remove}, or a Plan) to ``model`` and return a RewriteResult.
 
-    Returns a new instance of the user's own class (the input is untouched) with smaller layers,
-    checked against the rewritten graph on the example inputs.  If the eager module cannot be
-    made to match (its forward derives a size the graph no longer agrees with), the rewritten
-    ``GraphModule`` is returned instead, with a warning that says why.  With
-    ``verify_outputs=True`` (default) the result is also checked against the original with the
-    removed units zeroed whenever every pruned group is exact.
+    ``result.model`` is a new instance of the user's own class (the input is untouched) with
+    smaller layers, checked against the rewritten graph on the example inputs.  If the eager
+    module cannot be made to match (its forward derives a size the graph no longer agrees with),
+    the rewritten ``GraphModule`` is returned instead, and a note says why.  With
+    ``verify_outputs=True`` (default) the result is also checked against the original (with
+    ``weights`` applied) with the removed units zeroed whenever every pruned group is exact.
     """
-    removed_by_class(graph, plan)  # validates the plan before any work
+    plan = as_plan(analysis, plan)
+    graph: PrunableGraph = analysis.graph
+    weights = weights or IDENTITY
+    notes: list[str] = list(weights.notes)
     if graph.on_meta:
-        program = rewrite_graph(graph, plan, reexport=True)
-        mod = rewrite_module(model, graph, plan, program)
-        _attach(mod.module, program, mod, None, graph, plan)
-        return mod.module
-    program = rewrite_graph(graph, plan, reexport=reexport)
-    mod = rewrite_module(model, graph, plan, program)
+        program = rewrite_graph(analysis, plan, weights, reexport=True)
+        mod = rewrite_module(model, analysis, plan, program, weights)
+        return _result(mod.module, program, plan, mod, None, weights, notes, "module")
+    program = rewrite_graph(analysis, plan, weights, reexport=reexport)
+    mod = rewrite_module(model, analysis, plan, program, weights)
     result_model: Any = mod.module
     kwargs = {**(inputs or graph.example_kwargs), **graph.constant_kwargs}
     args = graph.example_args if inputs is None else ()
@@ -791,21 +735,29 @@ def rewrite(
         mod.config_updated = _update_config(
             mod, model, lambda: _matches_graph(mod.module, graph_out, args, kwargs)[0]
         )
+    returned = "module"
     if not ok:
         reason = "; ".join(mod.problems) or why
         if not return_graph_on_mismatch:
             raise VerificationError(f"the pruned {type(model).__name__} does not match the rewritten graph: {reason}")
-        warnings.warn(
-            f"fxprune: the pruned {type(model).__name__} could not be made to match the rewritten graph "
-            f"({reason}); returning the rewritten GraphModule instead.",
-            stacklevel=2,
-        )
-        result_model = program.graph_module
+        note = (f"the pruned {type(model).__name__} could not be made to match the rewritten graph "
+                f"({reason}); returning the rewritten GraphModule instead.")
+        warnings.warn(f"fxprune: {note}", stacklevel=3)
+        notes.append(note)
+        result_model, returned = program.graph_module, "graph"
     report = None
     if verify_outputs:
-        report = verify(model, result_model if result_model is mod.module else program, plan, graph, inputs)
-    _attach(result_model, program, mod, report, graph, plan)
-    return result_model
+        report = verify(model, result_model if returned == "module" else program, plan, analysis, inputs,
+                        weights=weights)
+    return _result(result_model, program, plan, mod, report, weights, notes, returned)
+
+
+def _result(module: Any, program: RewrittenProgram, plan: Plan, mod: ModuleRewrite, report: VerifyReport | None,
+            weights: WeightUpdate, notes: list[str], returned: str) -> RewriteResult:
+    shapes = {n: list(t.shape) for n, t in module.state_dict().items()} if returned == "module" else {}
+    return RewriteResult(module, program, plan, returned, report,
+                         {k: dict(v) for k, v in mod.attribute_changes.items()}, mod.config_updated,
+                         tuple(mod.problems), tuple(notes), shapes, weights)
 
 
 def _matches_graph(module: torch.nn.Module, graph_out: Any, args: tuple, kwargs: dict) -> tuple[bool, str]:
@@ -846,12 +798,3 @@ def _resolve_conflicts(mod: ModuleRewrite, graph_out: Any, args: tuple, kwargs: 
             mod.problems.clear()
             return True
     return False
-
-
-def _attach(module: Any, program: RewrittenProgram, mod: ModuleRewrite, report, graph, plan) -> None:
-    shapes = {n: list(t.shape) for n, t in module.state_dict().items()} if isinstance(module, torch.nn.Module) else {}
-    info = RewriteResult(program, mod.attribute_changes, mod.problems, mod.config_updated, report, shapes)
-    try:
-        object.__setattr__(module, "fxprune", info)
-    except Exception:  # noqa: BLE001
-        pass

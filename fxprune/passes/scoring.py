@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
+import types
 import warnings
 import zlib
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
@@ -44,20 +44,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.errors import DataError, ScoringError
+from fxprune.errors import BadInputError, DataError, ScoringError
 from fxprune.graph import Group, Member, layout_coords
+from fxprune.passes.base import check, fxpass
+from fxprune.util.hf import linear_input_dim, with_labels
+from fxprune.util.modules import call as _call
+from fxprune.util.modules import eval_mode as _eval_mode
+from fxprune.util.modules import model_device as _model_device
+from fxprune.util.modules import resolve_device as _resolve_device
+from fxprune.util.modules import to_device as _to_device
+from fxprune.util.modules import unique_params
+from fxprune.util.outputs import tensor_leaves
 
 __all__ = [
     "AGGREGATES",
     "IMPORTANCE",
     "NORMALIZERS",
     "Importance",
-    "ScoreResult",
+    "Scores",
     "register_aggregate",
     "register_importance",
     "register_normalizer",
     "score",
-    "score_with_stats",
 ]
 
 Batch = Any  # dict of tensors, tuple/list of positional args, or a single tensor
@@ -174,29 +182,6 @@ def _norm_none(s: np.ndarray) -> np.ndarray:
 # What gets scored
 # --------------------------------------------------------------------------------------------
 
-# Module types whose weight multiplies an input feature along a known weight dim.
-# value: the weight dim indexed by input features.
-_INPUT_DIM: dict[type, int] = {
-    nn.Linear: 1,
-    nn.Conv1d: 1,
-    nn.Conv2d: 1,
-    nn.Conv3d: 1,
-}
-try:  # GPT-2 style transposed linear: weight is [in, out]
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-
-    _INPUT_DIM[_HFConv1D] = 0
-except Exception:  # pragma: no cover - transformers is a hard dependency, but stay importable
-    pass
-
-
-def _input_dim_of(module: nn.Module | None) -> int | None:
-    for cls in type(module).__mro__ if module is not None else ():
-        if cls in _INPUT_DIM:
-            return _INPUT_DIM[cls]
-    return None
-
-
 @dataclasses.dataclass
 class Target:
     """One parameter tensor that is a member of some group, with every dim that gets scored.
@@ -220,7 +205,7 @@ class Target:
         """Weight dim indexed by the owning layer's input features, or None (bias, norm...)."""
         if self.attr != "weight":
             return None
-        return _input_dim_of(self.module)
+        return linear_input_dim(self.module)
 
 
 @dataclasses.dataclass
@@ -430,7 +415,7 @@ class Importance:
             warnings.warn(
                 f"importance {self.name!r} cannot score any member of group {group.id!r}; "
                 "its units all score 0.",
-                stacklevel=3,
+                stacklevel=4,
             )
             return np.zeros(group.size, dtype=np.float64)
         return np.asarray(aggregate(per_member), dtype=np.float64)
@@ -600,7 +585,7 @@ class FlapImportance(Importance):
     ``Var`` is the population variance over calibration tokens of the owning layer's input
     feature (forward hooks).  A feature that barely fluctuates can be replaced by its mean, which
     is why FLAP pairs this metric with bias compensation (``b += W[:, removed] @ mean``); the
-    per-feature means are returned by :func:`score_with_stats` as ``ScoreResult.input_mean``.
+    per-feature means are returned by :func:`score` as ``Scores.input_mean``.
     Only members on a Linear/Conv weight's *input* dim are scored (that is where the metric is
     defined: ``o_proj``/``down_proj`` columns for heads/MLP channels); other members are skipped.
     """
@@ -637,33 +622,48 @@ class RandomImportance(Importance):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class ScoreResult:
-    """Scores plus the side statistics some criteria gather.
+@dataclasses.dataclass(frozen=True)
+class Scores(Mapping[str, np.ndarray]):
+    """The scoring pass' result: per-unit scores of every group, plus the statistics gathered.
+
+    It is a read-only mapping ``{group_id: float64 array of group.size scores}`` (higher means
+    more important), so the planner takes it as it is.
 
     ``input_mean`` maps the weight FQN of every hooked Linear/Conv layer to the mean of each of
-    its input features over the calibration tokens (only filled by criteria with forward hooks,
-    ``activation`` and ``flap``); the rewrite can use it for FLAP-style bias compensation.
+    its input features over the calibration tokens (filled by criteria with forward hooks,
+    ``activation`` and ``flap``); the update pass uses it for FLAP-style bias compensation.
     """
 
-    scores: dict[str, np.ndarray]
+    by_group: Mapping[str, np.ndarray]
     importance: str
+    aggregate: str = "sum"
+    normalize: str | None = "mean"
     n_batches: int = 0
     n_tokens: int = 0
-    input_mean: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    input_count: dict[str, int] = dataclasses.field(default_factory=dict)
+    input_mean: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    input_count: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        frozen = {}
+        for k, v in self.by_group.items():
+            arr = np.array(v, dtype=np.float64)
+            arr.setflags(write=False)
+            frozen[k] = arr
+        object.__setattr__(self, "by_group", types.MappingProxyType(frozen))
+        object.__setattr__(self, "input_mean", types.MappingProxyType(dict(self.input_mean)))
+        object.__setattr__(self, "input_count", types.MappingProxyType(dict(self.input_count)))
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    def __getitem__(self, group_id: str) -> np.ndarray:
+        return self.by_group[group_id]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_group)
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    """The single device the model lives on, or None if it is spread over several."""
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
-    return devices.pop() if len(devices) == 1 else None
+    def __len__(self) -> int:
+        return len(self.by_group)
+
+    def __repr__(self) -> str:
+        return f"Scores(importance={self.importance!r}, groups={len(self.by_group)}, batches={self.n_batches})"
 
 
 @contextlib.contextmanager
@@ -671,7 +671,7 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[torch.device]
     """Move the model to ``device`` for the pass and back afterwards (also on error)."""
     home = _model_device(model)
     if home is None:
-        warnings.warn("model spans several devices; scoring it where it is", stacklevel=4)
+        warnings.warn("model spans several devices; scoring it where it is", stacklevel=5)
         yield next(model.parameters()).device
         return
     if home == device or (home.type == device.type and device.index is None):
@@ -684,68 +684,6 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[torch.device]
         model.to(home)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _with_labels(model: nn.Module, batch: Batch) -> Batch | None:
-    """For HF-style models whose forward takes ``labels``: the batch with ``labels=input_ids``.
-
-    Padding (attention_mask == 0) is masked with -100 so it does not count in the loss.  Returns
-    None when the model or batch does not fit that convention.
-    """
-    params = _forward_params(model)
-    if "labels" not in params:
-        return None
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        return None
-    batch = dict(batch)
-    if "labels" not in batch:
-        labels = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            labels = labels.masked_fill(mask == 0, -100)
-        batch["labels"] = labels
-    if "use_cache" in params and "use_cache" not in batch:
-        batch["use_cache"] = False  # no KV cache to hold during scoring
-    return batch
-
-
-def _call(model: nn.Module, batch: Batch) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _tensor_leaves(out: Any) -> Iterator[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        if out.is_floating_point():
-            yield out
-    elif isinstance(out, Mapping):
-        for v in out.values():
-            yield from _tensor_leaves(v)
-    elif isinstance(out, (tuple, list)):
-        for v in out:
-            yield from _tensor_leaves(v)
-
-
 def default_loss(output: Any, batch: Batch = None) -> torch.Tensor:
     """Sum of squares of every floating-point tensor in the output.
 
@@ -753,7 +691,7 @@ def default_loss(output: Any, batch: Batch = None) -> torch.Tensor:
     contributes to the *energy* of the output, which is a data-only proxy for "removing this
     changes the output a lot".  Supply ``loss_fn`` for a task loss.
     """
-    leaves = list(_tensor_leaves(output))
+    leaves = tensor_leaves(output, floating=True)
     if not leaves:
         raise ScoringError("model output has no floating-point tensors to build a loss from; pass loss_fn.")
     return sum(t.float().pow(2).sum() for t in leaves)
@@ -765,7 +703,7 @@ def _loss_for(
     """Loss of one batch: ``loss_fn`` if given, else the HF ``labels`` loss, else :func:`default_loss`."""
     if loss_fn is not None:
         return loss_fn(_call(model, batch), batch)
-    labelled = _with_labels(model, batch)
+    labelled = with_labels(model, batch)
     if labelled is not None:
         out = _call(model, labelled)
         loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
@@ -791,16 +729,6 @@ def _count_tokens(batch: Batch) -> int:
     return 0
 
 
-def _unique_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 @contextlib.contextmanager
 def _gradient_session(
     model: nn.Module, targets: dict[int, Target], crit: Importance
@@ -810,7 +738,7 @@ def _gradient_session(
     On exit (also on error) the hooks are removed, requires_grad flags and any ``.grad`` the
     user had are restored, and no gradient of ours is left behind.
     """
-    all_params = _unique_params(model.parameters())
+    all_params = unique_params(model)
     saved_flags = {id(p): p.requires_grad for p in all_params}
     saved_grads = {id(p): p.grad for p in all_params}
     handles = []
@@ -871,18 +799,6 @@ def _input_hooks(targets: dict[int, Target], ctx: ScoringContext) -> Iterator[No
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Score in eval mode (dropout off, deterministic) and restore the caller's mode."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _progress(batches: Iterable[Batch], name: str, enabled: bool) -> Any:
@@ -965,7 +881,23 @@ def _autocast(device: torch.device, dtype: torch.dtype | None, model: nn.Module)
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def score_with_stats(
+def _groups_of(groups: Any) -> list[Group]:
+    return list(groups.groups) if hasattr(groups, "groups") else list(groups)
+
+
+def _score_requires(model: Any, groups: Any, *args: Any, **kwargs: Any) -> None:
+    check(isinstance(model, nn.Module), BadInputError, f"score() needs the nn.Module, got {type(model).__name__}")
+    check(all(isinstance(g, Group) for g in _groups_of(groups)), BadInputError,
+          "score() needs the Analysis from fxprune.analyze (or its groups)")
+
+
+def _score_ensures(result: Scores) -> None:
+    for gid, s in result.items():
+        check(bool(np.all(np.isfinite(s))), ScoringError, f"group {gid!r}: non-finite scores")
+
+
+@fxpass("score", requires=_score_requires, ensures=_score_ensures)
+def score(
     model: nn.Module,
     groups: Sequence[Group],
     batches: Iterable[Batch] | None = None,
@@ -978,13 +910,45 @@ def score_with_stats(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> ScoreResult:
-    """Like :func:`score`, but also returns the statistics gathered on the way (see ScoreResult)."""
+) -> Scores:
+    """Score every unit of every group; higher means more important.
+
+    Args:
+        model: the eager ``nn.Module`` the groups were computed for (parameters are looked up by
+            the members' FQNs).
+        groups: the :class:`~fxprune.passes.analysis.Analysis` (or a sequence of its groups).
+        batches: calibration batches (dicts are passed as keyword args, tuples/lists as positional
+            args, a tensor as the single argument).  Not needed for ``l1``, ``l2``, ``random``.
+        importance: a name in :data:`IMPORTANCE`: ``taylor`` (default), ``taylor-element``,
+            ``taylor-2``, ``l1``, ``l2``, ``activation`` (Wanda-sp), ``flap``, ``random``.
+        aggregate: how member scores combine, a name in :data:`AGGREGATES`.
+        normalize: per-group rescaling so units rank across groups, a name in
+            :data:`NORMALIZERS`: ``"mean"`` (scores / group mean: 1.0 is an average unit of its
+            group, so a global planner compares units by how they stand *within* their group,
+            independent of the layer's overall scale), ``"max"``, ``"sum"`` or None.
+        device: where to run the passes; ``"auto"`` = CUDA if available, else CPU.  The model is
+            moved there and back.
+        dtype: compute dtype (e.g. ``torch.bfloat16``), applied with autocast; weights are not cast.
+        loss_fn: ``loss_fn(output, batch) -> scalar``.  Without it: HF models that take
+            ``labels`` get ``labels=input_ids`` and their ``.loss``; anything else uses
+            :func:`default_loss` (sum of squares of the outputs).
+        seed: seeds torch during the pass and the ``random`` criterion.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        :class:`Scores`, a read-only ``{group.id: float64 array of group.size scores}`` with the
+        statistics gathered on the way.
+
+    Raises:
+        ScoringError: unknown criterion/aggregate/normalizer, groups that do not match the model,
+            or a NaN/inf loss or gradient (the message names the batch and parameter).
+        DataError: a data-driven criterion without batches.
+    """
     crit_cls = _lookup(IMPORTANCE, importance, "importance criterion")
     agg = _lookup(AGGREGATES, aggregate, "aggregate")
     norm = _lookup(NORMALIZERS, normalize, "normalize")
     crit = crit_cls(seed=seed)
-    groups = list(groups)
+    groups = _groups_of(groups)
     targets = _collect_targets(model, groups)
     ctx = ScoringContext(targets)
     if crit.needs_data and batches is None:
@@ -1015,7 +979,7 @@ def score_with_stats(
     else:
         scores = _all_group_scores(groups, crit, ctx, agg, norm)
         means, counts = {}, {}
-    return ScoreResult(scores, importance, ctx.n_batches, tokens, means, counts)
+    return Scores(scores, importance, aggregate, normalize, ctx.n_batches, tokens, means, counts)
 
 
 def _all_group_scores(
@@ -1050,64 +1014,3 @@ def _input_means(
                 means[name] = stats.mean.cpu().numpy()
                 counts[name] = stats.count
     return means, counts
-
-
-def score(
-    model: nn.Module,
-    groups: Sequence[Group],
-    batches: Iterable[Batch] | None = None,
-    *,
-    importance: str = "taylor",
-    aggregate: str = "sum",
-    normalize: str | None = "mean",
-    device: str | torch.device = "auto",
-    dtype: torch.dtype | None = None,
-    loss_fn: LossFn | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """Score every unit of every group; higher means more important.
-
-    Args:
-        model: the eager ``nn.Module`` the groups were computed for (parameters are looked up by
-            the members' FQNs).
-        groups: output of the analysis pass.
-        batches: calibration batches (dicts are passed as keyword args, tuples/lists as positional
-            args, a tensor as the single argument).  Not needed for ``l1``, ``l2``, ``random``.
-        importance: a name in :data:`IMPORTANCE`: ``taylor`` (default), ``taylor-element``,
-            ``taylor-2``, ``l1``, ``l2``, ``activation`` (Wanda-sp), ``flap``, ``random``.
-        aggregate: how member scores combine, a name in :data:`AGGREGATES`.
-        normalize: per-group rescaling so units rank across groups, a name in
-            :data:`NORMALIZERS`: ``"mean"`` (scores / group mean: 1.0 is an average unit of its
-            group, so a global planner compares units by how they stand *within* their group,
-            independent of the layer's overall scale), ``"max"``, ``"sum"`` or None.
-        device: where to run the passes; ``"auto"`` = CUDA if available, else CPU.  The model is
-            moved there and back.
-        dtype: compute dtype (e.g. ``torch.bfloat16``), applied with autocast; weights are not cast.
-        loss_fn: ``loss_fn(output, batch) -> scalar``.  Without it: HF models that take
-            ``labels`` get ``labels=input_ids`` and their ``.loss``; anything else uses
-            :func:`default_loss` (sum of squares of the outputs).
-        seed: seeds torch during the pass and the ``random`` criterion.
-        progress: show a tqdm bar over batches.
-
-    Returns:
-        ``{group.id: float64 array of group.size scores}``.
-
-    Raises:
-        ScoringError: unknown criterion/aggregate/normalizer, groups that do not match the model,
-            or a NaN/inf loss or gradient (the message names the batch).
-        DataError: a data-driven criterion without batches.
-    """
-    return score_with_stats(
-        model,
-        groups,
-        batches,
-        importance=importance,
-        aggregate=aggregate,
-        normalize=normalize,
-        device=device,
-        dtype=dtype,
-        loss_fn=loss_fn,
-        seed=seed,
-        progress=progress,
-    ).scores

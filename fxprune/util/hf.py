@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import copy
+import itertools
+import warnings
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -28,11 +31,14 @@ def is_linear_like(module: Any) -> bool:
 
 
 def linear_input_dim(module: Any) -> int | None:
-    """The weight dim indexed by input features: 1 for Linear/ConvNd, 0 for Conv1D, else None."""
+    """The weight dim indexed by input features: 1 for Linear and (non-transposed) ConvNd, 0 for
+    HF Conv1D, None otherwise (transposed convs, norms, embeddings)."""
     if is_conv1d(module):
         return 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return None
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        return 1 if not isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+        return 1
     return None
 
 
@@ -112,3 +118,103 @@ def is_causal_lm(model: Any) -> bool:
     """An HF model that generates text (has ``generate`` and an output embedding)."""
     get_out = getattr(model, "get_output_embeddings", None)
     return hasattr(model, "generate") and callable(get_out) and get_out() is not None
+
+
+# ------------------------------------------------------------------------------------------
+# Config search: which HF config describes a pruned model
+# ------------------------------------------------------------------------------------------
+def config_candidates(new_model: nn.Module, old_model: nn.Module, changes: Mapping, skip: Any) -> Iterator[Any]:
+    """Yield HF configs whose rebuilt skeleton has exactly the pruned parameter shapes.
+
+    Candidate fields are int config entries whose old value changed somewhere in the model (and
+    head counts scaled by a width ratio).  Assignments with the fewest changed fields come first.
+    Equal shapes are necessary, not sufficient (4 heads of 6 vs 2 heads of 12), so the caller
+    also checks each candidate against the rewritten graph.
+    """
+    config = getattr(new_model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not hasattr(type(new_model), "_from_config"):
+        return
+    target = {n: tuple(p.shape) for n, p in new_model.state_dict().items()}
+    original = {n: tuple(p.shape) for n, p in old_model.state_dict().items()}
+    if target == original:
+        return
+    value_map: dict[int, set[int]] = {}
+    for n, shape in original.items():
+        for a, b in zip(shape, target.get(n, shape)):
+            value_map.setdefault(a, set()).add(b)
+    for attrs in changes.values():
+        for old, new in attrs.values():
+            value_map.setdefault(old, set()).add(new)
+    fields = {
+        k: v for k, v in config.to_dict().items() if type(v) is int and not skip.search(k)
+    }
+    candidates: dict[str, set[int]] = {}
+    for k, v in fields.items():
+        news = value_map.get(v, set()) - {v}
+        if news:
+            candidates[k] = set(news)
+    for k, vals in _derived_count_candidates(new_model, old_model, fields).items():
+        candidates.setdefault(k, set()).update(vals)
+    keys = sorted(candidates)
+    options = [[None, *sorted(candidates[k])] for k in keys]
+    combos = sorted(itertools.product(*options), key=lambda c: sum(v is not None for v in c))
+    for combo in combos[1:513]:
+        cfg = copy.deepcopy(config)
+        for k, v in zip(keys, combo):
+            if v is not None:
+                setattr(cfg, k, v)
+        if _mismatch(new_model, cfg, target) == 0:
+            yield cfg
+
+
+def skeleton(model: nn.Module, cfg: Any) -> nn.Module:
+    """``type(model)`` built from ``cfg`` on the meta device (shapes only)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(model)._from_config(cfg)
+
+
+def _mismatch(model: nn.Module, cfg: Any, target: dict[str, tuple]) -> int:
+    """How far the skeleton built from ``cfg`` is from the pruned model (0 = identical shapes)."""
+    try:
+        built = skeleton(model, cfg)
+    except Exception:  # noqa: BLE001 - an inconsistent config is just a bad candidate
+        return 10**9
+    shapes = {n: tuple(p.shape) for n, p in built.state_dict().items()}
+    return sum(shapes.get(n) != s for n, s in target.items()) + sum(n not in target for n in shapes)
+
+
+def copy_int_attrs(src: nn.Module, dst: nn.Module) -> None:
+    """Bring bookkeeping ints (``hidden_size`` on an MLP, say) in line with the skeleton."""
+    dst_mods = dict(dst.named_modules())
+    for name, ms in src.named_modules():
+        md = dst_mods.get(name)
+        if md is None:
+            continue
+        for k, v in vars(ms).items():
+            if type(v) is int and not k.startswith("_") and type(vars(md).get(k)) is int and vars(md)[k] != v:
+                setattr(md, k, v)
+
+
+def _derived_count_candidates(new_model, old_model, fields: dict[str, int]) -> dict[str, list[int]]:
+    """For count-like config fields (heads), propose old * (new width / old width) values."""
+    out: dict[str, list[int]] = {}
+    ratios = set()
+    old_sd, new_sd = old_model.state_dict(), new_model.state_dict()
+    for n, p in old_sd.items():
+        q = new_sd.get(n)
+        if q is None:
+            continue
+        for a, b in zip(p.shape, q.shape):
+            if a != b and a:
+                ratios.add((a, b))
+    for k, v in fields.items():
+        if "head" not in k.lower():
+            continue
+        vals = []
+        for a, b in ratios:
+            if (v * b) % a == 0 and 0 < v * b // a < v:
+                vals.append(v * b // a)
+        if vals:
+            out[k] = sorted(set(vals))[:4]
+    return out

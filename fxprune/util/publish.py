@@ -149,7 +149,7 @@ class Publication:
         if kind not in ("dir", "files"):
             raise ValueError(f"kind must be 'dir' or 'files', got {kind!r}")
         self.dest_arg = os.fspath(dest)
-        self.protect = [p for p in protect if p is not None]
+        self.protect = [p for p in protect if p is not None and os.path.lexists(os.fspath(p))]
         self.overwrite = overwrite
         self.kind = kind
         self.what = what
