@@ -45,7 +45,8 @@ __all__ += [
     "make_plan", "score", "score_with_stats",
 ]
 
-from fxprune.passes.export import benchmark_latency, export_onnx, onnx_generate  # noqa: E402
+from fxprune.passes.export import export_onnx  # noqa: E402
+from fxprune.runtime import benchmark_latency, onnx_generate  # noqa: E402
 from fxprune.passes.recovery import RecoveryResult, recover  # noqa: E402
 
 __all__ += ["benchmark_latency", "export_onnx", "onnx_generate", "RecoveryResult", "recover"]

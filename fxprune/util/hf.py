@@ -112,3 +112,25 @@ def is_causal_lm(model: Any) -> bool:
     """An HF model that generates text (has ``generate`` and an output embedding)."""
     get_out = getattr(model, "get_output_embeddings", None)
     return hasattr(model, "generate") and callable(get_out) and get_out() is not None
+
+
+def decoder_layers(model: Any) -> nn.ModuleList | None:
+    """The transformer blocks of an HF decoder LM (``model.model.layers`` for Llama), or None.
+
+    Looks at ``get_decoder()`` first, then ``model.model``, then the model itself, so base models
+    and ``*ForCausalLM`` wrappers both work.
+    """
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for candidate in (base, getattr(model, "model", None), model):
+        layers = getattr(candidate, "layers", None) if candidate is not None else None
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
+
+
+def attention_of(layer: nn.Module) -> nn.Module | None:
+    """The first submodule of ``layer`` with separate ``k_proj``/``v_proj`` Linears (``self_attn``)."""
+    for mod in layer.modules():
+        if isinstance(getattr(mod, "k_proj", None), nn.Linear) and isinstance(getattr(mod, "v_proj", None), nn.Linear):
+            return mod
+    return None
