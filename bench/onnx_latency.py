@@ -49,12 +49,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fxprune.passes.export import (  # noqa: E402
-    benchmark_latency,
-    export_onnx,
-    kv_cache_layout,
-    ort_providers,
-)
+from fxprune.backends.onnx import ort_providers, ort_session  # noqa: E402
+from fxprune.passes.export import export_onnx, kv_cache_layout  # noqa: E402
+from fxprune.runtime import benchmark_latency  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "onnx_latency.json"
 
@@ -239,14 +236,8 @@ def flops_decode(model: torch.nn.Module, ctx: float, batch: int = 1) -> float:
 
 
 def make_session(path: Path, providers: list[str], threads: int | None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    """An ORT session with all graph optimizations (ORT's default) and ``threads`` intra-op threads."""
+    return ort_session(path, providers, intra_op_threads=threads)
 
 
 def export_variant(

@@ -85,7 +85,7 @@ def ort_latencies_ms(paths: list[str], feed: dict, repeats: int = 20, warmup: in
     """Median latency of each model, runs interleaved so every model sees the same machine load."""
     import onnxruntime as ort
 
-    from fxprune.passes.export import ort_providers
+    from fxprune.backends.onnx import ort_providers
 
     sessions = [ort.InferenceSession(p, providers=ort_providers()) for p in paths]
     feeds = []

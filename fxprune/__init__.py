@@ -34,12 +34,13 @@ from fxprune.io import load, save
 from fxprune.passes.analysis import Analysis, analyze
 from fxprune.passes.base import PASSES
 from fxprune.passes.capture import meta_model, trace
-from fxprune.passes.export import benchmark_latency, export_onnx, onnx_generate
+from fxprune.passes.export import export_onnx
 from fxprune.passes.plan import Plan, count_params_after, make_plan
 from fxprune.passes.recovery import RecoveryResult, recover
 from fxprune.passes.rewrite import RewriteResult, rewrite, rewrite_graph, verify, zeroed_copy
 from fxprune.passes.scoring import Scores, score
 from fxprune.passes.update import WeightUpdate, update
+from fxprune.runtime import benchmark_latency, onnx_generate
 
 __version__ = "0.1.0"
 

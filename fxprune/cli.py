@@ -259,11 +259,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fxprune.passes.capture import default_example_inputs
     import tempfile
 
     from fxprune.evaluate import is_causal_lm
-    from fxprune.passes.export import benchmark_latency, export_onnx
+    from fxprune.passes.capture import default_example_inputs
+    from fxprune.passes.export import export_onnx
+    from fxprune.runtime import benchmark_forward, benchmark_latency
 
     dense_dir = args.dense or _recorded_source(args.dir)
     if dense_dir is None:
@@ -278,14 +279,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             inputs = {k: v[:, :8] if v.dim() == 2 else v for k, v in default_example_inputs(model).items()}
             causal = is_causal_lm(model)
             onnx_path = os.path.join(tmp, f"{label}.onnx")
-            export_onnx(model, onnx_path, example_inputs=inputs, kv_cache=causal)
+            exported = export_onnx(model, onnx_path, example_inputs=inputs, kv_cache=causal)
             params = sum(p.numel() for p in model.parameters())
             if causal:
-                lat = benchmark_latency(onnx_path, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                lat = benchmark_latency(exported, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                                         repeats=args.repeats)
                 rows.append((label, params, lat.prefill_ms, lat.decode_ms_per_token))
             else:
-                rows.append((label, params, _encoder_latency(onnx_path, model, args), None))
+                fwd = benchmark_forward(exported, default_example_inputs(model), repeats=args.repeats)
+                rows.append((label, params, fwd.forward_ms, None))
     d, p = rows
     headline = [("", "dense", "pruned", "speedup"), ("parameters", f"{d[1]:,}", f"{p[1]:,}", "")]
     headline.append(("prefill / forward (ms)", f"{d[2]:.2f}", f"{p[2]:.2f}", f"{d[2] / p[2]:.2f}x"))
@@ -296,28 +298,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _save_dir(None, out_dir, args.overwrite, None, {}, "fxprune bench: ONNX Runtime latency", headline, {})
     print(f"report written to {out_dir}")
     return EXIT_OK
-
-
-def _encoder_latency(onnx_path: str, model: Any, args: argparse.Namespace) -> float:
-    from fxprune.passes.capture import default_example_inputs
-    import statistics
-    import time
-
-    import onnxruntime as ort
-
-    from fxprune.passes.export import ort_providers
-
-    sess = ort.InferenceSession(onnx_path, providers=ort_providers())
-    feed = {k: v.numpy() for k, v in default_example_inputs(model).items()
-            if k in {i.name for i in sess.get_inputs()}}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 def _recorded_source(path: str) -> str | None:

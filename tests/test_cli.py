@@ -104,3 +104,35 @@ def test_recover_export_and_bench_commands(hf_dir_with_tokenizer, capsys):
                      "--out", str(root / "bench")]) == 0
     assert (root / "bench" / "report.html").exists()
     assert cli.main(["recover", str(pruned), "--data", str(root / "missing.txt")]) == cli.EXIT_BAD_INPUT
+
+
+@pytest.mark.slow
+def test_bench_encoder_times_forward_through_fxprune_runtime(tmp_path, capsys, monkeypatch):
+    """`fxprune bench` on an encoder exports both models and times them with runtime.benchmark_forward."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from transformers import BertConfig, BertModel
+
+    from fxprune import runtime
+
+    for name, inter in (("dense", 64), ("pruned", 32)):
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=inter)
+        BertModel(cfg).save_pretrained(tmp_path / name)
+    calls = []
+    real = runtime.benchmark_forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "benchmark_forward", spy)
+    code = cli.main(["bench", str(tmp_path / "pruned"), "--dense", str(tmp_path / "dense"), "--repeats", "2",
+                     "--out", str(tmp_path / "bench")])
+    assert code == 0
+    assert [c["repeats"] for c in calls] == [2, 2]  # dense, then pruned
+    out = capsys.readouterr().out
+    assert "prefill / forward (ms)" in out and "decode" not in out
+    assert (tmp_path / "bench" / "report.html").exists()
+    assert not hasattr(cli, "_encoder_latency")

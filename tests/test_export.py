@@ -15,13 +15,9 @@ pytest.importorskip("onnxscript")
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from fxprune.errors import FxpruneError, OutputExistsError, VerificationError  # noqa: E402
-from fxprune.passes.export import (  # noqa: E402
-    benchmark_latency,
-    export_onnx,
-    kv_cache_layout,
-    onnx_generate,
-    ort_providers,
-)
+from fxprune.backends.onnx import ort_providers  # noqa: E402
+from fxprune.passes.export import export_onnx, kv_cache_layout  # noqa: E402
+from fxprune.runtime import benchmark_latency, onnx_generate  # noqa: E402
 
 VOCAB = 96
 

@@ -218,3 +218,25 @@ def _derived_count_candidates(new_model, old_model, fields: dict[str, int]) -> d
         if vals:
             out[k] = sorted(set(vals))[:4]
     return out
+
+
+def decoder_layers(model: Any) -> nn.ModuleList | None:
+    """The transformer blocks of an HF decoder LM (``model.model.layers`` for Llama), or None.
+
+    Looks at ``get_decoder()`` first, then ``model.model``, then the model itself, so base models
+    and ``*ForCausalLM`` wrappers both work.
+    """
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for candidate in (base, getattr(model, "model", None), model):
+        layers = getattr(candidate, "layers", None) if candidate is not None else None
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
+
+
+def attention_of(layer: nn.Module) -> nn.Module | None:
+    """The first submodule of ``layer`` with separate ``k_proj``/``v_proj`` Linears (``self_attn``)."""
+    for mod in layer.modules():
+        if isinstance(getattr(mod, "k_proj", None), nn.Linear) and isinstance(getattr(mod, "v_proj", None), nn.Linear):
+            return mod
+    return None
