@@ -7,27 +7,25 @@ shape ``[batch, seq_len]``, so the scoring pass never has to care where text cam
 
 Text is concatenated document by document (separated by the tokenizer's EOS token when it has
 one) and cut into ``seq_len`` windows chosen with ``seed``; documents are visited in a seeded
-order so a large corpus is only tokenized as far as needed.
+order so a large corpus is only tokenized as far as needed.  What a file holds is read by
+:mod:`fxprune.util.text`, with one meaning everywhere: a ``.txt`` file is **one document**; a
+``.json``/``.jsonl``/``.parquet``/``.csv`` file holds records with a text field.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from fxprune.errors import DataError
+from fxprune.util import text as textdata
+from fxprune.util.text import TEXT_FIELDS
 
 __all__ = ["load_calibration", "TEXT_FIELDS"]
-
-TEXT_FIELDS = ("text", "content", "document", "sentence", "article", "body", "story", "code")
-"""Column names tried, in order, when ``text_field`` is not given."""
-
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 Batch = dict[str, torch.Tensor]
 
@@ -48,8 +46,8 @@ def load_calibration(
         source: one of
             * a list/tuple of strings (needs ``tokenizer``);
             * a ``datasets.Dataset`` (or ``DatasetDict``: its ``train`` split, else the first);
-            * a path to a local ``.txt``, ``.json``, ``.jsonl`` or ``.parquet`` file (read with
-              ``datasets``; a ``.txt`` file is one document per line);
+            * a path to a local ``.txt`` file (one document) or a ``.json``, ``.jsonl``,
+              ``.parquet`` or ``.csv`` file of records (read with ``datasets``);
             * an iterable of ready batches (dicts with ``input_ids``, tuples or tensors): passed
               through unchanged except that the total number of rows is cut to ``n_samples``.
         tokenizer: a HF tokenizer (anything callable like ``tokenizer(texts)["input_ids"]``).
@@ -69,12 +67,10 @@ def load_calibration(
             tokenizer, or less text than one window.
     """
     _check_positive(n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
-    if isinstance(source, (str, os.PathLike)):
-        texts = _texts_from_dataset(_load_file(Path(source)), text_field)
-    elif _is_dataset(source):
-        texts = _texts_from_dataset(_pick_split(source), text_field)
-    elif isinstance(source, (list, tuple)) and source and all(isinstance(s, str) for s in source):
-        texts = list(source)
+    if isinstance(source, (str, os.PathLike)) or textdata.is_dataset(source) or (
+        isinstance(source, (list, tuple)) and source and all(isinstance(s, str) for s in source)
+    ):
+        texts = textdata.documents_from(source, text_field, what="calibration file")
     else:
         return _pass_through(source, n_samples)
     if tokenizer is None:
@@ -88,86 +84,6 @@ def _check_positive(**values: int) -> None:
     for name, v in values.items():
         if not isinstance(v, int) or v < 1:
             raise DataError(f"{name} must be a positive integer, got {v!r}.")
-
-
-# -- sources ---------------------------------------------------------------------------------
-
-
-def _is_dataset(obj: Any) -> bool:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - optional extra
-        return False
-    return isinstance(obj, (datasets.Dataset, datasets.DatasetDict))
-
-
-def _pick_split(ds: Any) -> Any:
-    import datasets
-
-    if isinstance(ds, datasets.DatasetDict):
-        if not ds:
-            raise DataError("the DatasetDict has no splits.")
-        return ds["train"] if "train" in ds else ds[next(iter(ds))]
-    return ds
-
-
-def _load_file(path: Path) -> Any:
-    """Read a local file with ``datasets`` (no hub access: only the packaged builders)."""
-    if not path.exists():
-        raise DataError(f"calibration file {str(path)!r} does not exist.")
-    if path.is_dir():
-        raise DataError(f"calibration source {str(path)!r} is a directory; pass a file.")
-    builder = _FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(
-            f"unsupported calibration file type {path.suffix!r} for {str(path)!r}; "
-            f"use one of {sorted(_FILE_BUILDERS)}."
-        )
-    if path.stat().st_size == 0:
-        raise DataError(f"calibration file {str(path)!r} is empty.")
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - optional extra
-        raise DataError("reading calibration files needs the 'datasets' package.") from e
-    bars_were_on = not datasets.are_progress_bars_disabled()
-    try:
-        datasets.disable_progress_bars()  # a one-file read does not need a progress bar
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # malformed JSON / parquet
-        raise DataError(f"could not read {str(path)!r} as {builder}: {e}") from e
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-
-
-def _texts_from_dataset(ds: Any, text_field: str | None) -> list[str]:
-    if len(ds) == 0:
-        raise DataError("the calibration dataset has no rows.")
-    field = _text_field(ds, text_field)
-    return [t for t in ds[field] if isinstance(t, str)]
-
-
-def _text_field(ds: Any, text_field: str | None) -> str:
-    """The column to read text from (explicit, a well-known name, or the only string column)."""
-    names = list(ds.column_names)
-    if text_field is not None:
-        if text_field not in names:
-            raise DataError(f"text field {text_field!r} not found; fields seen: {names}.")
-        return text_field
-    for name in TEXT_FIELDS:
-        if name in names:
-            return name
-    string_cols = [n for n in names if _is_string_feature(ds.features.get(n))]
-    if len(string_cols) == 1:
-        return string_cols[0]
-    raise DataError(
-        f"no text field found; fields seen: {names}. Pass text_field= one of them "
-        f"(tried {list(TEXT_FIELDS)})."
-    )
-
-
-def _is_string_feature(feature: Any) -> bool:
-    return getattr(feature, "dtype", None) in ("string", "large_string")
 
 
 def _pass_through(source: Any, n_samples: int) -> list[Any]:
@@ -237,7 +153,8 @@ def _token_stream(texts: Sequence[str], tokenizer: Any, *, needed: int, seed: in
     parts: list[np.ndarray] = []
     total = 0
     for chunk in _chunks(order, 64):
-        encoded = tokenizer([texts[i] for i in chunk], add_special_tokens=False)["input_ids"]
+        encoded = [_encode(texts[i], tokenizer) for i in chunk] if len(chunk) == 1 else \
+            tokenizer([texts[i] for i in chunk], add_special_tokens=False)["input_ids"]
         for ids in encoded:
             if not ids:
                 continue
@@ -250,6 +167,26 @@ def _token_stream(texts: Sequence[str], tokenizer: Any, *, needed: int, seed: in
     if not parts:
         raise DataError("the calibration text produced no tokens.")
     return np.concatenate(parts)
+
+
+_PIECE = 1 << 16  # characters per tokenizer call for a long document
+
+
+def _encode(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of one (possibly very long) document, tokenised in pieces cut at line breaks."""
+    if len(text) <= _PIECE:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.rfind("\n", start, start + _PIECE) + 1 if start + _PIECE < len(text) else len(text)
+        if end <= start:
+            end = min(start + _PIECE, len(text))
+        pieces.append(text[start:end])
+        start = end
+    ids: list[int] = []
+    for enc in tokenizer(pieces, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+    return ids
 
 
 def _chunks(seq: Sequence[int], n: int) -> Iterator[Sequence[int]]:

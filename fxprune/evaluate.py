@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
@@ -54,5 +54,4 @@ def embedding_similarity(model: torch.nn.Module, reference: torch.nn.Module, bat
     return float(torch.cat(sims).mean()) if sims else float("nan")
 
 
-def is_causal_lm(model: Any) -> bool:
-    return hasattr(model, "generate") and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+from fxprune.util.hf import is_causal_lm  # noqa: E402,F401 - re-exported for the CLI

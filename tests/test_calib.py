@@ -132,8 +132,8 @@ def test_overlapping_windows_warn(tok) -> None:
 def test_other_bad_inputs(tok, tmp_path) -> None:
     with pytest.raises(DataError, match="needs a tokenizer"):
         load_calibration(corpus())
-    bad = tmp_path / "x.csv"
-    bad.write_text("a,b\n")
+    bad = tmp_path / "x.xml"
+    bad.write_text("<a/>\n")
     with pytest.raises(DataError, match="unsupported calibration file type"):
         load_calibration(bad, tokenizer=tok)
     with pytest.raises(DataError, match="n_samples must be a positive integer"):

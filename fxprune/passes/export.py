@@ -46,8 +46,8 @@ from fxprune.backends import ExportBackend, get_backend, to_numpy
 from fxprune.backends.onnx import ort_providers
 from fxprune.errors import ExportError, VerificationError
 from fxprune.runtime import LatencyResult, benchmark_latency, onnx_generate
-from fxprune.util.hf import attention_of, config_head_dim, decoder_layers
-from fxprune.util.modules import accepts_kwarg, eval_mode, first_device, model_dtype
+from fxprune.util.hf import attention_of, cache_off, config_head_dim, decoder_layers
+from fxprune.util.modules import eval_mode, first_device, model_dtype
 from fxprune.util.outputs import named_tensor_leaves, tensor_leaves
 from fxprune.util.publish import Publication
 
@@ -395,7 +395,7 @@ def _plan_module(model: nn.Module, examples: dict[str, torch.Tensor], opts: _Pla
     names = list(examples)
     dims = {n: (_default_dynamic_dims(n, t) if opts.dynamic else {}) for n, t in examples.items()}
     args = [_enlarged(n, examples[n], list(dims[n]), notes) for n in names]
-    extra = {"use_cache": False} if accepts_kwarg(model, "use_cache") else {}
+    extra = cache_off(model)
     wrapper = _FlatOutputs(model, names, extra)
     with torch.no_grad():
         out_names, _ = named_tensor_leaves(model(**dict(zip(names, args)), **extra))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import math
 import os
 import random
@@ -38,7 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.errors import DataError, FxpruneError
+from fxprune.errors import DataError, RecoveryError
+from fxprune.util import text as textdata
+from fxprune.util.hf import cache_off
+from fxprune.util.hf import is_linear_like as _is_linear_like
+from fxprune.util.modules import resolve_device as _resolve_device
+from fxprune.util.outputs import tensor_leaves
 
 __all__ = ["RecoveryResult", "RecoveryError", "recover", "default_target_modules"]
 
@@ -51,13 +55,7 @@ ALPACA_PROMPT = (
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 
-TEXT_FIELDS = ("text", "content")
-INSTRUCTION_FIELDS = ("instruction", "output")
-
-
-class RecoveryError(FxpruneError):
-    """Recovery cannot run with these arguments, or training diverged."""
-
+INSTRUCTION_FIELDS = textdata.INSTRUCTION_FIELDS
 
 @dataclasses.dataclass
 class RecoveryResult:
@@ -92,46 +90,9 @@ Example = dict[str, torch.Tensor]  # 1-D input_ids / attention_mask / labels
 Batch = dict[str, torch.Tensor]  # 2-D tensors
 
 
-def _load_file(path: Path) -> Any:
-    """A local file as a ``datasets.Dataset`` (json/jsonl/csv/parquet) or a list with its text."""
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        raise DataError(f"data path is a directory, expected a file: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".text", ".md"):
-        return [path.read_text(encoding="utf-8")]
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    if suffix not in builders:
-        raise DataError(
-            f"unsupported data file type {suffix!r} for {path}; use .txt, .json, .jsonl, .csv or .parquet"
-        )
-    try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - environment dependent
-        raise DataError(f"loading {path} needs the `datasets` package (fxprune[datasets])") from exc
-    try:
-        return datasets.load_dataset(builders[suffix], data_files=str(path), split="train")
-    except Exception as exc:
-        raise DataError(f"could not read {path} as {builders[suffix]}: {exc}") from exc
-
-
-def _is_dataset(obj: Any) -> bool:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, (datasets.Dataset, datasets.DatasetDict))
-
-
 def _as_columns(ds: Any) -> tuple[list[str], Callable[[str], list]]:
     """Column names and a column getter for a Dataset (or the 'train' split of a DatasetDict)."""
-    import datasets
-
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"DatasetDict has no 'train' split; splits found: {list(ds)}")
-        ds = ds["train"]
+    ds = textdata.pick_split(ds)
     return list(ds.column_names), lambda name: list(ds[name])
 
 
@@ -199,20 +160,23 @@ def _example(ids: Sequence[int], labels: Sequence[int]) -> Example:
 def _dataset_examples(ds: Any, tokenizer: Any, seq_len: int) -> list[Example]:
     """Pick the format of a dataset from its fields: text, Alpaca instructions or token ids."""
     columns, col = _as_columns(ds)
-    for field in TEXT_FIELDS:
-        if field in columns:
-            return _text_examples(col(field), tokenizer, seq_len)
+    named = [f for f in textdata.TEXT_FIELDS if f in columns]
+    if named:
+        return _text_examples(col(named[0]), tokenizer, seq_len)
     if all(f in columns for f in INSTRUCTION_FIELDS):
         inputs = col("input") if "input" in columns else None
         return _alpaca_examples(col("instruction"), inputs, col("output"), tokenizer, seq_len)
     if "input_ids" in columns:
         return [_example(ids[:seq_len], ids[:seq_len]) for ids in col("input_ids") if len(ids) >= 2]
-    raise DataError(
-        "the dataset has neither a text field "
-        f"({' or '.join(repr(f) for f in TEXT_FIELDS)}) nor instruction fields "
-        f"({', '.join(repr(f) for f in INSTRUCTION_FIELDS)}, optional 'input'); "
-        f"fields found: {columns}"
-    )
+    try:
+        field = textdata.text_field_of(columns, textdata.pick_split(ds).features)
+    except DataError:
+        raise DataError(
+            f"the data has neither a text field (one of {list(textdata.TEXT_FIELDS)}) nor instruction "
+            f"fields ({', '.join(repr(f) for f in INSTRUCTION_FIELDS)}, optional 'input'); "
+            f"fields found: {columns}"
+        ) from None
+    return _text_examples(col(field), tokenizer, seq_len)
 
 
 def _ready_batch(item: Mapping[str, Any], index: int) -> Batch:
@@ -268,8 +232,10 @@ def _prepare_data(
     if seq_len < 2:
         raise RecoveryError(f"seq_len must be >= 2, got {seq_len}")
     if isinstance(data, (str, os.PathLike)):
-        data = _load_file(Path(data))
-    if _is_dataset(data):
+        path = Path(data)
+        data = ([textdata.read_text_file(path)] if path.suffix.lower() in textdata.TEXT_SUFFIXES
+                else textdata.load_records(path))
+    if textdata.is_dataset(data):
         examples = _dataset_examples(data, tokenizer, seq_len)
     elif isinstance(data, Mapping):
         if "input_ids" not in data:
@@ -320,26 +286,11 @@ def _pad_id(tokenizer: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _forward(model: nn.Module, batch: Batch) -> Any:
     """Call a model with the batch's inputs (never the labels: losses are computed here)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     base = _unwrap(model)
-    if _accepts(base, "use_cache"):
-        inputs["use_cache"] = False
+    inputs.update(cache_off(base))
     return model(**inputs)
 
 
@@ -375,13 +326,6 @@ def _embedding(out: Any, target: str) -> torch.Tensor:
     if hidden is None:
         raise RecoveryError("the model returns neither logits nor last_hidden_state; cannot distill")
     return hidden
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear or HF's GPT-2-style Conv1D (both are what LoRA adapts)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features > 0 and module.out_features > 0
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.numel() > 0
 
 
 def _output_heads(model: nn.Module, sample: Batch | None) -> set[int]:
@@ -715,25 +659,19 @@ def _optimizer_step(params, optimizer, scheduler, cfg: _TrainConfig, running, st
     return record
 
 
-def _output_tensors(out: Any) -> list[torch.Tensor]:
-    import torch.utils._pytree as pytree
-
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _merge(peft_model: nn.Module, sample: Batch | None, device: torch.device) -> tuple[nn.Module, float | None]:
     """Merge adapters into plain weights and measure how much the outputs moved (should be ~0)."""
     before = None
     peft_model.eval()
     if sample is not None:
         with torch.no_grad():
-            before = _output_tensors(_forward(peft_model, _to(sample, device)))
+            before = tensor_leaves(_forward(peft_model, _to(sample, device)), floating=True)
     merged = peft_model.merge_and_unload()
     merged.eval()
     if before is None:
         return merged, None
     with torch.no_grad():
-        after = _output_tensors(_forward(merged, _to(sample, device)))
+        after = tensor_leaves(_forward(merged, _to(sample, device)), floating=True)
     diff = max((float((a - b).abs().max()) for a, b in zip(before, after) if a.numel()), default=0.0)
     return merged, diff
 

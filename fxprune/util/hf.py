@@ -42,12 +42,18 @@ def linear_input_dim(module: Any) -> int | None:
     return None
 
 
+def cache_off(model: Any) -> dict[str, Any]:
+    """``{"use_cache": False}`` when the model's forward names ``use_cache``, else ``{}``.
+
+    Tracing, scoring, recovery and export all run the model without a KV cache (a traced cache is
+    a separate export); a forward that only has ``**kwargs`` is not handed an argument it may not know.
+    """
+    return {"use_cache": False} if "use_cache" in forward_params(model) else {}
+
+
 def default_constants(model: Any, constants: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Non-tensor kwargs fixed for tracing and scoring: ``use_cache=False`` when the forward has it."""
-    out = dict(constants or {})
-    if "use_cache" in forward_params(model) and "use_cache" not in out:
-        out["use_cache"] = False
-    return out
+    """Non-tensor kwargs fixed for tracing and scoring: :func:`cache_off` unless given."""
+    return {**cache_off(model), **dict(constants or {})}
 
 
 def with_labels(model: Any, batch: Any) -> Any:

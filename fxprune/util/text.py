@@ -53,7 +53,7 @@ def check_data_file(path: str | os.PathLike, what: str = "data file") -> Path:
     suffix = p.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(
-            f"{what} {os.fspath(path)} has unsupported type {suffix or '(no suffix)'!r}; use one of "
+            f"unsupported {what} type {suffix or '(no suffix)'!r} for {os.fspath(path)}; use one of "
             f"{', '.join(SUPPORTED_SUFFIXES)}"
         )
     if not os.access(p, os.R_OK):
@@ -120,7 +120,7 @@ def text_field_of(columns: Sequence[str], features: Any = None, text_field: str 
     names = list(columns)
     if text_field is not None:
         if text_field not in names:
-            raise DataError(f"text field {text_field!r} not found in {where}; fields: {names}")
+            raise DataError(f"text field {text_field!r} not found; fields seen in {where}: {names}")
         return text_field
     for name in TEXT_FIELDS:
         if name in names:
@@ -129,7 +129,7 @@ def text_field_of(columns: Sequence[str], features: Any = None, text_field: str 
     if len(strings) == 1:
         return strings[0]
     raise DataError(
-        f"no text field in {where}; fields: {names}. Pass text_field= one of them "
+        f"no text field found; fields seen: {names} (in {where}). Pass text_field= one of them "
         f"(tried {list(TEXT_FIELDS)})"
     )
 
