@@ -47,14 +47,15 @@ from torch import nn
 from fxprune.errors import BadInputError, DataError, ScoringError
 from fxprune.graph import Group, Member, layout_coords
 from fxprune.passes.base import check, fxpass
-from fxprune.util.hf import linear_input_dim, with_labels
+from fxprune.passes.stats import Collector, StatSpec
+from fxprune.util.hf import linear_input_dim
+from fxprune.util.loss import Batch, LossFn, count_tokens, default_loss, model_loss  # noqa: F401 - default_loss re-exported
 from fxprune.util.modules import call as _call
 from fxprune.util.modules import eval_mode as _eval_mode
-from fxprune.util.modules import model_device as _model_device
+from fxprune.util.modules import on_device
 from fxprune.util.modules import resolve_device as _resolve_device
 from fxprune.util.modules import to_device as _to_device
 from fxprune.util.modules import unique_params
-from fxprune.util.outputs import tensor_leaves
 
 __all__ = [
     "AGGREGATES",
@@ -68,8 +69,6 @@ __all__ = [
     "score",
 ]
 
-Batch = Any  # dict of tensors, tuple/list of positional args, or a single tensor
-LossFn = Callable[[Any, Batch], torch.Tensor]
 
 # --------------------------------------------------------------------------------------------
 # Registries
@@ -667,69 +666,6 @@ class Scores(Mapping[str, np.ndarray]):
 
 
 @contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
-    """Move the model to ``device`` for the pass and back afterwards (also on error)."""
-    home = _model_device(model)
-    if home is None:
-        warnings.warn("model spans several devices; scoring it where it is", stacklevel=5)
-        yield next(model.parameters()).device
-        return
-    if home == device or (home.type == device.type and device.index is None):
-        yield home
-        return
-    model.to(device)
-    try:
-        yield device
-    finally:
-        model.to(home)
-
-
-def default_loss(output: Any, batch: Batch = None) -> torch.Tensor:
-    """Sum of squares of every floating-point tensor in the output.
-
-    Used when there are no labels and no ``loss_fn``: its gradient measures how much each weight
-    contributes to the *energy* of the output, which is a data-only proxy for "removing this
-    changes the output a lot".  Supply ``loss_fn`` for a task loss.
-    """
-    leaves = tensor_leaves(output, floating=True)
-    if not leaves:
-        raise ScoringError("model output has no floating-point tensors to build a loss from; pass loss_fn.")
-    return sum(t.float().pow(2).sum() for t in leaves)
-
-
-def _loss_for(
-    model: nn.Module, batch: Batch, loss_fn: LossFn | None
-) -> torch.Tensor:
-    """Loss of one batch: ``loss_fn`` if given, else the HF ``labels`` loss, else :func:`default_loss`."""
-    if loss_fn is not None:
-        return loss_fn(_call(model, batch), batch)
-    labelled = with_labels(model, batch)
-    if labelled is not None:
-        out = _call(model, labelled)
-        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-        if loss is not None:
-            return loss
-        return default_loss(out, batch)
-    return default_loss(_call(model, batch), batch)
-
-
-def _count_tokens(batch: Batch) -> int:
-    if isinstance(batch, Mapping):
-        ids = batch.get("input_ids")
-        if isinstance(ids, torch.Tensor):
-            return int(ids.numel())
-        batch = list(batch.values())
-    if isinstance(batch, torch.Tensor):  # token ids: every id is a token; features: rows
-        if not batch.dim():
-            return 1
-        return int(batch.numel()) if not batch.is_floating_point() else int(batch.shape[0])
-    for v in batch if isinstance(batch, (tuple, list)) else ():
-        if isinstance(v, torch.Tensor):
-            return _count_tokens(v)
-    return 0
-
-
-@contextlib.contextmanager
 def _gradient_session(
     model: nn.Module, targets: dict[int, Target], crit: Importance
 ) -> Iterator[None]:
@@ -768,37 +704,20 @@ def _gradient_session(
 
 
 @contextlib.contextmanager
-def _input_hooks(targets: dict[int, Target], ctx: ScoringContext) -> Iterator[None]:
-    """Forward pre-hooks on every Linear/Conv owning a member weight: accumulate input moments."""
-    handles = []
-    modules = {}
+def _input_hooks(targets: dict[int, Target], ctx: ScoringContext) -> Iterator[Collector]:
+    """Input moments of every Linear/Conv owning a member weight, from the statistics pass' hooks."""
+    modules: dict[str, nn.Module] = {}
     for t in targets.values():
         if t.input_dim is not None:
-            modules[id(t.module)] = t.module
+            modules[t.name.rpartition(".")[0]] = t.module
+    device = next((p.device for p in (t.param for t in targets.values())), torch.device("cpu"))
+    with Collector(modules, StatSpec(input_moments=True), device=device, dtype=torch.float64) as col:
+        yield col
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        if not args or not isinstance(args[0], torch.Tensor):
-            return
-        x = args[0].detach()
-        if isinstance(module, nn.modules.conv._ConvNd):
-            feat_dim = 1 if x.dim() == module.weight.dim() else 0  # batched or unbatched
-            x = x.movedim(feat_dim, -1)
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        stats = ctx.input_stats.get(id(module))
-        if stats is None:
-            zeros = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
-            stats = ctx.input_stats[id(module)] = InputStats(zeros, zeros.clone())
-        stats.total += x.sum(0)
-        stats.total_sq += (x * x).sum(0)
-        stats.count += x.shape[0]
 
-    try:
-        for m in modules.values():
-            handles.append(m.register_forward_pre_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _fill_input_stats(col: Collector, ctx: ScoringContext) -> None:
+    for name, ls in col.result().items():
+        ctx.input_stats[id(col.layers[name])] = InputStats(ls.x_sum, ls.x_sq, ls.count)
 
 
 def _progress(batches: Iterable[Batch], name: str, enabled: bool) -> Any:
@@ -817,14 +736,17 @@ def _run_backward(
     autocast: contextlib.AbstractContextManager,
     loss_fn: LossFn | None,
     progress: bool,
+    collector: Collector | None = None,
 ) -> int:
     """One forward+backward per batch; gradients are folded by the hooks.  Returns #tokens."""
     tokens = 0
     bar = _progress(batches, crit.name, progress)
     for i, batch in enumerate(bar):
+        if collector is not None:
+            collector.next_batch()
         batch = _to_device(batch, device)
         with autocast:
-            loss = _loss_for(model, batch, loss_fn)
+            loss = model_loss(model, batch, loss_fn)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ScoringError(f"batch {i}: the loss must be a scalar tensor, got {type(loss).__name__}.")
         value = float(loss.detach())
@@ -840,7 +762,7 @@ def _run_backward(
         if bad is not None:
             raise ScoringError(f"batch {i}: non-finite gradient for parameter {bad!r}.")
         ctx.n_batches += 1
-        tokens += _count_tokens(batch)
+        tokens += count_tokens(batch)
         if progress:
             bar.set_postfix(loss=f"{value:.4g}")
     return tokens
@@ -854,16 +776,19 @@ def _run_forward(
     device: torch.device,
     autocast: contextlib.AbstractContextManager,
     progress: bool,
+    collector: Collector | None = None,
 ) -> int:
     """Forward passes only (no graph kept); the input hooks gather statistics.  Returns #tokens."""
     tokens = 0
     with torch.no_grad():
         for batch in _progress(batches, crit.name, progress):
+            if collector is not None:
+                collector.next_batch()
             batch = _to_device(batch, device)
             with autocast:
                 _call(model, batch)
             ctx.n_batches += 1
-            tokens += _count_tokens(batch)
+            tokens += count_tokens(batch)
     return tokens
 
 
@@ -960,18 +885,19 @@ def score(
     if crit.needs_data and targets:
         dev = _resolve_device(device)
         with contextlib.ExitStack() as stack:
-            dev = stack.enter_context(_on_device(model, dev))
+            dev = stack.enter_context(on_device(model, dev))
             stack.enter_context(_eval_mode(model))
             stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
             torch.manual_seed(seed)
-            if crit.needs_inputs:
-                stack.enter_context(_input_hooks(targets, ctx))
+            collector = stack.enter_context(_input_hooks(targets, ctx)) if crit.needs_inputs else None
             autocast = _autocast(dev, dtype, model)
             if crit.needs_grad:
                 stack.enter_context(_gradient_session(model, targets, crit))
-                tokens = _run_backward(model, batches, crit, ctx, dev, autocast, loss_fn, progress)
+                tokens = _run_backward(model, batches, crit, ctx, dev, autocast, loss_fn, progress, collector)
             else:
-                tokens = _run_forward(model, batches, crit, ctx, dev, autocast, progress)
+                tokens = _run_forward(model, batches, crit, ctx, dev, autocast, progress, collector)
+            if collector is not None:
+                _fill_input_stats(collector, ctx)
             if ctx.n_batches == 0:
                 raise DataError("no calibration batches: the batches iterable was empty.")
             scores = _all_group_scores(groups, crit, ctx, agg, norm)
