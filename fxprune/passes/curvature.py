@@ -669,13 +669,22 @@ def _first_order(layer: str, ls: Any, roles: Sequence[Role], costs: dict[str, np
 # ------------------------------------------------------------------------------------------
 # Updates for a plan
 # ------------------------------------------------------------------------------------------
-def layer_removals(model: nn.Module, analysis: Any, plan: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{layer: (removed matrix rows, removed matrix columns)}`` for every contraction the plan touches."""
+def layer_removals(model: nn.Module, analysis: Any, plan: Any,
+                   compensated_rows_only: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{layer: (removed matrix rows, removed matrix columns)}`` for every contraction the plan touches.
+
+    ``compensated_rows_only``: list only rows of groups that have no consumer column in any
+    contraction (see :func:`plan_update`).
+    """
     groups = [analysis.by_id[gid] for gid in plan]
     rows: dict[str, set[int]] = {}
     cols: dict[str, set[int]] = {}
-    for r in roles_of(model, groups):
+    roles = roles_of(model, groups)
+    consumed = {r.group for r in roles if r.contraction is not None and r.contraction.side == "cols"}
+    for r in roles:
         if r.contraction is None:
+            continue
+        if compensated_rows_only and r.contraction.side == "rows" and r.group in consumed:
             continue
         removed = [r.units[u] for u in plan[r.group]]
         idx = r.contraction.matrix_indices(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
@@ -691,10 +700,18 @@ def plan_update(model: nn.Module, analysis: Any, plan: Any, source: CurvatureSou
 
     Returns ``({fqn: tensor of the parameter's shape}, notes)``.  Tied weights (one tensor used by
     several modules) are left as they are: an update for one use would change the others.
+
+    In a coupled group a unit's producer rows feed only its consumer columns, which go with it;
+    the consumers' column update (via ``Ã⁻¹``) already re-creates the lost inputs from the kept
+    ones, so also moving the producers' other rows (via ``G̃⁻¹``, which assumes the rest of the
+    network still reads the removed rows) would compensate twice.  The row update is therefore
+    applied to the rows of groups that no linear consumer compensates (e.g. a channel read only
+    by a norm or the model output); with a redundant unit this makes the pruned layer output equal
+    the original (tests/test_update.py).
     """
     from fxprune.passes.stats import StatSpec
 
-    removals = layer_removals(model, analysis, plan)
+    removals = layer_removals(model, analysis, plan, compensated_rows_only=method == "surgeon")
     names = tensor_names(model)
     specs: dict[str, Any] = {}
     notes: list[str] = []
