@@ -11,7 +11,7 @@ increase per method:
 
 * fxprune ``surgeon`` and ``obs`` (cost allocation across every width kind, their weight
   updates; the row of ``fxprune.api.DEFAULT_IMPORTANCE`` is exactly what ``fxprune.prune`` does
-  with no options), both also with ``shots=3``, ``flap`` with its bias compensation, and the earlier
+  with no options), surgeon with ``shots=3`` (at 50%), ``flap`` with its bias compensation, and the earlier
   defaults (flap without update, taylor; uniform allocation over MLP/heads);
   calibration = 16 windows of 128 tokens from the train split.
 * torch-pruning 1.6 (``GroupTaylorImportance`` with the LM-loss gradients of the same
@@ -154,13 +154,16 @@ LM_METHODS: dict[str, dict[str, Any]] = {
     "surgeon": {"importance": "surgeon"},
     "obs": {"importance": "obs"},
     "surgeon x3 shots": {"importance": "surgeon", "shots": 3},
-    "obs x3 shots": {"importance": "obs", "shots": 3},
     "flap + bias": {"importance": "flap"},
     "flap (before: no update)": {"importance": "flap", "update_method": "none", "allocation": "uniform"},
     "taylor (before: default)": {"importance": "taylor", "allocation": "uniform"},
 }
-# the 30% column: the curvature criteria only (time on a shared 2-core machine)
-LM_RATIO_METHODS: dict[float, list[str]] = {0.3: ["surgeon", "obs", "flap (before: no update)"]}
+# which methods run at which ratio (time on a shared 2-core machine: multi-shot at 50% only)
+LM_RATIO_METHODS: dict[float, list[str]] = {
+    0.2: ["surgeon", "obs", "flap + bias", "flap (before: no update)", "taylor (before: default)"],
+    0.3: ["surgeon", "obs", "flap (before: no update)"],
+    0.5: list(LM_METHODS),
+}
 # which row is fxprune's default (``fxprune.prune(model, ratio, calib=...)`` with no options runs exactly it)
 DEFAULT_ROW = {"surgeon": "surgeon", "obs": "obs"}.get(fxprune.api.DEFAULT_IMPORTANCE, "obs")
 LM_FAMILIES = ["llama", "qwen3"]
@@ -578,7 +581,6 @@ def minilm_methods(cbatches: list) -> dict[str, dict[str, Any]]:
         "default": {},
         "obs": {"importance": "obs"},
         "surgeon + contrastive loss": {"importance": "surgeon", **contrastive},
-        "obs x3 shots": {"importance": "obs", "shots": 3},
         "flap + bias": {"importance": "flap"},
         "flap (before: no update)": {"importance": "flap", "update_method": "none", "allocation": "uniform"},
         "taylor + contrastive loss (before)": {"importance": "taylor", "allocation": "uniform", **contrastive},

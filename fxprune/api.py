@@ -38,7 +38,7 @@ from fxprune.util.hf import default_example_inputs
 from fxprune.util.modules import count_params, numel_by_name
 
 
-DEFAULT_IMPORTANCE = "obs"
+DEFAULT_IMPORTANCE = "surgeon"
 """The criterion ``prune`` uses when none is given (with its update and the ``cost`` allocation)."""
 
 

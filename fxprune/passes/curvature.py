@@ -249,11 +249,20 @@ class LayerCurvature:
 # ------------------------------------------------------------------------------------------
 # Costs (one entry per unit; ``units[u]`` = the matrix rows / columns unit u covers)
 # ------------------------------------------------------------------------------------------
-def _block_costs(units: Sequence[np.ndarray], inv: torch.Tensor, num_block: Any) -> np.ndarray:
-    """``½ tr((inv[U,U])⁻¹ num_block(U))`` per unit ``U`` (blocks up to MAX_BLOCK, else diagonal)."""
+def _block_costs(units: Sequence[np.ndarray], inv: torch.Tensor, num_block: Any, num_diag: Any) -> np.ndarray:
+    """``½ tr((inv[U,U])⁻¹ num_block(U))`` per unit ``U`` (blocks up to MAX_BLOCK, else diagonal).
+
+    ``num_diag(idx)`` is the diagonal of ``num_block(idx)`` (one vectorised call for the indices of
+    every single-index unit)."""
     out = np.zeros(len(units), dtype=np.float64)
     diag = torch.diagonal(inv)
+    single = [i for i, idx in enumerate(units) if len(idx) == 1]
+    if single:
+        t = torch.as_tensor(np.concatenate([units[i] for i in single]), dtype=torch.long, device=inv.device)
+        out[single] = (0.5 * num_diag(t) / diag[t]).cpu().numpy()
     for i, idx in enumerate(units):
+        if len(idx) == 1:
+            continue
         if len(idx) == 0:
             continue
         t = torch.as_tensor(idx, dtype=torch.long, device=inv.device)
@@ -275,7 +284,10 @@ def kfac_row_costs(lc: LayerCurvature, units: Sequence[np.ndarray]) -> np.ndarra
     def num(t: torch.Tensor) -> torch.Tensor:
         return wa.index_select(0, t) @ lc.Wb.index_select(0, t).t()
 
-    return _block_costs(units, lc.G_inv, num)
+    def num_diag(t: torch.Tensor) -> torch.Tensor:
+        return (wa.index_select(0, t) * lc.Wb.index_select(0, t)).sum(1)
+
+    return _block_costs(units, lc.G_inv, num, num_diag)
 
 
 def kfac_col_costs(lc: LayerCurvature, units: Sequence[np.ndarray]) -> np.ndarray:
@@ -286,7 +298,10 @@ def kfac_col_costs(lc: LayerCurvature, units: Sequence[np.ndarray]) -> np.ndarra
         def num(t: torch.Tensor) -> torch.Tensor:
             return lc.Wb.index_select(1, t).t() @ gw.index_select(1, t)
 
-        return _block_costs(units, lc.A_inv, num)
+        def num_diag(t: torch.Tensor) -> torch.Tensor:
+            return (lc.Wb.index_select(1, t) * gw.index_select(1, t)).sum(0)
+
+        return _block_costs(units, lc.A_inv, num, num_diag)
     if lc.gx_diag is None:
         raise ScoringError(f"layer {lc.name!r}: column costs need G or diag(Wᵀ G W)")
     diag_ainv = torch.diagonal(lc.A_inv)
@@ -301,7 +316,10 @@ def obs_col_costs(lc: LayerCurvature, units: Sequence[np.ndarray], relative: boo
         wm = lc.Wb.index_select(1, t)
         return wm.t() @ wm
 
-    costs = _block_costs(units, lc.A_inv, num)
+    def num_diag(t: torch.Tensor) -> torch.Tensor:
+        return lc.Wb.index_select(1, t).pow(2).sum(0)
+
+    costs = _block_costs(units, lc.A_inv, num, num_diag)
     if relative:
         energy = lc.output_energy
         if energy > 0:
