@@ -9,9 +9,9 @@ embeddings).  Metric: perplexity on 64 fixed held-out windows of 128 tokens (fil
 index % 20 == 0).  Rows, at 20%, 30% and 50% of all parameters removed, with time and peak RSS
 increase per method:
 
-* fxprune ``surgeon`` and ``obs`` (cost allocation across every width kind, their weight
-  updates; the row of ``fxprune.api.DEFAULT_IMPORTANCE`` is exactly what ``fxprune.prune`` does
-  with no options), surgeon with ``shots=3`` (at 50%), ``flap`` with its bias compensation, and the earlier
+* fxprune ``default`` (``fxprune.prune(model, ratio, calib=...)`` with no options: surgeon, cost
+  allocation across every width kind, its update, ``shots="auto"`` = 1/2/3 shots at 20/30/50%),
+  ``surgeon`` and ``obs`` in one shot (cost allocation, their updates), ``flap`` with its bias compensation, and the earlier
   defaults (flap without update, taylor; uniform allocation over MLP/heads);
   calibration = 16 windows of 128 tokens from the train split.
 * torch-pruning 1.6 (``GroupTaylorImportance`` with the LM-loss gradients of the same
@@ -151,21 +151,19 @@ def fmt_params(n: int | None, dense: int) -> str:
 
 # method label -> fxprune.prune options (no importance/allocation: the defaults)
 LM_METHODS: dict[str, dict[str, Any]] = {
-    "surgeon": {"importance": "surgeon"},
-    "obs": {"importance": "obs"},
-    "surgeon x3 shots": {"importance": "surgeon", "shots": 3},
+    "default": {},
+    "surgeon (1 shot)": {"importance": "surgeon", "shots": 1},
+    "obs (1 shot)": {"importance": "obs", "shots": 1},
     "flap + bias": {"importance": "flap"},
     "flap (before: no update)": {"importance": "flap", "update_method": "none", "allocation": "uniform"},
     "taylor (before: default)": {"importance": "taylor", "allocation": "uniform"},
 }
-# which methods run at which ratio (time on a shared 2-core machine: multi-shot at 50% only)
+# which methods run at which ratio (time on a shared 2-core machine)
 LM_RATIO_METHODS: dict[float, list[str]] = {
-    0.2: ["surgeon", "obs", "flap + bias", "flap (before: no update)", "taylor (before: default)"],
-    0.3: ["surgeon", "obs", "flap (before: no update)"],
-    0.5: list(LM_METHODS),
+    0.3: ["default", "surgeon (1 shot)", "obs (1 shot)", "flap (before: no update)"],
 }
 # which row is fxprune's default (``fxprune.prune(model, ratio, calib=...)`` with no options runs exactly it)
-DEFAULT_ROW = {"surgeon": "surgeon", "obs": "obs"}.get(fxprune.api.DEFAULT_IMPORTANCE, "obs")
+DEFAULT_ROW = "default"
 LM_FAMILIES = ["llama", "qwen3"]
 TARGETS = {0.2: 0.75, 0.3: None, 0.5: 0.70}  # fxprune best / torch-pruning best at the same parameter count
 
@@ -242,15 +240,14 @@ def part_lm(args, out: dict, family: str) -> None:
         "torch_pruning": None,
     }
     out[key_out] = part
-    ratios = RATIOS if not quick else RATIOS[:1]
+    ratios = [r for r in (RATIOS if not quick else RATIOS[:1]) if not args.ratios or r in args.ratios]
     for ratio in ratios:
         for name, opts in LM_METHODS.items():
-            if name not in LM_RATIO_METHODS.get(ratio, LM_METHODS):
+            if name not in LM_RATIO_METHODS.get(ratio, LM_METHODS) or (args.methods and name not in args.methods):
                 continue
             key = f"{name}@{label(ratio)}"
             log(f"  fxprune {key} ...")
-            # single-shot methods reuse the one trace; multi-shot re-traces the pruned model per shot
-            src = model if opts.get("shots", 1) > 1 else analysis
+            src = analysis  # one trace; multi-shot re-traces the pruned model for the later shots
             (pruned, info), sec, peak = measured(lambda src=src, ratio=ratio, opts=opts: run_prune(src, ratio, example_inputs=example, calib=calib,
                                                                    n_samples=len(calib_w), **opts))
             info["prune_s"], info["peak_rss_mb"] = round(sec, 1), round(peak, 1)
@@ -553,6 +550,8 @@ def part_minilm(args, out: dict) -> None:
                        for k, m in methods.items()}
     for ratio in MINILM_RATIOS:
         for name, opts in methods.items():
+            if args.methods and name not in args.methods:
+                continue
             key = f"{name}@{label(ratio)}"
             log(f"  fxprune {key} ...")
             opts = {"calib": calib, **opts}
@@ -579,8 +578,8 @@ def minilm_methods(cbatches: list) -> dict[str, dict[str, Any]]:
     contrastive = {"calib": cbatches, "loss_fn": contrastive_loss}
     return {
         "default": {},
-        "obs": {"importance": "obs"},
-        "surgeon + contrastive loss": {"importance": "surgeon", **contrastive},
+        "obs": {"importance": "obs", "shots": 1},
+        "surgeon + contrastive loss": {"importance": "surgeon", "shots": 1, **contrastive},
         "flap + bias": {"importance": "flap"},
         "flap (before: no update)": {"importance": "flap", "update_method": "none", "allocation": "uniform"},
         "taylor + contrastive loss (before)": {"importance": "taylor", "allocation": "uniform", **contrastive},
@@ -623,7 +622,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tp-timeout", type=int, default=3600)
     ap.add_argument("--out", default=str(RESULTS), help="JSON path (a --quick run writes here too, marked quick)")
+    ap.add_argument("--methods", default="", help="comma-separated method labels to run (default: all)")
+    ap.add_argument("--ratios", default="", help="comma-separated LM ratios to run (default: 0.2,0.3,0.5)")
     args = ap.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     args.cache = os.path.expanduser(args.cache)
     args.out = Path(args.out)
     if args.threads:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -40,6 +41,19 @@ from fxprune.util.modules import count_params, numel_by_name
 
 DEFAULT_IMPORTANCE = "surgeon"
 """The criterion ``prune`` uses when none is given (with its update and the ``cost`` allocation)."""
+
+AUTO_SHOT_STEP = 0.2
+"""``shots="auto"``: one shot per this much of the parameters removed, for curvature criteria
+(on the benchmark LM, 50% in 3 shots: perplexity 26.7 against 64.5 in one shot)."""
+
+
+def auto_shots(ratio: float, importance: str | None, calib: Any) -> int:
+    """The number of shots ``shots="auto"`` means: ``ceil(ratio / AUTO_SHOT_STEP)`` for a curvature
+    criterion with calibration data (statistics re-gathered on the pruned model pay off), else 1."""
+    crit = IMPORTANCE.get(importance or (DEFAULT_IMPORTANCE if calib is not None else "l2"))
+    if calib is None or crit is None or not crit.costs:
+        return 1
+    return max(1, math.ceil(float(ratio) / AUTO_SHOT_STEP - 1e-9))
 
 
 @dataclasses.dataclass
@@ -144,7 +158,7 @@ def prune(
     model_or_graph: torch.nn.Module | PrunableGraph | Analysis,
     ratio: float,
     *,
-    shots: int = 1,
+    shots: int | str = "auto",
     shot_lora_steps: int = 0,
     **kwargs: Any,
 ) -> PruneResult:
@@ -166,14 +180,17 @@ def prune(
         shots: prune in this many steps of a linear schedule (shot ``k`` brings the total removed
             to ``ratio * k / shots`` of the *original* parameters), re-tracing the pruned model and
             re-gathering its statistics every shot; each shot is verified like a single prune.
-            ``shots=1`` is one-shot.  ``max_group_ratio`` and fixed ``kinds`` fractions apply per
-            shot.
+            ``shots=1`` is one-shot; ``"auto"`` (default) is one shot per 20% removed for the
+            curvature criteria (:func:`auto_shots`), one shot otherwise.  ``max_group_ratio`` and
+            fixed ``kinds`` fractions apply per shot.
         shot_lora_steps: when > 0, after every shot that many steps of LoRA (rank 8, lr 1e-4,
             peft) on the calibration batches, merged into the weights before the next shot; the
             adapters are sized to the already pruned layers, so removed structures stay removed
             (the LLM Surgeon's masked LoRA).  Needs a model that returns logits.
         **kwargs: the one-shot options, see :func:`prune_once`.
     """
+    if shots == "auto":
+        shots = auto_shots(ratio, kwargs.get("importance"), kwargs.get("calib")) if isinstance(ratio, (int, float)) else 1
     if not isinstance(shots, int) or shots < 1:
         raise PlanError(f"shots must be a positive integer, got {shots!r}")
     if shots == 1 and not shot_lora_steps:

@@ -341,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration text: .txt/.json/.jsonl/.parquet (needs tokenizer files)")
     p.add_argument("--allocation", default=None, choices=["uniform", "global", "cost"],
                    help="default: cost (removal cost per parameter, every width kind) for surgeon/obs, else uniform")
-    p.add_argument("--shots", type=int, default=1,
-                   help="prune in N steps of a linear schedule, re-gathering statistics each shot (default 1)")
+    p.add_argument("--shots", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="prune in N steps of a linear schedule, re-gathering statistics each shot "
+                        "(default auto: one shot per 20%% removed for surgeon/obs, else 1)")
     p.add_argument("--round-to", type=int, default=1, help="keep pruned sizes a multiple of N (64/128 on GPU)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")

@@ -28,8 +28,11 @@ Notation (see /work/shared/DESIGN.md, "Weight updates"): ``W`` is ``d_out x d_in
 * **OBS** (forward only, ``H = A``): cost of columns ``M``: ``½ tr(W[:,M] (H̃⁻¹[M,M])⁻¹ W[:,M]ᵀ)``;
   update ``W[:,K] += W[:,M] H̃[M,K] H̃[K,K]⁻¹`` (the least-squares reconstruction of the layer's
   output from the kept inputs; the bias column, when gathered, is always kept, so it absorbs the
-  removed inputs' mean).  ``relative=True`` divides by the layer's output energy ``½ tr(W A Wᵀ)``
-  so that costs of different layers can be ranked against each other.
+  removed inputs' mean).  Costs are absolute (``½ E‖ΔY‖²`` per token): the consumers OBS costs by
+  default (``o_proj``, ``down_proj``) all write into the residual stream, so their errors live in
+  one space and rank against each other.  ``relative=True`` divides by the layer's output energy
+  ``½ tr(W A Wᵀ)`` instead; on the benchmark LM that over-pruned the first block's MLP (ppl 62
+  against 21.6 absolute at 20%).
 
 Math runs in float64 on the statistics' device (CPU by default); the factors themselves are kept
 in whatever dtype the statistics pass gathered them (float32 by default).
@@ -309,7 +312,7 @@ def kfac_col_costs(lc: LayerCurvature, units: Sequence[np.ndarray]) -> np.ndarra
     return np.array([0.5 * float(per[idx].sum()) if len(idx) else 0.0 for idx in units])
 
 
-def obs_col_costs(lc: LayerCurvature, units: Sequence[np.ndarray], relative: bool = True) -> np.ndarray:
+def obs_col_costs(lc: LayerCurvature, units: Sequence[np.ndarray], relative: bool = False) -> np.ndarray:
     """Layer-wise OBS costs ``½ tr(W[:,M] (H̃⁻¹[M,M])⁻¹ W[:,M]ᵀ)`` per unit (optionally relative)."""
 
     def num(t: torch.Tensor) -> torch.Tensor:
@@ -609,7 +612,7 @@ class GroupCosts:
 
 
 def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource, method: str, *,
-                damping: float = DAMPING, relative: bool = True) -> GroupCosts:
+                damping: float = DAMPING, relative: bool = False) -> GroupCosts:
     """Per-unit removal costs of ``groups`` under ``method`` (``"surgeon"`` or ``"obs"``).
 
     A unit's cost is the sum over its group's members of the member's cost on the side it sits:

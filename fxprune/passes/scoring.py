@@ -628,14 +628,14 @@ class _CurvatureImportance(Importance):
     layer (:mod:`fxprune.passes.curvature`), summed over each group's members.
 
     Scores are the costs themselves (higher = more expensive to remove = keep), in per-token loss
-    units for ``surgeon`` and in relative output-reconstruction error for ``obs``; the ``cost``
+    units for ``surgeon`` and in output-reconstruction error per token for ``obs``; the ``cost``
     allocation ranks them by cost per removed parameter across groups and kinds.  ``aggregate``
     is not used: a unit's cost is by definition the sum over the members it removes.
 
     Options (``score(importance_options=...)``): ``damping`` (relative, default 0.01),
     ``budget`` (bytes of statistics held at once; default ``max(weight bytes, 256 MiB)``: larger
     models are gathered in chunks of consecutive layers, and the update re-gathers), ``relative``
-    (obs: divide by the layer's output energy, default True).
+    (obs: divide by the layer's output energy, default False).
     """
 
     needs_inputs = True
@@ -644,7 +644,7 @@ class _CurvatureImportance(Importance):
     method: ClassVar[str] = "?"
 
     def __init__(self, seed: int = 0, damping: float = curvature.DAMPING, budget: int | None = None,
-                 relative: bool = True) -> None:
+                 relative: bool = False) -> None:
         super().__init__(seed)
         self.damping = float(damping)
         self.budget = budget
@@ -693,8 +693,8 @@ class SurgeonImportance(_CurvatureImportance):
 @register_importance("obs")
 class ObsImportance(_CurvatureImportance):
     """Layer-wise OBS (ZipLM-style), forward only: ``H = E[x xᵀ]`` of every consumer layer; a
-    unit's cost is ``½ tr(W_M (H̃⁻¹_MM)⁻¹ W_Mᵀ)`` over the consumer columns it removes (relative
-    to the layer's output energy), summed over consumers.  Its update
+    unit's cost is ``½ tr(W_M (H̃⁻¹_MM)⁻¹ W_Mᵀ)`` over the consumer columns it removes, summed
+    over consumers.  Its update
     (``update_method="obs"``) reconstructs each consumer's output from its kept inputs:
     ``W_K += W_M H_MK H_KK⁻¹``.
     """
