@@ -168,33 +168,15 @@ LM_FAMILIES = ["llama", "qwen3"]
 TARGETS = {0.2: 0.75, 0.3: None, 0.5: 0.70}  # fxprune best / torch-pruning best at the same parameter count
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def measured(fn):
     """``(result, seconds, peak RSS increase in MB)`` of ``fn()`` (VmHWM reset before it)."""
-    before = _rss("VmRSS")
-    _reset_peak()
+    from score_memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+
+    before = _rss_bytes()
+    _reset_peak_rss()
     t0 = time.perf_counter()
     res = fn()
-    return res, time.perf_counter() - t0, max(0, _rss("VmHWM") - before) / 2**20
+    return res, time.perf_counter() - t0, max(0, _peak_rss_bytes() - before) / 2**20
 
 
 def part_lm(args, out: dict, family: str) -> None:

@@ -287,21 +287,9 @@ def prune_once(
     verify: bool = True,
     progress: bool = True,
 ) -> PruneResult:
-    """One shot of :func:`prune`: every pass once.
-
-    The composition of the passes, each of which is public:
-
-        graph    = trace(model, kwargs=example_inputs)
-        analysis = analyze(graph, ignore=ignore)
-        scores   = score(model, analysis, calib, importance=importance)
-        plan     = make_plan(analysis, scores, ratio, ...)
-        weights  = update(model, analysis, plan, scores, method=update_method)
-        result   = rewrite(model, analysis, plan, weights)
+    """One shot of :func:`prune`: every pass once (``model_or_graph`` and ``ratio`` as there).
 
     Args:
-        model_or_graph: an ``nn.Module`` (left untouched), a graph from ``fxprune.trace``, or an
-            ``Analysis`` from ``fxprune.analyze`` (then neither capture nor analysis runs again).
-        ratio: fraction of all parameters to remove, in [0, 1).
         example_inputs: kwargs used for tracing and verification (default: the first
             calibration batch, or token ids built from the model config).
         calib: calibration data for data-driven criteria: a list of strings (with

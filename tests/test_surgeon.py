@@ -108,3 +108,12 @@ def test_default_prune_uses_the_curvature_criterion_with_its_update():
     assert rep.update == rep.importance and not res.weights.is_identity
     assert rep.by_kind and any("costs per member" in n for n in rep.notes)
     assert "cost/param" in rep.table()
+
+
+def test_auto_shots_is_one_per_fifth_removed_for_curvature_criteria_only():
+    from fxprune.api import auto_shots
+
+    calib = ["text"]
+    assert [auto_shots(r, "surgeon", calib) for r in (0.1, 0.2, 0.3, 0.5, 0.6)] == [1, 1, 2, 3, 3]
+    assert auto_shots(0.5, None, calib) == 3  # the default criterion is a curvature criterion
+    assert auto_shots(0.5, "taylor", calib) == 1 and auto_shots(0.5, None, None) == 1

@@ -394,10 +394,9 @@ def sampled_label_loss(output: Any, batch: Any) -> torch.Tensor:
         logits = output.get("logits")
     if not isinstance(logits, torch.Tensor):
         raise ScoringError("the sampled-label Fisher needs a model that returns logits")
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    with torch.no_grad():
-        labels = torch.multinomial(torch.softmax(flat, dim=-1), 1).squeeze(-1)
-    return torch.nn.functional.cross_entropy(flat, labels)
+    from fxprune.passes.stats import sampled_cross_entropy
+
+    return sampled_cross_entropy(logits)
 
 
 # ------------------------------------------------------------------------------------------

@@ -565,6 +565,11 @@ def _sampled_loss(model: nn.Module, batch: Batch, generator: torch.Generator) ->
         logits = out.get("logits")
     if not isinstance(logits, torch.Tensor):
         raise ScoringError("fisher='sampled' needs a model that returns logits")
+    return sampled_cross_entropy(logits, generator)
+
+
+def sampled_cross_entropy(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against labels drawn from their own softmax (the true Fisher's loss)."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     with torch.no_grad():
         probs = torch.softmax(flat, dim=-1)
