@@ -119,8 +119,13 @@ def prune_at(base, grads, ratio: float, importance: str, round_to: int, example)
             g.prune()
     # Attribute fix-ups, as in examples/LLMs/prune_llm.py.
     model.config.hidden_size = model.lm_head.in_features
-    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
-        raise RuntimeError("torch-pruning untied the tied input/output embeddings")
+    emb = model.model.embed_tokens
+    if model.config.tie_word_embeddings and model.lm_head.weight is not emb.weight:
+        # torch-pruning prunes the (shared) embedding's hidden columns but leaves the ignored lm_head
+        # as it was, untying them; re-tie: the head reads the same kept hidden columns
+        model.lm_head.weight = emb.weight
+        model.lm_head.in_features = emb.weight.shape[1]
+        model.config.hidden_size = emb.weight.shape[1]
     for name, m in model.named_modules():
         if name.endswith("self_attn"):
             m.hidden_size = m.q_proj.out_features
