@@ -40,18 +40,37 @@ from fxprune.util.modules import count_params, numel_by_name
 
 
 DEFAULT_IMPORTANCE = "surgeon"
-"""The criterion ``prune`` uses when none is given (with its update and the ``cost`` allocation)."""
+"""The criterion ``prune`` uses when none is given for a model with a loss (an HF model taking
+``labels``, or a ``loss_fn``), with its update and the ``cost`` allocation; see
+:func:`default_importance`."""
+
+
+def default_importance(model: Any, loss_fn: Any, calib: Any) -> str:
+    """``surgeon`` when there is a loss to take the Fisher of (``loss_fn``, or a forward taking
+    ``labels``); ``obs`` (forward only) for models without one (encoders: on all-MiniLM-L6-v2 at
+    20%, cosine 0.884 against 0.813 for surgeon on the output-norm fallback loss); ``l2`` without
+    calibration data."""
+    if calib is None:
+        return "l2"
+    from fxprune.util.modules import forward_params
+
+    try:
+        takes_labels = "labels" in forward_params(model)
+    except Exception:  # noqa: BLE001 - a module whose forward cannot be inspected
+        takes_labels = False
+    return DEFAULT_IMPORTANCE if loss_fn is not None or takes_labels else "obs"
 
 AUTO_SHOT_STEP = 0.2
 """``shots="auto"``: one shot per this much of the parameters removed, for curvature criteria
 (on the benchmark LM, 50% in 3 shots: perplexity 26.7 against 64.5 in one shot)."""
 
 
-def auto_shots(ratio: float, importance: str | None, calib: Any) -> int:
-    """The number of shots ``shots="auto"`` means: ``ceil(ratio / AUTO_SHOT_STEP)`` for a curvature
-    criterion with calibration data (statistics re-gathered on the pruned model pay off), else 1."""
-    crit = IMPORTANCE.get(importance or (DEFAULT_IMPORTANCE if calib is not None else "l2"))
-    if calib is None or crit is None or not crit.costs:
+def auto_shots(ratio: float, importance: str | None, calib: Any, model: Any = None, loss_fn: Any = None) -> int:
+    """The number of shots ``shots="auto"`` means: ``ceil(ratio / AUTO_SHOT_STEP)`` for a criterion
+    measured to gain from re-gathered statistics (``Importance.multi_shot``: surgeon) with
+    calibration data, else 1."""
+    crit = IMPORTANCE.get(importance or default_importance(model, loss_fn, calib))
+    if calib is None or crit is None or not getattr(crit, "multi_shot", False):
         return 1
     return max(1, math.ceil(float(ratio) / AUTO_SHOT_STEP - 1e-9))
 
@@ -190,7 +209,10 @@ def prune(
         **kwargs: the one-shot options, see :func:`prune_once`.
     """
     if shots == "auto":
-        shots = auto_shots(ratio, kwargs.get("importance"), kwargs.get("calib")) if isinstance(ratio, (int, float)) else 1
+        target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
+            model_or_graph, "module", model_or_graph)
+        shots = (auto_shots(ratio, kwargs.get("importance"), kwargs.get("calib"), target, kwargs.get("loss_fn"))
+                 if isinstance(ratio, (int, float)) else 1)
     if not isinstance(shots, int) or shots < 1:
         raise PlanError(f"shots must be a positive integer, got {shots!r}")
     if shots == 1 and not shot_lora_steps:
@@ -312,7 +334,9 @@ def prune_once(
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
     if importance is None:
-        importance = DEFAULT_IMPORTANCE if calib is not None else "l2"
+        target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
+            model_or_graph, "module", model_or_graph)
+        importance = default_importance(target, loss_fn, calib)
     if allocation is None:
         allocation = "cost" if importance in IMPORTANCE and IMPORTANCE[importance].costs else "uniform"
     if update_method != "auto" and update_method not in UPDATES:

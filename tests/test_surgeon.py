@@ -115,5 +115,18 @@ def test_auto_shots_is_one_per_fifth_removed_for_curvature_criteria_only():
 
     calib = ["text"]
     assert [auto_shots(r, "surgeon", calib) for r in (0.1, 0.2, 0.3, 0.5, 0.6)] == [1, 1, 2, 3, 3]
-    assert auto_shots(0.5, None, calib) == 3  # the default criterion is a curvature criterion
+    model, _, _ = traced("llama_gqa")
+    assert auto_shots(0.5, None, calib, model) == 3  # a causal LM's default is surgeon
     assert auto_shots(0.5, "taylor", calib) == 1 and auto_shots(0.5, None, None) == 1
+    assert auto_shots(0.5, "obs", calib) == 1
+
+
+def test_default_criterion_is_surgeon_with_a_loss_and_obs_without():
+    from fxprune.api import default_importance
+
+    lm, _, _ = traced("llama_gqa")
+    enc = torch.nn.Linear(3, 3)
+    assert default_importance(lm, None, ["x"]) == "surgeon"
+    assert default_importance(enc, None, ["x"]) == "obs"
+    assert default_importance(enc, lambda out, b: out.sum(), ["x"]) == "surgeon"
+    assert default_importance(lm, None, None) == "l2"

@@ -688,6 +688,7 @@ class SurgeonImportance(_CurvatureImportance):
 
     method = "surgeon"
     update_method = "surgeon"
+    multi_shot = True  # shots="auto" re-gathers: 50% on the benchmark LM, 26.7 ppl in 3 shots vs 64.5 in one
 
 
 @register_importance("obs")
