@@ -153,7 +153,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     calib = _calibration(args, tokenizer, inputs)
     result = fxprune.prune(
         model, args.ratio, example_inputs=inputs, calib=calib, tokenizer=tokenizer,
-        importance=args.importance, allocation=args.allocation, round_to=args.round_to,
+        importance=args.importance, allocation=args.allocation, round_to=args.round_to, shots=args.shots,
         n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
         progress=not args.quiet,
     )
@@ -335,10 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="score, plan and remove a fraction of the parameters")
     p.add_argument("model", help="local HF model directory, or module:factory returning (model, kwargs)")
     p.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, in [0, 1)")
-    p.add_argument("--importance", default="taylor",
-                   help="taylor, taylor-element, taylor-2, l1, l2, activation, flap, random (default taylor)")
+    p.add_argument("--importance", default=None,
+                   help="surgeon, obs, taylor, taylor-element, taylor-2, l1, l2, activation, flap, random "
+                        "(default: fxprune.api.DEFAULT_IMPORTANCE with --calib, l2 without)")
     p.add_argument("--calib", help="calibration text: .txt/.json/.jsonl/.parquet (needs tokenizer files)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--allocation", default=None, choices=["uniform", "global", "cost"],
+                   help="default: cost (removal cost per parameter, every width kind) for surgeon/obs, else uniform")
+    p.add_argument("--shots", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="prune in N steps of a linear schedule, re-gathering statistics each shot "
+                        "(default auto: one shot per 20%% removed for surgeon/obs, else 1)")
     p.add_argument("--round-to", type=int, default=1, help="keep pruned sizes a multiple of N (64/128 on GPU)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")
