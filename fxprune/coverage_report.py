@@ -6,10 +6,14 @@ parameters (an ATen op without a rule or with a conservative one, a graph input 
 unread parameter, a user ``ignore=``), grouped by op and source line, with
 
 * the spaces (leaf classes) it froze, with a parameter dim of each as an example;
-* ``params``: the parameter elements those spaces index (what pruning them could shrink; an
-  element counts once however many of the site's spaces index it);
+* ``params``: the parameter elements those spaces hold (an element with a coordinate on one of
+  them; counted once however many of the site's spaces index it);
 * ``only_here``: the part of it that no other site froze as well, i.e. what a new rule for this
-  op alone would unlock.
+  op alone would unlock;
+* ``unprunable``: the part of ``params`` that no group can shrink either (an element a group
+  still removes is not lost).  A frozen factor of a product with prunable factors (the q/k/v
+  selector of a fused projection, the real/imaginary pair of complex RoPE) holds many elements
+  but makes few unprunable.
 
 Rows are sorted by ``params``, so the next rule to write is the first row.  It reads the
 provenance the analysis keeps (every freeze with its :class:`~fxprune.passes.atoms.Site`),
@@ -56,11 +60,12 @@ class FreezeSite:
     spaces: tuple[FrozenSpace, ...]
     params: int
     only_here: int
+    unprunable: int
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "op": self.op, "source": self.source, "nodes": list(self.nodes), "reasons": list(self.reasons),
-            "params": self.params, "only_here": self.only_here,
+            "params": self.params, "only_here": self.only_here, "unprunable": self.unprunable,
             "spaces": [{"class": s.class_id, "size": s.size, "members": list(s.members)} for s in self.spaces],
         }
 
@@ -71,7 +76,8 @@ class CoverageReport:
 
     model: str
     total_params: int
-    frozen_params: int  # parameter elements indexed by any frozen space
+    frozen_params: int  # parameter elements held by a frozen space
+    unprunable_params: int  # of those, the ones no group can shrink either
     rows: tuple[FreezeSite, ...]
     free_sites: int  # sites that froze only spaces without parameters (positions, batch)
 
@@ -90,13 +96,14 @@ class CoverageReport:
 
     def table(self, max_rows: int | None = 30) -> str:
         """A plain-text table: params, % of the model, only-here, op, source, spaces, reason."""
-        head = ("params", "%", "only here", "op", "nodes", "source", "spaces frozen", "reason")
+        head = ("params", "%", "only here", "unprunable", "op", "nodes", "source", "spaces frozen", "reason")
         rows = [head]
         for r in self.rows[: max_rows or None]:
             pct = 100.0 * r.params / self.total_params if self.total_params else 0.0
             spaces = ", ".join(str(s) for s in r.spaces[:2]) + (f", +{len(r.spaces) - 2}" if len(r.spaces) > 2 else "")
             reason = r.reasons[0] if r.reasons else ""
-            rows.append((f"{r.params:,}", f"{pct:.1f}", f"{r.only_here:,}", r.op, str(len(r.nodes)), r.source,
+            rows.append((f"{r.params:,}", f"{pct:.1f}", f"{r.only_here:,}", f"{r.unprunable:,}", r.op,
+                         str(len(r.nodes)), r.source,
                          f"{len(r.spaces)}: {spaces}", reason[:80]))
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -105,13 +112,14 @@ class CoverageReport:
             lines.append(f"... {len(self.rows) - max_rows} more sites")
         pct = 100.0 * self.frozen_params / self.total_params if self.total_params else 0.0
         lines.append(f"{self.model}: {self.frozen_params:,} of {self.total_params:,} parameters ({pct:.1f}%) lie in "
-                     f"frozen spaces, frozen at {len(self.rows)} sites (+{self.free_sites} that froze only "
-                     "spaces without parameters)")
+                     f"frozen spaces ({self.unprunable_params:,} in no group either), frozen at {len(self.rows)} "
+                     f"sites (+{self.free_sites} that froze only spaces without parameters)")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "total_params": self.total_params, "frozen_params": self.frozen_params,
-                "free_sites": self.free_sites, "rows": [r.as_dict() for r in self.rows]}
+                "unprunable_params": self.unprunable_params, "free_sites": self.free_sites,
+                "rows": [r.as_dict() for r in self.rows]}
 
 
 def coverage(analysis: Any) -> CoverageReport:
@@ -121,8 +129,9 @@ def coverage(analysis: Any) -> CoverageReport:
         raise ValueError("this Analysis carries no provenance; run fxprune.analyze again")
     store = prov.store
     frozen = {f.class_id: f for f in analysis.frozen}
-    shapes = _param_shapes(analysis)
-    total = sum(int(np.prod(s)) for s in shapes.values())
+    params = _param_layouts(analysis)
+    total = sum(int(np.prod([layout_size(lay) for lay in lays])) for lays in params.values())
+    groups = {g.class_id for g in analysis.groups}
 
     # every freeze, by site: the leaf classes it covers
     by_site: dict[tuple[str, str], dict[str, Any]] = {}
@@ -143,6 +152,7 @@ def coverage(analysis: Any) -> CoverageReport:
                 sites_of_class[leaf].add(key)
 
     param_dims = _param_dims_by_class(frozen.values(), analysis.graph.canonical)
+    all_frozen = {c for c in frozen if param_dims.get(c)}
     rows: list[FreezeSite] = []
     free = 0
     for key, entry in by_site.items():
@@ -153,25 +163,25 @@ def coverage(analysis: Any) -> CoverageReport:
         sole = {c for c in classes if sites_of_class[c] == {key}}
         spaces = tuple(
             FrozenSpace(c, frozen[c].size, tuple(f"{n}[{d}]" for n, d, _ in param_dims[c]))
-            for c in sorted(classes, key=lambda c: -_elements(shapes, param_dims, {c}))
+            for c in sorted(classes, key=lambda c: (-frozen[c].size, c))
         )
         rows.append(FreezeSite(key[0], key[1], tuple(entry["nodes"]), tuple(entry["reasons"]), spaces,
-                               _elements(shapes, param_dims, classes), _elements(shapes, param_dims, sole)))
+                               _held(params, classes, set()), _held(params, sole, all_frozen - sole),
+                               _held(params, classes, groups)))
     rows.sort(key=lambda r: (-r.params, -r.only_here, r.op, r.source))
-    all_frozen = {c for c in frozen if param_dims.get(c)}
     model = type(analysis.graph.module).__name__
-    return CoverageReport(model, total, _elements(shapes, param_dims, all_frozen), tuple(rows), free)
+    return CoverageReport(model, total, _held(params, all_frozen, set()), _held(params, all_frozen, groups),
+                          tuple(rows), free)
 
 
-def _param_shapes(analysis: Any) -> dict[str, tuple[int, ...]]:
-    """Parameter FQN (canonical name of tied ones) -> shape, from the analysis' layouts."""
+def _param_layouts(analysis: Any) -> dict[str, tuple]:
+    """Parameter FQN (canonical name of tied ones) -> layout per dim."""
     graph = analysis.graph
-    out: dict[str, tuple[int, ...]] = {}
-    for node, fqn in graph.param_of.items():
+    out: dict[str, tuple] = {}
+    for fqn in graph.param_of.values():
         lays = analysis.param_layouts.get(fqn)
-        if lays is None or any(lay is None for lay in lays):
-            continue
-        out.setdefault(graph.canonical(fqn), tuple(layout_size(lay) for lay in lays))
+        if lays is not None and all(lay is not None for lay in lays):
+            out.setdefault(graph.canonical(fqn), lays)
     return out
 
 
@@ -188,23 +198,28 @@ def _param_dims_by_class(frozen: Iterable[Any], canonical: Any) -> dict[int, lis
     return out
 
 
-def _elements(shapes: Mapping[str, tuple[int, ...]], param_dims: Mapping[int, list], classes: set[int]) -> int:
-    """Parameter elements with a coordinate on any of ``classes``, each element counted once."""
-    covered: dict[str, dict[int, np.ndarray]] = collections.defaultdict(dict)
-    for c in classes:
-        for name, dim, layout in param_dims.get(c, ()):
-            if name not in shapes:
-                continue
-            mask = covered[name].get(dim)
-            if mask is None:
-                mask = covered[name][dim] = np.zeros(layout_size(layout), dtype=bool)
-            for arr in cached_coords(layout).get(c, ()):
+def _covered(layout: Any, classes: set[int]) -> np.ndarray:
+    """Indices of a dim with a coordinate on any of ``classes``."""
+    mask = np.zeros(layout_size(layout), dtype=bool)
+    for c, arrays in cached_coords(layout).items():
+        if c in classes:
+            for arr in arrays:
                 mask |= arr >= 0
+    return mask
+
+
+def _held(params: Mapping[str, tuple], classes: set[int], excluded: set[int]) -> int:
+    """Parameter elements that have a coordinate on one of ``classes`` and on none of ``excluded``,
+    each counted once."""
+    if not classes:
+        return 0
     total = 0
-    for name, dims in covered.items():
-        shape = shapes[name]
-        untouched = 1
-        for d, size in enumerate(shape):
-            untouched *= size - int(dims[d].sum()) if d in dims else size
-        total += int(np.prod(shape)) - untouched
+    for lays in params.values():
+        free, hit = 1, 1  # elements with no excluded coordinate; of those, with none on classes
+        for lay in lays:
+            ex = _covered(lay, excluded)
+            on = _covered(lay, classes) & ~ex
+            free *= int((~ex).sum())
+            hit *= int((~ex).sum() - on.sum())
+        total += free - hit
     return total

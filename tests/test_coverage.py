@@ -505,7 +505,9 @@ def test_coverage_report_ranks_what_froze_by_parameters():
     assert [r.params for r in report.rows] == sorted((r.params for r in report.rows), reverse=True)
     top = report.rows[0]
     assert top.op == "fxprune_test.opaque.default" and "test_coverage.py" in top.source
-    assert top.params == 24 * 16 + 24 + 24 * 12 == top.only_here  # a's rows + bias, b's columns
+    assert top.params == 24 * 16 + 24 + 24 * 12  # the elements of a's rows and bias, b's columns
+    assert top.only_here == 24 + 24 * 12  # a's columns are also frozen by the graph input
+    assert top.unprunable == 24 * 16 + 24  # b's columns are still pruned through b's rows group
     out = next(r for r in report.rows if r.op == "output")
     assert out.params == 5 * 12 + 5  # c's rows and bias: the model's output width
     assert report.frozen_params == top.params + out.params

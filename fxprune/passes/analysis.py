@@ -17,6 +17,12 @@ Two more facts are computed per class:
   slices are zeroed.  Contracting over a class is exact when one operand is zero there; a mean,
   softmax or norm over it is not.
 
+In-place ops run their functional form's rule; the zero dataflow follows what a write through a
+view does to its base (see ``rules.py``).  Parameters the graph never reads are tied to the space
+their shape and owner imply, or frozen (:func:`_tie_unread_tensors`): never a group of their own.
+Dynamic sizes computed as ``batch * heads`` are resolved to the node that multiplies the static
+factor in (:func:`_resolve_symbolic_sizes`), so the rewrite recomputes them.
+
 The result is an immutable :class:`Analysis`.  It also keeps the provenance of every tie, split
 and freeze (which op, at which source line), so ``Analysis.coupling_graph()`` (a networkx
 MultiGraph), ``Analysis.why(a, b)`` and ``Analysis.explain(x)`` can say *why* two parameters are
