@@ -69,19 +69,23 @@ def table_row(r: dict) -> str:
     return f"| {r['model']} | {r['class']} | {r['family']} | {r['groups']} ({r['exact']}) | {kinds} | {ok} | {r.get('returned', '-')} |"
 
 
-def update_readme(rows: list[dict], path: str = "README.md") -> None:
-    """Replace the table between the arch-table markers in the README."""
-    start, end = "<!-- arch-table:start -->", "<!-- arch-table:end -->"
-    text = open(path).read()
-    if start not in text or end not in text:
+def replace_readme_section(name: str, text: str, path: str = "README.md") -> None:
+    """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the README."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = open(path).read()
+    if start not in doc or end not in doc:
         return
-    table = "\n".join([HEADER, *(table_row(r) for r in rows)])
-    head, rest = text.split(start, 1)
+    head, rest = doc.split(start, 1)
     _, tail = rest.split(end, 1)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(f"{head}{start}\n{table}\n{end}{tail}")
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
     os.replace(tmp, path)
+
+
+def update_readme(rows: list[dict], path: str = "README.md") -> None:
+    """Replace the table between the arch-table markers in the README."""
+    replace_readme_section("arch-table", "\n".join([HEADER, *(table_row(r) for r in rows)]), path)
 
 
 def main(names: list[str]) -> None:

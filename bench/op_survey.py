@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import fxprune  # noqa: E402
+from bench.arch_sweep import replace_readme_section  # noqa: E402
 from tests import zoo  # noqa: E402
 
 # Freeze sites that are not ops: what a rule cannot lift (kept in the JSON, marked in the table).
@@ -131,19 +132,6 @@ def markdown_table(ranked: list[dict], n_models: int, max_rows: int = 25) -> str
     return "\n".join(lines)
 
 
-def update_readme(table: str, path: str = os.path.join(ROOT, "README.md")) -> None:
-    start, end = "<!-- op-survey:start -->", "<!-- op-survey:end -->"
-    text = open(path).read()
-    if start not in text or end not in text:
-        return
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{head}{start}\n{table}\n{end}{tail}")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny models: threading only adds overhead
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("\nFAILED:", *(f"  {n}: {e}" for n, e in failed.items()), sep="\n")
     if not args.models:
-        update_readme(table)
+        replace_readme_section("op-survey", table, os.path.join(ROOT, "README.md"))
     print(f"\nwrote {os.path.relpath(args.out, os.getcwd())} in {res['meta']['total_s']}s")
     return 1 if failed else 0
 

@@ -12,7 +12,6 @@ tests/test_rewrite.py::test_exact_groups_match_zeroed_original (they are in the 
 
 from __future__ import annotations
 
-import collections
 import functools
 import random
 import warnings
@@ -30,21 +29,8 @@ from fxprune.passes.op_rules import einsum_specs
 from fxprune.passes.rewrite import compare_outputs, zeroed_copy
 from tests import zoo
 from tests.conftest import traced
-
-
-def _kinds(groups, block=None):
-    out = collections.defaultdict(list)
-    for g in groups:
-        if block is None or (g.block or "").startswith(block):
-            out[g.kind].append(g)
-    return out
-
-
-def _member(group, name, dim=None):
-    for m in group.members:
-        if m.name == name and (dim is None or m.dim == dim):
-            return m
-    raise AssertionError(f"{name} not in {group.id}: {[(m.name, m.dim) for m in group.members]}")
+from tests.test_analysis import _by_kind as _kinds
+from tests.test_analysis import _member
 
 
 def _with(groups, name, dim=None):

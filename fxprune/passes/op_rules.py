@@ -416,6 +416,42 @@ def glu_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 _INT_MAX = 2**62
 
 
+def _slice_into(ctx: AnalysisContext, node: fx.Node, base: TRef, part: TRef, dim: int, start: Any, end: Any,
+                step: Any, start_path: ArgPath, end_path: ArgPath) -> None:
+    """``part`` is base[start:end:step] along ``dim`` (every other dim is shared): carve and tie."""
+    rank = ctx.rank(base)
+    for i in range(rank):
+        if i != dim:
+            ctx.tie(base, i, part, i)
+    n = int_size(ctx, base, dim)
+    if n is None or not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
+        ctx.freeze_dim(base, dim, f"dynamic slice at {node.name}")
+        ctx.freeze_dim(part, dim, f"dynamic slice at {node.name}")
+        return
+    lo, hi, step = slice(start, end, step).indices(n)
+    if step != 1:
+        ctx.freeze_dim(base, dim, f"strided slice at {node.name}")
+        ctx.freeze_dim(part, dim, f"strided slice at {node.name}")
+        return
+    if lo == 0 and hi == n:
+        ctx.tie(base, dim, part, dim)
+        return
+    parts = ctx.store.carve(ctx.d(base)[dim], lo, hi)
+    if parts is None:
+        ctx.freeze_dim(part, dim, f"slice at {node.name} cuts across atoms")
+        return
+    if hi > lo:
+        ctx.store.unify_prod(ctx.d(part)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
+    if start is not None and lo != 0:
+        ctx.offset_arg(node, start_path, base, dim, lo)
+    if end is not None and hi != n:
+        ctx.offset_arg(node, end_path, base, dim, hi)
+
+
+def _arg_path(node: fx.Node, i: int, name: str) -> ArgPath:
+    return ArgPath("args", i) if len(node.args) > i else ArgPath("kwargs", name)
+
+
 @register_rule(aten.slice, aten.slice_copy)
 def slice_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
@@ -424,32 +460,17 @@ def slice_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     start = arg(node, 2, "start", None)
     end = arg(node, 3, "end", None)
     step = arg(node, 4, "step", 1)
+    ctx.zero_pass(out, [src])
+    n = int_size(ctx, src, dim)
+    static = n is not None and all(isinstance(v, (int, type(None))) for v in (start, end, step))
+    if not static or step == 1:
+        _slice_into(ctx, node, src, out, dim, start, end, step, ArgPath("args", 2), ArgPath("args", 3))
+        return
     for i in range(rank):
         if i != dim:
             ctx.tie(src, i, out, i)
-    ctx.zero_pass(out, [src])
-    n = int_size(ctx, src, dim)
-    if n is None or not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
-        ctx.freeze_dim(src, dim, f"dynamic slice at {node.name}")
-        ctx.freeze_dim(out, dim, f"dynamic slice at {node.name}")
-        return
-    lo, hi, step = slice(start, end, step).indices(n)
-    if step == 1 and lo == 0 and hi == n:
-        ctx.tie(src, dim, out, dim)
-        return
-    if step == 1:
-        parts = ctx.store.carve(ctx.d(src)[dim], lo, hi)
-        if parts is None:
-            ctx.freeze_dim(out, dim, f"slice at {node.name} cuts across atoms")
-            return
-        if hi > lo:
-            ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
-        if start is not None and lo != 0:
-            ctx.offset_arg(node, ArgPath("args", 2), src, dim, lo)
-        if end is not None and hi != n:
-            ctx.offset_arg(node, ArgPath("args", 3), src, dim, hi)
-        return
     # strided slice: [n] = [n/step, step]; selecting one phase of the inner atom
+    lo, hi, step = slice(start, end, step).indices(n)
     count = len(range(lo, hi, step))
     if n % step == 0 and lo < step and count == n // step:
         outer, phase = ctx.store.new(n // step), ctx.store.new(step)
@@ -500,42 +521,6 @@ def select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     for j, i in enumerate(rest):
         ctx.tie(src, i, out, j)
     ctx.zero_pass(out, [src])
-
-
-def _slice_into(ctx: AnalysisContext, node: fx.Node, base: TRef, part: TRef, dim: int, start: Any, end: Any,
-                step: Any, start_path: ArgPath, end_path: ArgPath) -> None:
-    """``part`` is base[start:end:step] along ``dim`` (every other dim is shared): carve and tie."""
-    rank = ctx.rank(base)
-    for i in range(rank):
-        if i != dim:
-            ctx.tie(base, i, part, i)
-    n = int_size(ctx, base, dim)
-    if n is None or not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
-        ctx.freeze_dim(base, dim, f"dynamic slice at {node.name}")
-        ctx.freeze_dim(part, dim, f"dynamic slice at {node.name}")
-        return
-    lo, hi, step = slice(start, end, step).indices(n)
-    if step != 1:
-        ctx.freeze_dim(base, dim, f"strided slice at {node.name}")
-        ctx.freeze_dim(part, dim, f"strided slice at {node.name}")
-        return
-    if lo == 0 and hi == n:
-        ctx.tie(base, dim, part, dim)
-        return
-    parts = ctx.store.carve(ctx.d(base)[dim], lo, hi)
-    if parts is None:
-        ctx.freeze_dim(part, dim, f"slice at {node.name} cuts across atoms")
-        return
-    if hi > lo:
-        ctx.store.unify_prod(ctx.d(part)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
-    if start is not None and lo != 0:
-        ctx.offset_arg(node, start_path, base, dim, lo)
-    if end is not None and hi != n:
-        ctx.offset_arg(node, end_path, base, dim, hi)
-
-
-def _arg_path(node: fx.Node, i: int, name: str) -> ArgPath:
-    return ArgPath("args", i) if len(node.args) > i else ArgPath("kwargs", name)
 
 
 @register_rule(aten.slice_scatter)
