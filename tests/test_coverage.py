@@ -306,6 +306,32 @@ def test_ops_follow_their_rules_and_prune_exactly(cls, x, expect):
         assert compare_outputs(zeroed_copy(model, groups, res.plan)(other), res.model(other))[0]
 
 
+class _PaddedChunks(nn.Module):
+    """Qwen3-Next's chunking: pad a dynamic sequence to a multiple of 4 and reshape it to chunks
+    (sizes with Mod that sympy cannot factor); the 2 heads x 8 around it must stay prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.q(x).view(b, n, 2, 8).transpose(1, 2)
+        h = F.pad(h, (0, 0, 0, (4 - n % 4) % 4)).reshape(b, 2, -1, 4, 8)
+        return self.o(torch.relu(h).sum(3).transpose(1, 2).reshape(b, -1, 16))
+
+
+def test_unfactorable_dynamic_reshape_freezes_only_its_middle():
+    torch.manual_seed(0)
+    model = _PaddedChunks().eval()
+    _, groups = _analyse(model, (_SEQ,))
+    assert sorted(g.size for g in groups) == [2, 8] and all(g.exact for g in groups)
+    res = _quiet(fxprune.rewrite, model, groups, {g.id: [0] for g in groups})
+    x = torch.randn(3, 11, 16)  # another batch, and a length that pads differently
+    with torch.no_grad():
+        assert compare_outputs(zeroed_copy(model, groups, res.plan)(x), res.model(x))[0]
+
+
 def test_a_write_through_a_view_changes_what_is_exact():
     torch.manual_seed(0)
     model = _Overwrite().eval()

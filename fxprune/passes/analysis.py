@@ -515,11 +515,12 @@ def _tie_unread_tensors(ctx: AnalysisContext, graph: PrunableGraph) -> None:
     names = {**graph.param_of, **graph.buffer_of}
     read = [(names[n.name], ctx.ref(n)) for n in placeholders
             if n.users and n.name in names and ctx.ref(n) is not None]
+    per_tensor = collections.Counter(graph.canonical(names[n.name]) for n in placeholders if n.name in names)
     for node in placeholders:
         fqn = names.get(node.name)
         ref = ctx.ref(node)
-        if fqn is None or ref is None or node.users:
-            continue
+        if fqn is None or ref is None or node.users or per_tensor[graph.canonical(fqn)] > 1:
+            continue  # read, or another name of a tensor that is tied to its reads already
         store.site = Site(node.name, "unread parameter", fqn)
         val = ctx.val(ref)
         if node.name not in graph.param_of and (val is None or not val.is_floating_point()):
@@ -624,11 +625,14 @@ def _resolve_symbolic_sizes(ctx: AnalysisContext) -> None:
             ok = owner.args[idx] == total and (prev is None or sorted(map(store.find, prev[1])) == sorted(need))
             if ok:
                 ctx.size_args[owner.name][ArgPath("args", idx)] = ("atoms", need)
-        if not ok and want:
-            store.site = Site(node_name, "dynamic size", f"{path} of node {node_name}")
-            store.freeze(want, f"a size computed from dynamic dims at node {node_name} ({path}) "
-                               "cannot be recomputed for this space")
-            store.site = None
+        if not ok:  # the static spaces it sizes, and those it reads sizes of, must not change
+            read = [leaf for t, d in _sizes_read(size_node) for leaf in _static_leaves(ctx, _dim_atoms(ctx, t, d))]
+            frozen = want + read
+            if frozen:
+                store.site = Site(node_name, "dynamic size", f"{path} of node {node_name}")
+                store.freeze(frozen, f"a size computed from dynamic dims at node {node_name} ({path}) "
+                                     "cannot be recomputed for this space")
+                store.site = None
 
 
 def _static_leaves(ctx: AnalysisContext, atoms: Sequence[int]) -> list[int]:
@@ -638,6 +642,26 @@ def _static_leaves(ctx: AnalysisContext, atoms: Sequence[int]) -> list[int]:
             if isinstance(ctx.store.size[leaf], int) and ctx.store.size[leaf] > 1:
                 out.append(leaf)
     return out
+
+
+def _sizes_read(n: Any) -> list[tuple[Any, Any]]:
+    """Every (tensor node, dim) whose ``sym_size`` an integer expression reads, through any op."""
+    out, stack, seen = [], [n], set()
+    while stack:
+        x = stack.pop()
+        if not isinstance(x, fx.Node) or x in seen:
+            continue
+        seen.add(x)
+        if x.op == "call_function" and str(x.target) == "aten.sym_size.int":
+            out.append((x.args[0], x.args[1]))
+        elif x.op == "call_function":
+            stack.extend(a for a in x.args if isinstance(a, fx.Node))
+    return out
+
+
+def _dim_atoms(ctx: AnalysisContext, t: Any, d: Any) -> list[int]:
+    ref = ctx.ref(t)
+    return ctx.d(ref)[d] if ref is not None and isinstance(d, int) and d < ctx.rank(ref) else []
 
 
 def _size_terms(n: Any, sign: int = 1, depth: int = 0) -> list[tuple[str, Any, Any, int]] | None:

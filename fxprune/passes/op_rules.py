@@ -139,10 +139,7 @@ def _reshape_ties(ctx: AnalysisContext, src: TRef, out: TRef) -> None:
     out_dims = [j for j, s in enumerate(out_shape) if not is_one(s)]
     chunks = _product_chunks([in_shape[i] for i in in_dims], [out_shape[j] for j in out_dims])
     if chunks is None:
-        reason = f"reshape {in_shape} -> {out_shape} at {out[0]} does not factor"
-        ctx.freeze_ref(src, reason)
-        ctx.freeze_ref(out, reason)
-        return
+        chunks = _peeled_chunks(ctx, src, out, in_dims, out_dims)
     for ci, cj in chunks:
         a_dims = [in_dims[i] for i in ci]
         b_dims = [out_dims[j] for j in cj]
@@ -150,6 +147,31 @@ def _reshape_ties(ctx: AnalysisContext, src: TRef, out: TRef) -> None:
         b_atoms = [a for j in b_dims for a in ctx.d(out)[j]]
         # dynamic chunks factor too ([B, H] <-> [B*H]); what does not freezes in unify_prod
         ctx.store.unify_prod(a_atoms, b_atoms)
+
+
+def _peeled_chunks(ctx: AnalysisContext, src: TRef, out: TRef, in_dims: list[int],
+                   out_dims: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Chunks of a reshape whose dynamic sizes sympy cannot factor (a sequence padded to a multiple
+    of a chunk size): equal leading and trailing dims still correspond one to one (the products
+    agree), so they are tied (heads, head dims); only the middle is frozen."""
+    in_shape, out_shape = ctx.shape(src), ctx.shape(out)
+
+    def same(i: int, j: int) -> bool:
+        return sympy.simplify(sympy.sympify(in_shape[i]) - sympy.sympify(out_shape[j])) == 0
+
+    lo = 0
+    while lo < min(len(in_dims), len(out_dims)) - 1 and same(in_dims[lo], out_dims[lo]):
+        lo += 1
+    hi_a, hi_b = len(in_dims), len(out_dims)
+    while hi_a - 1 > lo and hi_b - 1 > lo and same(in_dims[hi_a - 1], out_dims[hi_b - 1]):
+        hi_a, hi_b = hi_a - 1, hi_b - 1
+    reason = f"reshape {in_shape} -> {out_shape} at {out[0]} does not factor"
+    for i in in_dims[lo:hi_a]:
+        ctx.freeze_dim(src, i, reason)
+    for j in out_dims[lo:hi_b]:
+        ctx.freeze_dim(out, j, reason)
+    pairs = list(zip(range(lo), range(lo))) + list(zip(range(hi_a, len(in_dims)), range(hi_b, len(out_dims))))
+    return [([i], [j]) for i, j in pairs]
 
 
 def _product_chunks(a: Sequence, b: Sequence) -> list[tuple[list[int], list[int]]] | None:
