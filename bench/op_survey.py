@@ -12,7 +12,7 @@ is the first row, prints that table, writes ``bench/results/op_survey.json`` and
 table between the ``op-survey`` markers in README.md.
 
     python bench/op_survey.py                 # every exportable zoo model
-    python bench/op_survey.py llama_gqa gpt2  # a subset (the README is then left alone)
+    python bench/op_survey.py llama_gqa gpt2  # re-survey some; they merge into the stored results
 """
 
 from __future__ import annotations
@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models or zoo.names(exportable=True) + list(zoo.HEAVY)
     t0 = time.perf_counter()
     models, failed = {}, {}
+    if args.models and os.path.exists(args.out):  # merge into the stored survey
+        known = set(zoo.ZOO) | set(zoo.HEAVY)
+        models = {k: v for k, v in json.load(open(args.out)).get("models", {}).items() if k in known}
     for i, name in enumerate(names, 1):
         try:
             models[name] = survey_one(name)
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i:2d}/{len(names)}] {name:22s} {rec['seconds']:5.1f}s {len(rec['op_counts']):3d} ops "
               f"{rec['groups']:3d} groups, frozen {100 * rec['frozen_params'] / max(rec['total_params'], 1):5.1f}% "
               f"of params; top: {top['op'] if top else '-'}", flush=True)
+    order = list(zoo.ZOO) + list(zoo.HEAVY)
+    models = dict(sorted(models.items(), key=lambda kv: order.index(kv[0])))
     ranked = rank_ops(models)
     res = {
         "meta": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -173,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if failed:
         print("\nFAILED:", *(f"  {n}: {e}" for n, e in failed.items()), sep="\n")
-    if not args.models:
-        replace_readme_section("op-survey", table, os.path.join(ROOT, "README.md"))
+    replace_readme_section("op-survey", table, os.path.join(ROOT, "README.md"))
     print(f"\nwrote {os.path.relpath(args.out, os.getcwd())} in {res['meta']['total_s']}s")
     return 1 if failed else 0
 

@@ -19,7 +19,7 @@ Rows are sorted by ``params``, so the next rule to write is the first row.  It r
 provenance the analysis keeps (every freeze with its :class:`~fxprune.passes.atoms.Site`),
 never re-runs anything.
 
-    report = fxprune.coverage(analysis)      # or analysis.coverage()
+    report = analysis.coverage()    # or fxprune.coverage_report.coverage(analysis)
     print(report.table())
 """
 
