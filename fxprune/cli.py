@@ -1,6 +1,6 @@
 """The ``fxprune`` command line.
 
-    fxprune analyze MODEL [--meta] [--graphml deps.graphml] [--ignore NAME ...]
+    fxprune analyze MODEL [--meta] [--graphml deps.graphml] [--ignore NAME ...] [--coverage]
     fxprune explain MODEL PARAM_OR_GROUP [OTHER]     # why frozen / why coupled
 
 MODEL is a local Hugging Face model directory (config.json + weights) or ``module:factory``, a
@@ -76,6 +76,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     analysis = _analysis(args.model, meta=args.meta, ignore=args.ignore)
     print(analysis.summary(max_rows=None if args.all else 60))
+    report = analysis.coverage() if args.coverage else None
+    if report is not None:
+        print("\nops that froze spaces holding parameters (most costly first):")
+        print(report.table(max_rows=None if args.all else 30))
     if args.graphml:
         path = analysis.to_graphml(args.graphml)
         print(f"coupling graph written to {path}")
@@ -85,8 +89,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
              "members": [{"name": m.name, "dim": m.dim, "unit_width": m.unit_width} for m in g.members]}
             for g in analysis.groups
         ]
-        atomic_write_text(args.json, json.dumps(
-            {"groups": rows, "unsupported": [str(u) for u in analysis.unsupported]}, indent=1))
+        doc = {"groups": rows, "unsupported": [str(u) for u in analysis.unsupported]}
+        if report is not None:
+            doc["coverage"] = report.as_dict()
+        atomic_write_text(args.json, json.dumps(doc, indent=1))
         print(f"groups written to {args.json}")
     return EXIT_OK
 
@@ -322,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the groups as JSON")
     p.add_argument("--ignore", nargs="*", help="parameter or module name prefixes to keep unchanged")
     p.add_argument("--all", action="store_true", help="list every group (default: first 60)")
+    p.add_argument("--coverage", action="store_true",
+                   help="also list each op that froze something: the spaces, the parameters they hold, "
+                        "the source line (sorted by parameters)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("explain", help="why a parameter is frozen, or why two parameters are coupled")

@@ -446,6 +446,9 @@ def _fix_int_attributes(model: torch.nn.Module, analysis: Any, program: Rewritte
             news = {kept_size(lay, program.removed) for lay in splits.values()}
             if len(news) == 1:  # still an even split: its split_size follows the module attr
                 all_constants.append((mod_path, node.args[1], news.pop()))
+        elif splits and node.target in (aten.split_with_sizes.default, aten.split_with_sizes_copy.default):
+            for lay in splits.values():  # each size follows a module attr (MLA's [nope, rope])
+                all_constants.append((mod_path, layout_size(lay), kept_size(lay, program.removed)))
         for path, lay in entries.items():
             if lay is None or path.where == "split":
                 continue
