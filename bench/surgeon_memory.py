@@ -3,7 +3,7 @@
 
 Why: K-FAC factors are big (``d_in²`` per input slot and ``d_out²`` per layer whose rows can
 go: an MLP's ``G`` alone is ``d_ff²``), about 2-3x the weights for a Llama when held all at once.
-fxprune therefore holds at most ``budget`` bytes of statistics (default: the weights' bytes):
+fxprune therefore holds at most ``budget`` bytes of statistics (default: half the weights' bytes, at least 128 MiB):
 larger models are gathered in chunks of consecutive layers (one forward+backward over the
 calibration batches per chunk), each chunk's costs are computed and its factors freed, and the
 update re-gathers chunk by chunk.  LM heads never store ``G`` (their rows, the vocabulary, never
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--budget-mb", type=int, default=0, help="statistics held at once (default: the weights' bytes)")
+    ap.add_argument("--budget-mb", type=int, default=0, help="statistics held at once (default: half the weights' bytes)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)

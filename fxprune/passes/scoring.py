@@ -633,7 +633,7 @@ class _CurvatureImportance(Importance):
     is not used: a unit's cost is by definition the sum over the members it removes.
 
     Options (``score(importance_options=...)``): ``damping`` (relative, default 0.01),
-    ``budget`` (bytes of statistics held at once; default ``max(weight bytes, 256 MiB)``: larger
+    ``budget`` (bytes of statistics held at once; default ``max(weight bytes / 2, 128 MiB)``, which keeps the peak under 3x the weights: larger
     models are gathered in chunks of consecutive layers, and the update re-gathers), ``relative``
     (obs: divide by the layer's output energy, default False).
     """
@@ -659,7 +659,7 @@ class _CurvatureImportance(Importance):
         budget = self.budget
         if budget is None:
             weight_bytes = sum(p.numel() * p.element_size() for p in unique_params(model))
-            budget = max(weight_bytes, 256 * 2**20)
+            budget = max(weight_bytes // 2, 128 * 2**20)
         self.source = curvature.CurvatureSource(model, batches, loss_fn=loss_fn, device=device, budget=budget,
                                                 progress=progress)
         self.source.damping = self.damping
