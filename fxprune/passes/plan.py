@@ -38,7 +38,7 @@ from fxprune.graph import Group, Member, kept_size
 from fxprune.passes.base import fxpass
 from fxprune.util.names import edge_blocks, matches_prefix
 
-__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "make_plan"]
+__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "make_plan", "make_uniform"]
 
 DEFAULT_KINDS: dict[str, bool] = {
     "channels": True,
@@ -314,7 +314,8 @@ def _blocks_kept(groups: Sequence[Group], first: int, last: int) -> set[str]:
     return edge_blocks([g.block for g in groups], first, last)
 
 
-def _round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
+def round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
+    """The ``round_to`` multiple for ``kind`` (an int for every kind, or a per-kind mapping)."""
     r = round_to.get(kind, 1) if isinstance(round_to, Mapping) else round_to
     if not isinstance(r, (int, np.integer)) or r < 1:
         raise PlanError(f"round_to must be a positive integer, got {r!r} for kind {kind!r}.")
@@ -342,7 +343,7 @@ def _candidates(
             skipped[g.id] = reason
             continue
         s = _group_scores(g, scores)
-        steps = allowed_removals(g.size, _round_for(g.kind, round_to), max_group_ratio)
+        steps = allowed_removals(g.size, round_for(g.kind, round_to), max_group_ratio)
         if len(steps) == 1:
             skipped[g.id] = f"size {g.size} leaves no removable multiple of round_to within the cap"
             continue
@@ -420,7 +421,12 @@ def _closer(removed_at: Any, k: int, n: int, target: float) -> int:
 
 def _uniform(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter,
              target: float) -> tuple[dict[int, int], dict[str, Any]]:
-    """One fraction for every searched group (bisection), then <= 1 extra step per group."""
+    """One fraction for every searched group (bisection), then <= 1 extra step per uniform class.
+
+    A class is every searched group of one kind and size (the MLP of every layer, say): its groups
+    always get the same count, so after ``round_to`` every layer of a kind keeps the same size and
+    one config (``intermediate_size``, ``num_attention_heads``...) can describe the model.
+    """
     searched = [c for c in cands if c.fixed is None]
     fractions = sorted({s / c.group.size for c in searched for s in c.steps})
 
@@ -433,32 +439,46 @@ def _uniform(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCount
     i = _largest_within(len(fractions) - 1, lambda i: removed(counts_at(i)), target) if fractions else 0
     counts = counts_at(i)
     fraction = fractions[i] if fractions else 0.0
-    counts = _top_up(searched, counts, removed, target)
+    counts = _top_up(uniform_classes(searched), counts, removed, target)
     return counts, {"fraction": fraction}
 
 
-def _top_up(searched: Sequence[_Candidate], counts: dict[int, int], removed: Any,
+def uniform_classes(cands: Sequence[_Candidate]) -> list[list[_Candidate]]:
+    """Candidates grouped by (kind, size, allowed steps): the groups a uniform plan treats alike."""
+    classes: dict[tuple, list[_Candidate]] = {}
+    for c in cands:
+        classes.setdefault((c.group.kind, c.group.size, tuple(c.steps)), []).append(c)
+    return list(classes.values())
+
+
+def _top_up(classes: Sequence[Sequence[_Candidate]], counts: dict[int, int], removed: Any,
             target: float) -> dict[int, int]:
-    """Close the gap left by the shared fraction: give the cheapest-to-lose groups one more step."""
+    """Close the gap left by the shared fraction: one more step for whole classes at a time.
+
+    Every group of a class moves together (or none does), cheapest-to-lose class first (mean
+    score of the units the step would remove); the last step may overshoot when that lands
+    closer to the target than stopping short.
+    """
     extra = []
-    for c in searched:
-        j = c.steps.index(counts[c.index])
-        if j + 1 < len(c.steps):
-            extra.append((float(c.chunk_scores()[j]), c.index, c.steps[j + 1]))
-    extra.sort()
+    for k, cls in enumerate(classes):
+        j = cls[0].steps.index(counts[cls[0].index])
+        if j + 1 < len(cls[0].steps):
+            cost = float(np.mean([c.chunk_scores()[j] for c in cls]))
+            extra.append((cost, k, {c.index: c.steps[j + 1] for c in cls}))
+    extra.sort(key=lambda e: e[:2])
     current = removed(counts)
     overshoots = []
-    for _, idx, nxt in extra:
-        trial = {**counts, idx: nxt}
+    for _, k, step in extra:
+        trial = {**counts, **step}
         r = removed(trial)
         if r <= target:
             counts, current = trial, r
         else:
-            overshoots.append((r, idx, nxt))
+            overshoots.append((r, k, step))
     if overshoots:
-        r, idx, nxt = min(overshoots)
+        r, _, step = min(overshoots, key=lambda e: e[:2])
         if r - target < target - current:
-            counts = {**counts, idx: nxt}
+            counts = {**counts, **step}
     return counts
 
 
@@ -587,22 +607,85 @@ def make_plan(
         counts, details = _STRATEGIES[allocation](cands, fixed, counter, target)
     plan = _plan_from_counts(cands, counts)
     info = _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
+    info.update(round_to=dict(round_to) if isinstance(round_to, Mapping) else round_to,
+                max_group_ratio=max_group_ratio)
     return Plan.of(groups, plan, info)
 
 
-def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter) -> int:
+def make_uniform(
+    groups: Any,
+    plan: Plan,
+    scores: Mapping[str, np.ndarray],
+    *,
+    numel: Mapping[str, int] | None = None,
+    round_to: int | Mapping[str, int] | None = None,
+    max_group_ratio: float | None = None,
+) -> Plan:
+    """The uniform plan nearest to ``plan`` (a global or per-layer one).
+
+    Every class of prunable groups (same kind and size: the MLP of every layer, say) gets the
+    class' mean removal count, rounded to the nearest allowed step, and each group removes its
+    lowest-scoring units.  The parameter total stays close to the plan's (within one step per
+    class); groups the plan skipped (kept blocks, ``ignore``, disabled kinds) stay untouched.
+    Serving stacks that need one config for all layers (vLLM, TGI, llama.cpp converters) take
+    the result as a standard checkpoint.  ``round_to``/``max_group_ratio`` default to the ones
+    the plan was made with.
+    """
+    source, groups = groups, _groups_of(groups)
+    plan.check_against(groups)
+    info = dict(plan.info)
+    round_to = info.get("round_to", 1) if round_to is None else round_to
+    max_group_ratio = info.get("max_group_ratio", 0.9) if max_group_ratio is None else max_group_ratio
+    if numel is None:
+        module = getattr(getattr(source, "graph", None), "module", None)
+        if module is None:
+            raise PlanError("make_uniform(groups, ...) needs numel= (parameter name -> number of elements)")
+        from fxprune.util.modules import numel_by_name
+
+        numel = numel_by_name(module)
+    counter = ParamCounter(groups, numel)
+    skipped = info.get("skipped", {})
+    classes: dict[tuple[str, int], list[Group]] = {}
+    for g in groups:
+        if g.id not in skipped and g.id in counter.touches and g.size >= 2:
+            classes.setdefault((g.kind, g.size), []).append(g)
+    units: dict[str, list[int]] = {}
+    for (kind, size), members in classes.items():
+        steps = allowed_removals(size, round_for(kind, round_to), max_group_ratio)
+        mean = float(np.mean([len(plan.get(g.id, ())) for g in members]))
+        count = min(steps, key=lambda n: (abs(n - mean), n))
+        for g in members:
+            if count:
+                order = np.lexsort((np.arange(g.size), _group_scores(g, scores)))
+                units[g.id] = sorted(int(u) for u in order[:count])
+    removed = counter.removed(units)
+    sizes = {g.id: g.size for g in groups}
+    info.update({
+        "allocation": f"{info.get('allocation', 'plan')}+uniform",
+        "achieved_ratio": removed / counter.total if counter.total else 0.0,
+        "removed_params": removed,
+        "removed_units": {gid: len(u) for gid, u in units.items()},
+        "group_ratio": {gid: len(u) / sizes[gid] for gid, u in units.items()},
+        "uniform_from": info.get("allocation"),
+    })
+    return Plan.of(groups, units, info)
+
+
+def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter, allocation: str = "global") -> int:
     """Upper bound on the parameters one rounding step removes: the precision of the target.
 
     A unit's cost in isolation (``Group.params_per_unit``) bounds its marginal cost when other
-    groups shrink the same tensors, so ``cost * largest chunk`` bounds every step.
+    groups shrink the same tensors, so ``cost * largest chunk`` bounds every step.  A uniform plan
+    steps a whole class (every layer of a kind) at once, so its step is the class' sum.
     """
-    best = 0
-    for c in cands:
+    def step(c: _Candidate) -> int:
         chunk = max(b - a for a, b in zip(c.steps, c.steps[1:]))
         known = [m for m in c.group.params if m.name in counter.numel]
-        per_unit = sum(counter.numel[m.name] // m.dim_size * m.unit_width for m in known)
-        best = max(best, per_unit * chunk)
-    return best
+        return sum(counter.numel[m.name] // m.dim_size * m.unit_width for m in known) * chunk
+
+    if allocation == "uniform":
+        return max((sum(step(c) for c in cls) for cls in uniform_classes(cands)), default=0)
+    return max((step(c) for c in cands), default=0)
 
 
 def _check_args(ratio: float, allocation: str, max_group_ratio: float,
@@ -625,7 +708,7 @@ def _info(plan: Mapping[str, Sequence[int]], groups: Sequence[Group], cands: Seq
           allocation: str, details: dict[str, Any]) -> dict[str, Any]:
     removed = counter.removed(plan)
     total = counter.total
-    max_step = _max_step_params(cands, counter)
+    max_step = _max_step_params(cands, counter, allocation)
     if target and removed < target - max(max_step, 1):
         warnings.warn(
             f"could only reach {removed / total:.4f} of the parameters for ratio={ratio} "
