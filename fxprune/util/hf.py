@@ -145,6 +145,14 @@ def skeleton(model: Any, cfg: Any) -> nn.Module:
         return cls._from_config(cfg)
 
 
+def copy_config(config: Any, updates: Mapping[str, Any]) -> Any:
+    """A deep copy of ``config`` with ``updates`` set."""
+    cfg = copy.deepcopy(config)
+    for k, v in updates.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
 def pinned_fields(config: Any) -> dict[str, int]:
     """Derived sizes worth writing into the config so that other fields can change alone.
 
@@ -201,10 +209,7 @@ class ConfigSearch:
         return self.base is not None
 
     def config_with(self, updates: Mapping[str, Any]) -> Any:
-        cfg = copy.deepcopy(self.config)
-        for k, v in updates.items():
-            setattr(cfg, k, v)
-        return cfg
+        return copy_config(self.config, updates)
 
     def shapes(self, updates: Mapping[str, Any]) -> dict[str, tuple] | None:
         """Shapes of the skeleton built with ``updates`` (None if the config does not build)."""
