@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import os
 import shutil
@@ -187,7 +188,8 @@ def _write_config(model: torch.nn.Module, saved: io.SavedModel, out: str) -> tup
         return "fxprune", [], []
     if saved.standard:
         config.save_pretrained(out)
-        return "transformers", [], []
+        autos = [a for a, cls, _ in _auto_classes(model) if a and cls is type(model)]
+        return "transformers", autos, []
     from_transformers = type(model).__module__.startswith("transformers.")
     if not from_transformers or saved.extra_buffers:
         config.save_pretrained(out)
@@ -230,7 +232,7 @@ def _auto_classes(model: torch.nn.Module) -> list[tuple[str, type, str]]:
     base = getattr(model, prefix, None) if prefix else None
     base = base if isinstance(base, torch.nn.Module) and base is not model else None
     out: list[tuple[str, type, str]] = []
-    for name in sorted(n for n in dir(transformers) if n.startswith("AutoModel")):
+    for name in _auto_model_names():
         try:
             names = getattr(getattr(getattr(transformers, name), "_model_mapping", None), "_model_mapping", None)
         except Exception:  # noqa: BLE001 - an Auto class whose backend is missing
@@ -246,6 +248,13 @@ def _auto_classes(model: torch.nn.Module) -> list[tuple[str, type, str]]:
     if not any(cls is type(model) for _, cls, _ in out):
         out.append(("", type(model), ""))  # no Auto class: importable from the file by name
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _auto_model_names() -> tuple[str, ...]:
+    import transformers
+
+    return tuple(sorted(n for n in dir(transformers) if n.startswith("AutoModel")))
 
 
 def _config_name(config: Any) -> str:

@@ -624,9 +624,9 @@ def make_uniform(
     """The uniform plan nearest to ``plan`` (a global or per-layer one).
 
     Every class of prunable groups (same kind and size: the MLP of every layer, say) gets the
-    class' mean removal count, rounded to the nearest allowed step, and each group removes its
-    lowest-scoring units.  The parameter total stays close to the plan's (within one step per
-    class); groups the plan skipped (kept blocks, ``ignore``, disabled kinds) stay untouched.
+    class' mean removal count, rounded to an allowed step next to it (the nearest, or the other
+    neighbour when that brings the parameter total closer to the plan's), and each group removes
+    its lowest-scoring units.  Groups the plan skipped (kept blocks, ``ignore``, disabled kinds) stay untouched.
     Serving stacks that need one config for all layers (vLLM, TGI, llama.cpp converters) take
     the result as a standard checkpoint.  ``round_to``/``max_group_ratio`` default to the ones
     the plan was made with.
@@ -649,15 +649,36 @@ def make_uniform(
     for g in groups:
         if g.id not in skipped and g.id in counter.touches and g.size >= 2:
             classes.setdefault((g.kind, g.size), []).append(g)
-    units: dict[str, list[int]] = {}
+    # per class: the allowed counts just below and above the mean; start at the nearest, then
+    # move single classes to their other neighbour while that brings the total closer to the plan's
+    options: dict[tuple[str, int], list[int]] = {}
     for (kind, size), members in classes.items():
         steps = allowed_removals(size, round_for(kind, round_to), max_group_ratio)
         mean = float(np.mean([len(plan.get(g.id, ())) for g in members]))
-        count = min(steps, key=lambda n: (abs(n - mean), n))
-        for g in members:
-            if count:
-                order = np.lexsort((np.arange(g.size), _group_scores(g, scores)))
-                units[g.id] = sorted(int(u) for u in order[:count])
+        near = sorted(steps, key=lambda n: (abs(n - mean), n))[:2]
+        options[(kind, size)] = sorted(near, key=lambda n: (abs(n - mean), n))
+    orders = {g.id: np.lexsort((np.arange(g.size), _group_scores(g, scores)))
+              for members in classes.values() for g in members}
+
+    def plan_for(choice: Mapping[tuple[str, int], int]) -> dict[str, list[int]]:
+        return {g.id: sorted(int(u) for u in orders[g.id][:choice[key]])
+                for key, members in classes.items() for g in members if choice[key]}
+
+    goal = counter.removed(plan)
+    choice = {key: opts[0] for key, opts in options.items()}
+    best = abs(counter.removed(plan_for(choice)) - goal)
+    improved = True
+    while improved:
+        improved = False
+        for key, opts in options.items():
+            for alt in opts:
+                if alt == choice[key]:
+                    continue
+                trial = {**choice, key: alt}
+                err = abs(counter.removed(plan_for(trial)) - goal)
+                if err < best:
+                    choice, best, improved = trial, err, True
+    units = plan_for(choice)
     removed = counter.removed(units)
     sizes = {g.id: g.size for g in groups}
     info.update({
