@@ -233,14 +233,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _save_dir(model: Any, out_dir: str, overwrite: bool, tokenizer: Any, extra: dict, title: str,
               headline: list, sections: dict, protect: tuple = ()) -> None:
-    from fxprune.io import save_into
+    from fxprune.checkpoint import write_checkpoint
     from fxprune.report import write_report
     from fxprune.util.publish import publish_dir
 
     with publish_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         if model is not None:
-            save_into(model, str(tmp), extra=extra)
-        if tokenizer is not None:
+            write_checkpoint(model, str(tmp), tokenizer=tokenizer, extra=extra)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         write_report(str(tmp), title, headline, sections=sections)
 

@@ -187,8 +187,6 @@ def model_card(model: Any, checkpoint: Any, *, report: Any = None, source: str |
     library = "sentence-transformers" if checkpoint.sentence_transformers else (
         "transformers" if checkpoint.loads_with != "fxprune" else "fxprune")
     front = ["---", f"library_name: {library}", "tags:", "- fxprune", "- pruned", "- structured-pruning"]
-    if source:
-        front.append(f"base_model: {name}")
     tag = next((_PIPELINE_TAGS[a] for a in checkpoint.auto_classes if a in _PIPELINE_TAGS), None)
     if checkpoint.sentence_transformers:
         tag = "sentence-similarity"
