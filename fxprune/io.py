@@ -181,7 +181,13 @@ def load(directory: str, model_class: Any = None, *, config: Any = None, device:
 def rebuild(cls: Any, record: Mapping[str, Any], config: Any = None) -> torch.nn.Module:
     """The recorded model without its weights: parameters on meta, buffers computed, shapes,
     int attributes and per-module config fields as recorded."""
-    skeleton = _build_skeleton(cls, record, config)
+    try:
+        skeleton = _build_skeleton(cls, record, config)
+    except Exception as exc:  # noqa: BLE001 - the class refuses its own recorded config
+        raise FxpruneError(
+            f"{getattr(cls, '__name__', cls)} cannot be built from the recorded config ({type(exc).__name__}: {exc}); "
+            "pass config= (or model_class=) to load()"
+        ) from exc
     _shrink_skeleton(skeleton, record)
     return skeleton
 

@@ -12,7 +12,8 @@ Why it is built this way:
   dim's kept size comes from its layout with every group's removed units applied together.
 * **Searches over plans that are monotone in one variable**, so bisection hits the target:
   ``uniform`` bisects one fraction shared by every searched group (LLM-Pruner's layer-uniform
-  ratio), then tops up with at most one extra rounding step per group to close the gap;
+  ratio), then tops up whole classes (a kind in every layer) step by step to close the gap, so
+  every layer of a kind keeps the same size;
   ``global`` sorts every removable chunk of units by score and bisects the prefix length.
 * **Conservative defaults.**  Only ``channels`` (MLP), ``heads`` and ``kv_heads`` are pruned
   unless ``kinds`` says otherwise: ``hidden`` touches every layer and the embeddings and is
@@ -421,7 +422,7 @@ def _closer(removed_at: Any, k: int, n: int, target: float) -> int:
 
 def _uniform(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter,
              target: float) -> tuple[dict[int, int], dict[str, Any]]:
-    """One fraction for every searched group (bisection), then <= 1 extra step per uniform class.
+    """One fraction for every searched group (bisection), then top-up steps by uniform class.
 
     A class is every searched group of one kind and size (the MLP of every layer, say): its groups
     always get the same count, so after ``round_to`` every layer of a kind keeps the same size and
@@ -453,28 +454,33 @@ def uniform_classes(cands: Sequence[_Candidate]) -> list[list[_Candidate]]:
 
 def _top_up(classes: Sequence[Sequence[_Candidate]], counts: dict[int, int], removed: Any,
             target: float) -> dict[int, int]:
-    """Close the gap left by the shared fraction: one more step for whole classes at a time.
+    """Close the gap left by the shared fraction, whole classes at a time.
 
-    Every group of a class moves together (or none does), cheapest-to-lose class first (mean
-    score of the units the step would remove); the last step may overshoot when that lands
-    closer to the target than stopping short.
+    Rounds: in each, every class whose next step still fits under the target takes it (every
+    group of the class moves together, or none does), cheapest-to-lose class first (mean score
+    of the units the step removes); rounds repeat until no class fits.  So a class with fine
+    steps (MLP channels) fills what a coarse one (one KV head in every layer) cannot.  The last
+    step may overshoot when that lands closer to the target than stopping short.
     """
-    extra = []
-    for k, cls in enumerate(classes):
-        j = cls[0].steps.index(counts[cls[0].index])
-        if j + 1 < len(cls[0].steps):
-            cost = float(np.mean([c.chunk_scores()[j] for c in cls]))
-            extra.append((cost, k, {c.index: c.steps[j + 1] for c in cls}))
-    extra.sort(key=lambda e: e[:2])
+    def next_steps(counts: Mapping[int, int]) -> list[tuple[float, int, dict[int, int]]]:
+        out = []
+        for k, cls in enumerate(classes):
+            j = cls[0].steps.index(counts[cls[0].index])
+            if j + 1 < len(cls[0].steps):
+                cost = float(np.mean([c.chunk_scores()[j] for c in cls]))
+                out.append((cost, k, {c.index: c.steps[j + 1] for c in cls}))
+        return sorted(out, key=lambda e: e[:2])
+
     current = removed(counts)
-    overshoots = []
-    for _, k, step in extra:
-        trial = {**counts, **step}
-        r = removed(trial)
-        if r <= target:
-            counts, current = trial, r
-        else:
-            overshoots.append((r, k, step))
+    progressed = True
+    while progressed:
+        progressed = False
+        for _, _, step in next_steps(counts):
+            trial = {**counts, **step}
+            r = removed(trial)
+            if r <= target:
+                counts, current, progressed = trial, r, True
+    overshoots = [(removed({**counts, **step}), k, step) for _, k, step in next_steps(counts)]
     if overshoots:
         r, _, step = min(overshoots, key=lambda e: e[:2])
         if r - target < target - current:
@@ -547,8 +553,8 @@ def make_plan(
         numel: parameter FQN -> number of elements, one entry per distinct tensor (default: read
             from the model the Analysis was traced from).
         allocation: ``"uniform"`` (the same fraction of every searched group, like LLM-Pruner;
-            bisected to hit the target, then at most one extra rounding step per group, given to
-            the groups whose next units score lowest) or ``"global"`` (the lowest-scoring units
+            bisected to hit the target, then topped up by whole classes -- every group of one
+            kind and size -- whose next units score lowest, so every layer of a kind keeps one size) or ``"global"`` (the lowest-scoring units
             anywhere, in chunks of ``round_to``, until the target).
         max_group_ratio: never remove more than this fraction of any group.
         keep_blocks_first / keep_blocks_last: leave groups in the first / last N blocks of each
@@ -578,13 +584,7 @@ def make_plan(
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     source = groups
     groups = _groups_of(groups)
-    if numel is None:
-        module = getattr(getattr(source, "graph", None), "module", None)
-        if module is None:
-            raise PlanError("make_plan(groups, ...) needs numel= (parameter name -> number of elements)")
-        from fxprune.util.modules import numel_by_name
-
-        numel = numel_by_name(module)
+    numel = _numel_of(source, numel, "make_plan")
     counter = ParamCounter(groups, numel)
     kept_blocks = _blocks_kept(groups, keep_blocks_first, keep_blocks_last)
     cands, skipped = _candidates(
@@ -636,13 +636,7 @@ def make_uniform(
     info = dict(plan.info)
     round_to = info.get("round_to", 1) if round_to is None else round_to
     max_group_ratio = info.get("max_group_ratio", 0.9) if max_group_ratio is None else max_group_ratio
-    if numel is None:
-        module = getattr(getattr(source, "graph", None), "module", None)
-        if module is None:
-            raise PlanError("make_uniform(groups, ...) needs numel= (parameter name -> number of elements)")
-        from fxprune.util.modules import numel_by_name
-
-        numel = numel_by_name(module)
+    numel = _numel_of(source, numel, "make_uniform")
     counter = ParamCounter(groups, numel)
     skipped = info.get("skipped", {})
     classes: dict[tuple[str, int], list[Group]] = {}
@@ -690,6 +684,18 @@ def make_uniform(
         "uniform_from": info.get("allocation"),
     })
     return Plan.of(groups, units, info)
+
+
+def _numel_of(source: Any, numel: Mapping[str, int] | None, caller: str) -> Mapping[str, int]:
+    """``numel``, or read from the model an Analysis was traced from."""
+    if numel is not None:
+        return numel
+    module = getattr(getattr(source, "graph", None), "module", None)
+    if module is None:
+        raise PlanError(f"{caller}(groups, ...) needs numel= (parameter name -> number of elements)")
+    from fxprune.util.modules import numel_by_name
+
+    return numel_by_name(module)
 
 
 def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter, allocation: str = "global") -> int:
