@@ -148,7 +148,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out_dir = args.out or (args.model.rstrip("/") + "-pruned")
     pub = Publication(out_dir, overwrite=args.overwrite, protect=[args.model, args.calib])
     model_path = transformer_dir(args.model) if os.path.isdir(args.model) else args.model
-    model, inputs = load_model(model_path)
+    if os.path.isfile(os.path.join(model_path, "fxprune.json")):  # pruned before (maybe per-layer widths)
+        from fxprune.util.hf import default_example_inputs
+
+        model = fxprune.load(model_path)
+        inputs = default_example_inputs(model)
+    else:
+        model, inputs = load_model(model_path)
     tokenizer = load_tokenizer(model_path)
     calib = _calibration(args, tokenizer, inputs)
     result = fxprune.prune(
