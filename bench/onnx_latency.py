@@ -233,7 +233,7 @@ def export_variant(name: str, model: torch.nn.Module, workdir: Path, providers: 
     path = workdir / f"{name}.onnx"
     stamp = path.with_suffix(".json")
     fingerprint = json.dumps({"params": n_params(model), "layers": layer_shapes(model),
-                              "checksum": float(sum(p.double().sum() for p in model.parameters()))})
+                              "checksum": float(sum(p.detach().double().sum() for p in model.parameters()))})
     t0 = time.perf_counter()
     exp = None
     if not (reuse and path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint):
@@ -328,7 +328,7 @@ def compare(dense: dict[str, Any], row: dict[str, Any], args) -> dict[str, float
 
 def print_table(rows: list[dict[str, Any]], blocks: list[dict[str, Any]], target: float) -> None:
     head = (f"{'model':<14}{'params':>8}{'removed':>8}{'q/kv':>7}{'mlp':>6}{'linear x':>9}{'FLOP x':>8}"
-            f"{'threads':>9}{'prefill ms':>11}{'speedup':>8}{'eff(lin)':>9}{'eff(FLOP)':>10}"
+            f"{'threads':>16}{'prefill ms':>11}{'speedup':>8}{'eff(lin)':>9}{'eff(FLOP)':>10}"
             f"{'decode ms':>10}{'speedup':>8}{'eff(lin)':>9}")
     print(head)
     print("-" * len(head))
@@ -341,17 +341,17 @@ def print_table(rows: list[dict[str, Any]], blocks: list[dict[str, Any]], target
             shape = f"{_short([x['q_heads'] for x in lay])}/{_short([x['kv_heads'] for x in lay])}"
             base = f"{r['name']:<14}{r['params'] / 1e6:>7.1f}M"
             if "speedup_prefill" not in m:
-                print(f"{base}{'-':>8}{shape:>7}{_short([x['mlp'] for x in lay]):>6}{'1.00':>9}{'1.00':>8}{t:>9}"
+                print(f"{base}{'-':>8}{shape:>7}{_short([x['mlp'] for x in lay]):>6}{'1.00':>9}{'1.00':>8}{t:>16}"
                       f"{m['prefill_ms']:>11.1f}{'':>8}{'':>9}{'':>10}{m['decode_ms_per_token']:>10.2f}")
                 continue
             c = r["ratios"]
             print(f"{base}{c['params_removed']:>8.1%}{shape:>7}{_short([x['mlp'] for x in lay]):>6}"
-                  f"{c['linear_ratio']:>9.2f}{c['flop_ratio_prefill']:>8.2f}{t:>9}{m['prefill_ms']:>11.1f}"
+                  f"{c['linear_ratio']:>9.2f}{c['flop_ratio_prefill']:>8.2f}{t:>16}{m['prefill_ms']:>11.1f}"
                   f"{m['speedup_prefill']:>8.2f}{m['speedup_prefill'] / c['linear_ratio']:>9.2f}"
                   f"{m['speedup_prefill'] / c['flop_ratio_prefill']:>10.2f}{m['decode_ms_per_token']:>10.2f}"
                   f"{m['speedup_decode']:>8.2f}{m['speedup_decode'] / c['linear_ratio']:>9.2f}")
-        print(f"  [{t} threads: load avg {block['loadavg_before'][0]:.1f} -> {block['loadavg_after'][0]:.1f}, "
-              f"this process got {block['cpu_share']:.0%} of {t if t != 'default' else 'all'} cores' time]")
+        print(f"  [threads {t}: load avg {block['loadavg_before'][0]:.1f} -> {block['loadavg_after'][0]:.1f}, "
+              f"this process got {block['cpu_share']:.0%} of the CPU time its threads could use]")
     print(f"target: prefill speedup at ORT's default threads >= {target} x linear ratio")
 
 

@@ -336,7 +336,8 @@ def _config_state(pruned: Any, result: RewriteResult | None) -> str:
         return "none"
     if result is None or result.config_updated:
         return "standard"
-    return "per-layer"
+    # the modeling file subclasses transformers' own classes; other classes load with fxprune.load
+    return "per-layer" if type(pruned).__module__.startswith("transformers.") else "none"
 
 
 def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:

@@ -113,6 +113,8 @@ def copy_source_files(source: str, dest: str) -> list[str]:
         for name in sorted(files):
             if name.startswith(".") or (is_model_dir and any(fnmatch.fnmatch(name, p) for p in _NOT_COPIED)):
                 continue
+            if rel_root == "." and name == "README.md":  # the model card replaces it
+                continue
             rel = os.path.normpath(os.path.join(rel_root, name))
             target = os.path.join(dest, rel)
             if os.path.exists(target):  # written by the pruned model itself

@@ -160,18 +160,19 @@ def _tokenizer():
     return make_tokenizer()
 
 
-def _sentence_transformers_dir(root, model, tokenizer) -> str:
-    """A sentence-transformers layout around ``model``: Transformer + Pooling + Dense + Normalize."""
+def _sentence_transformers_dir(root, model, tokenizer, subdir: str = "") -> str:
+    """A sentence-transformers layout around ``model``: Transformer + Pooling + Dense + Normalize
+    (the transformer at the root, or in ``subdir`` as older sentence-transformers saved it)."""
     src = root / "st"
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
+    model.save_pretrained(src / subdir)
+    tokenizer.save_pretrained(src / subdir)
     (src / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 0, "name": "0", "path": subdir, "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
         {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]))
-    (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    (src / subdir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
     (src / "config_sentence_transformers.json").write_text(json.dumps({"__version__": {}}))
     (src / "1_Pooling").mkdir()
     (src / "1_Pooling" / "config.json").write_text(json.dumps({
@@ -189,21 +190,25 @@ def _sentence_transformers_dir(root, model, tokenizer) -> str:
     return str(src)
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global"])
-def test_sentence_transformers_checkpoint_is_carried_over(tmp_path, allocation, monkeypatch):
+@pytest.mark.parametrize("allocation, subdir", [("uniform", ""), ("global", ""), ("uniform", "0_Transformer")])
+def test_sentence_transformers_checkpoint_is_carried_over(tmp_path, allocation, subdir, monkeypatch):
     st = pytest.importorskip("sentence_transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = traced("bert")[0]
-    src = _sentence_transformers_dir(tmp_path, model, _tokenizer())
+    src = _sentence_transformers_dir(tmp_path, model, _tokenizer(), subdir)
     res = _prune("bert", allocation)
     out = tmp_path / "out"
     fxprune.save(res, str(out), source=src)
     files = {os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs}
-    for f in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-              "1_Pooling/config.json", "2_Dense/config.json", "tokenizer.json", "tokenizer_config.json",
-              "README.md", "config.json", "model.safetensors", "fxprune.json"):
+    inner = [os.path.join(subdir, f) if subdir else f for f in (
+        "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors",
+        "fxprune.json")]
+    for f in ("modules.json", "config_sentence_transformers.json", "1_Pooling/config.json", "2_Dense/config.json",
+              "2_Dense/model.safetensors", "README.md", *inner):
         assert f in files, f
     assert not any(f.startswith(("onnx", ".git")) for f in files)
+    model_configs = [f for f in files if os.path.basename(f) == "config.json" and not f.startswith(("1_", "2_"))]
+    assert model_configs == [os.path.join(subdir, "config.json") if subdir else "config.json"]
     assert (tmp_path / "st" / "README.md").read_text() == "# the dense model\n"  # source untouched
     card = (out / "README.md").read_text()
     assert "## How to load" in card and "SentenceTransformer" in card and "## Quality" in card
