@@ -292,6 +292,10 @@ def prune(
                      timings, notes, result)
     report.round_to = round_to
     report.config = _config_state(pruned, result)
+    if report.returned == "graph" and any(r == 1 for r in (round_to.values() if isinstance(round_to, Mapping)
+                                                           else [round_to])):
+        report.notes.append("kernels with alignment limits (grouped_mm needs 16-byte strides) reject odd widths: "
+                            "round_to='auto' keeps widths a multiple of 8")
     return PruneResult(pruned, plan, report, graph, analysis, scores, result, weights)
 
 
