@@ -65,6 +65,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.arch_sweep import replace_readme_section  # noqa: E402
 from fxprune.backends.onnx import import_ort, ort_providers  # noqa: E402
 from fxprune.passes.export import export_onnx, kv_cache_layout  # noqa: E402
 from fxprune.runtime import benchmark_latency  # noqa: E402
@@ -121,7 +122,7 @@ def calib_batches(vocab: int, n: int = 2, seq: int = 128, seed: int = 1) -> list
 def layer_shapes(model: torch.nn.Module) -> list[dict[str, int]]:
     """Per layer query heads, KV heads and MLP width, read from the modules."""
     shapes = []
-    for (kv, hd, _), layer in zip(kv_cache_layout(model), model.model.layers):
+    for (kv, hd, _), layer in zip(kv_cache_layout(model), model.model.layers, strict=True):
         shapes.append({"q_heads": layer.self_attn.q_proj.out_features // hd, "kv_heads": kv,
                        "head_dim": hd, "mlp": layer.mlp.gate_proj.out_features})
     return shapes
@@ -284,7 +285,7 @@ def measure(rows: list[dict[str, Any]], args, providers: list[str], spec: str) -
                  "prefill_samples_ms": pre[i], "decode_samples_ms": dec[i]}
         if i:
             for phase, samples in (("prefill", pre), ("decode", dec)):
-                paired = [d / p for d, p in zip(samples[0], samples[i])]
+                paired = [d / p for d, p in zip(samples[0], samples[i], strict=True)]
                 entry[f"speedup_{phase}"] = statistics.median(paired)
                 entry[f"speedup_{phase}_ratio_of_medians"] = statistics.median(samples[0]) / statistics.median(samples[i])
                 q = statistics.quantiles(paired, n=4) if len(paired) >= 4 else [min(paired), 0, max(paired)]
@@ -326,33 +327,67 @@ def compare(dense: dict[str, Any], row: dict[str, Any], args) -> dict[str, float
     }
 
 
+_COLUMNS = [("model", 14), ("params", 8), ("removed", 8), ("q/kv", 7), ("mlp", 6), ("linear x", 9), ("FLOP x", 8),
+            ("threads", 20), ("prefill ms", 11), ("speedup", 8), ("eff(lin)", 9), ("eff(FLOP)", 10),
+            ("decode ms", 10), ("speedup", 8), ("eff(lin)", 9)]
+
+
+def _threads_label(block: dict[str, Any]) -> str:
+    return (str(block["threads"]) if isinstance(block["threads"], int) else "ORT default") + (
+        "" if block["spinning"] else ", no spin")
+
+
+def _cells(r: dict[str, Any], m: dict[str, Any], threads: str) -> list[str]:
+    """One table row (the columns of :data:`_COLUMNS`) of model ``r`` measured as ``m``."""
+    lay = r["layers"]
+    shape = f"{_short([x['q_heads'] for x in lay])}/{_short([x['kv_heads'] for x in lay])}"
+    head = [r["name"], f"{r['params'] / 1e6:.1f}M"]
+    if "speedup_prefill" not in m:
+        return head + ["-", shape, _short([x["mlp"] for x in lay]), "1.00", "1.00", threads,
+                       f"{m['prefill_ms']:.1f}", "", "", "", f"{m['decode_ms_per_token']:.2f}", "", ""]
+    c = r["ratios"]
+    return head + [f"{c['params_removed']:.1%}", shape, _short([x["mlp"] for x in lay]),
+                   f"{c['linear_ratio']:.2f}", f"{c['flop_ratio_prefill']:.2f}", threads, f"{m['prefill_ms']:.1f}",
+                   f"{m['speedup_prefill']:.2f}", f"{m['speedup_prefill'] / c['linear_ratio']:.2f}",
+                   f"{m['speedup_prefill'] / c['flop_ratio_prefill']:.2f}", f"{m['decode_ms_per_token']:.2f}",
+                   f"{m['speedup_decode']:.2f}", f"{m['speedup_decode'] / c['linear_ratio']:.2f}"]
+
+
+def _load_line(block: dict[str, Any]) -> str:
+    return (f"{_threads_label(block)}: load avg {block['loadavg_before'][0]:.1f} -> {block['loadavg_after'][0]:.1f}, "
+            f"this process got {block['cpu_share']:.0%} of the CPU time its threads could use")
+
+
 def print_table(rows: list[dict[str, Any]], blocks: list[dict[str, Any]], target: float) -> None:
-    head = (f"{'model':<14}{'params':>8}{'removed':>8}{'q/kv':>7}{'mlp':>6}{'linear x':>9}{'FLOP x':>8}"
-            f"{'threads':>16}{'prefill ms':>11}{'speedup':>8}{'eff(lin)':>9}{'eff(FLOP)':>10}"
-            f"{'decode ms':>10}{'speedup':>8}{'eff(lin)':>9}")
+    head = "".join(name.ljust(w) if i == 0 else name.rjust(w) for i, (name, w) in enumerate(_COLUMNS))
     print(head)
     print("-" * len(head))
     for block in blocks:
-        t = (str(block["threads"]) if isinstance(block["threads"], int) else "default") + (
-            "" if block["spinning"] else "/nospin")
         for r in rows:
-            m = block["models"][r["name"]]
-            lay = r["layers"]
-            shape = f"{_short([x['q_heads'] for x in lay])}/{_short([x['kv_heads'] for x in lay])}"
-            base = f"{r['name']:<14}{r['params'] / 1e6:>7.1f}M"
-            if "speedup_prefill" not in m:
-                print(f"{base}{'-':>8}{shape:>7}{_short([x['mlp'] for x in lay]):>6}{'1.00':>9}{'1.00':>8}{t:>16}"
-                      f"{m['prefill_ms']:>11.1f}{'':>8}{'':>9}{'':>10}{m['decode_ms_per_token']:>10.2f}")
-                continue
-            c = r["ratios"]
-            print(f"{base}{c['params_removed']:>8.1%}{shape:>7}{_short([x['mlp'] for x in lay]):>6}"
-                  f"{c['linear_ratio']:>9.2f}{c['flop_ratio_prefill']:>8.2f}{t:>16}{m['prefill_ms']:>11.1f}"
-                  f"{m['speedup_prefill']:>8.2f}{m['speedup_prefill'] / c['linear_ratio']:>9.2f}"
-                  f"{m['speedup_prefill'] / c['flop_ratio_prefill']:>10.2f}{m['decode_ms_per_token']:>10.2f}"
-                  f"{m['speedup_decode']:>8.2f}{m['speedup_decode'] / c['linear_ratio']:>9.2f}")
-        print(f"  [threads {t}: load avg {block['loadavg_before'][0]:.1f} -> {block['loadavg_after'][0]:.1f}, "
-              f"this process got {block['cpu_share']:.0%} of the CPU time its threads could use]")
+            cells = _cells(r, block["models"][r["name"]], _threads_label(block))
+            print("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, (_, w)) in enumerate(zip(cells, _COLUMNS, strict=True))))
+        print(f"  [{_load_line(block)}]")
     print(f"target: prefill speedup at ORT's default threads >= {target} x linear ratio")
+
+
+def markdown_table(payload: dict[str, Any], command: str) -> str:
+    """The README table of a results payload: per thread setting, each model's prefill/decode
+    speedup against its linear and FLOP ratios (eff = speedup / ratio)."""
+    out = [f"ONNX Runtime {payload['machine']['onnxruntime']}, {', '.join(payload['providers'])}, "
+           f"batch 1, {payload['protocol']['prompt_len']}-token prefill, {payload['protocol']['decode_tokens']} decode "
+           f"tokens, median of {payload['protocol']['repeats']} paired interleaved rounds "
+           f"(`{command}`, {payload['machine']['cpus']} shared cores; results in `bench/results/onnx_latency.json`):",
+           "",
+           "| " + " | ".join(name for name, _ in _COLUMNS) + " |",
+           "|" + "---|" * len(_COLUMNS)]
+    for block in payload["blocks"]:
+        for r in payload["models"]:
+            out.append("| " + " | ".join(_cells(r, block["models"][r["name"]], _threads_label(block))) + " |")
+    out.append("")
+    out.append("Load while measuring (the machine is shared): " + "; ".join(_load_line(b) for b in payload["blocks"]) + ".")
+    out.append(f"Target (prefill speedup at ORT's default session options >= {payload['target'].split('>= ')[-1]}): "
+               f"{'met' if payload['target_met'] else 'not met'}; per setting: {payload['verdicts']}.")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +420,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--onnx-dir", type=Path, default=None,
                    help="keep the ONNX files here and reuse them when the same model comes again")
+    p.add_argument("--readme", action="store_true",
+                   help="write the table between the onnx-latency markers of README.md")
+    p.add_argument("--render", type=Path, default=None,
+                   help="print (and with --readme write) the table of this results JSON without measuring")
     args = p.parse_args(argv)
+    if args.render is not None:
+        payload = json.loads(args.render.read_text())
+        table = markdown_table(payload, payload.get("command", "python bench/onnx_latency.py"))
+        print(table)
+        if args.readme:
+            replace_readme_section("onnx-latency", table, str(ROOT / "README.md"))
+        return 0
     round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
 
     providers = ort_providers(args.device)
@@ -440,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         row["path"] = None
     payload = {
         "bench": "onnx_latency",
+        "command": "python bench/onnx_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
         "protocol": {
             "batch": 1, "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens, "warmup": args.warmup,
@@ -467,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
+    if args.readme:
+        replace_readme_section("onnx-latency", markdown_table(payload, payload["command"]), str(ROOT / "README.md"))
     return 0
 
 

@@ -111,6 +111,21 @@ def test_uniform_option_rounds_a_global_plan_to_a_standard_checkpoint(name, tmp_
     _round_trip(name, res, tmp_path, "transformers")
 
 
+@pytest.mark.parametrize("uniform", [False, True])
+def test_default_curvature_prune_loads_per_layer_or_rounded_to_uniform(uniform, tmp_path, monkeypatch):
+    # the default with calibration data: surgeon costs, cost allocation (per-layer widths), its weight update
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, _, analysis = traced("llama_gqa")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 100, (2, 16), generator=g)} for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxprune.prune(analysis, 0.3, calib=batches, shots=1, uniform=uniform, progress=False)
+    assert res.report.allocation == "cost" and not res.weights.is_identity
+    assert res.plan.info["allocation"] == ("cost+uniform" if uniform else "cost")
+    _round_trip("llama_gqa", res, tmp_path, "transformers" if uniform else "trust_remote_code")
+
+
 def test_per_layer_checkpoint_without_trust_remote_code_says_so(tmp_path):
     res = _prune("llama_gqa", "global")
     fxprune.save(res, str(tmp_path / "out"))

@@ -260,7 +260,7 @@ class ConfigSearch:
                 if frozenset().union(*(reach[f] for f in subset)) != changed:
                     continue
                 for combo in itertools.product(*(values[f] for f in subset)):
-                    picked = dict(zip(subset, combo))
+                    picked = dict(zip(subset, combo, strict=True))
                     if frozenset().union(*(effects[fv] for fv in picked.items())) != changed:
                         continue
                     updates = {**self.pins, **picked}
@@ -278,7 +278,7 @@ class ConfigSearch:
         value_map: dict[int, set[int]] = {}
         ratios: set[tuple[int, int]] = set()
         for n in changed:
-            for a, b in zip(base[n], target[n]):
+            for a, b in zip(base[n], target[n], strict=True):
                 if a != b:
                     value_map.setdefault(a, set()).add(b)
                     ratios.add((a, b))
