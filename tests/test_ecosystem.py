@@ -80,9 +80,19 @@ def _round_trip(name: str, res, tmp_path, expect: str) -> None:
         assert type(hf) is type(model) and not (out / "modeling_fxprune.py").exists()
 
 
+# configs that describe no uniform cut of any default kind: Swin derives its MLP width from
+# mlp_ratio per stage; for Gemma3n and DeBERTa-v2 (whose channel groups also cut the relative
+# position embeddings) no candidate config reproduces the cut; uniform pruning leaves them whole, with a note
+UNDESCRIBED = {"swin", "gemma3n", "deberta_v2"}
+
+
 @pytest.mark.parametrize("name", HF_ZOO)
 def test_uniform_prune_loads_with_plain_from_pretrained(name, tmp_path):
     res = _prune(name, "uniform")
+    if name in UNDESCRIBED:
+        assert not res.plan and any(n.startswith("not pruned:") and "describes them" in n for n in res.report.notes)
+        assert res.report.loads_with == "transformers"
+        return
     kept: dict[tuple[str, int], set[int]] = {}
     for g in res.analysis.groups:
         kept.setdefault((g.kind, g.size), set()).add(g.size - len(res.plan.get(g.id, ())))

@@ -95,7 +95,9 @@ def config_head_dim(config: Any) -> int | None:
     if hd:
         return int(hd)
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    return hidden // heads if hidden and heads else None
+    if not (isinstance(hidden, int) and isinstance(heads, int) and hidden and heads):
+        return None  # unset, or per stage (Swin's num_heads list)
+    return hidden // heads
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
