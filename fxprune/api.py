@@ -31,12 +31,50 @@ from fxprune.errors import DataError, PlanError
 from fxprune.graph import PrunableGraph
 from fxprune.passes.analysis import Analysis, analyze
 from fxprune.passes.capture import trace
-from fxprune.passes.plan import Plan, make_plan
-from fxprune.passes.rewrite import RewriteResult, rewrite
+from fxprune.passes.plan import DEFAULT_KINDS, Plan, make_plan, make_uniform
+from fxprune.passes.rewrite import RewriteResult, describable_kinds, rewrite
 from fxprune.passes.scoring import IMPORTANCE, Scores, score
 from fxprune.passes.update import UPDATES, WeightUpdate, update
-from fxprune.util.hf import default_example_inputs
-from fxprune.util.modules import count_params, numel_by_name
+from fxprune.util.hf import config_of, default_example_inputs
+from fxprune.util.modules import count_params, numel_by_name, resolve_device
+
+
+LOADS_WITH_TEXT = {
+    "transformers": "the config describes the pruned model: plain from_pretrained / pipeline / SentenceTransformer load it",
+    "trust_remote_code": "layers differ in width: the saved config carries per-layer shapes and a modeling file; "
+                         "load with trust_remote_code=True or fxprune.load (prune with uniform=True / --uniform "
+                         "for a standard config)",
+    "fxprune": "not a transformers model: load it with fxprune.load",
+    "onnx": "a rewritten GraphModule: export it with fxprune.export_onnx (it cannot be saved as a checkpoint)",
+}
+"""What each ``PruneReport.loads_with`` value means for the user (the CLI and model card say it)."""
+
+DEVICE_MULTIPLE = {"cpu": 8, "cuda": 64}
+"""Default ``round_to`` per device: kept widths are multiples of this many elements.
+
+CPU GEMM kernels (MLAS in ONNX Runtime, oneDNN/MKL in PyTorch) work on panels of 8 (AVX2) or 16
+(AVX-512) fp32 lanes; a width that is not a multiple of 8 leaves a remainder handled by a slower
+edge kernel in every matmul.  CUDA tensor cores take fp16/bf16 tiles in multiples of 8 and
+cuBLAS/cutlass pick their fastest tile shapes (64/128) only when the dims divide them, so an
+odd width runs the whole GEMM at a smaller tile.  MoE kernels (grouped_mm) also require 16-byte
+aligned strides, which 8 fp32 or fp16 elements guarantee.
+"""
+
+
+def device_round_to(analysis: Any, device: str | torch.device = "auto") -> dict[str, int]:
+    """Per-kind ``round_to`` so that every kept width is a multiple of :data:`DEVICE_MULTIPLE`.
+
+    A unit of a kind covers ``w`` elements (1 for MLP channels, ``head_dim`` for heads), so the
+    kind rounds to ``multiple / gcd(multiple, w)`` units: 8 channels on CPU, but 1 head of 64.
+    """
+    multiple = DEVICE_MULTIPLE.get(resolve_device(device).type, DEVICE_MULTIPLE["cpu"])
+    widths: dict[str, int] = {}
+    for g in analysis.groups:
+        w = 0
+        for m in g.params:
+            w = math.gcd(w, m.unit_width)
+        widths[g.kind] = math.gcd(widths.get(g.kind, 0), w or 1)
+    return {kind: multiple // math.gcd(multiple, w) for kind, w in sorted(widths.items())}
 
 
 DEFAULT_IMPORTANCE = "surgeon"
@@ -95,6 +133,16 @@ class PruneReport:
     update: str = "none"
     by_kind: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     shots: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    round_to: Any = 1  # the multiple per kind the plan kept sizes at
+    config: str = "none"  # "standard": the HF config describes the model; "per-layer"; "none": no HF config
+
+    @property
+    def loads_with(self) -> str:
+        """What a saved checkpoint of this model needs: ``transformers`` (plain from_pretrained),
+        ``trust_remote_code`` (per-layer shapes and a modeling file; or fxprune.load) or ``fxprune``."""
+        if self.returned != "module":
+            return "onnx"
+        return {"standard": "transformers", "per-layer": "trust_remote_code"}.get(self.config, "fxprune")
 
     @property
     def ratio_achieved(self) -> float:
@@ -132,6 +180,7 @@ class PruneReport:
         )
         lines.extend(kind_lines(self.by_kind))
         lines.append(f"verification: {self.verification}; returned: {self.returned}")
+        lines.append("checkpoint: " + LOADS_WITH_TEXT[self.loads_with])
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -140,6 +189,7 @@ class PruneReport:
         d = dataclasses.asdict(self)
         d["ratio_achieved"] = self.ratio_achieved
         d["flop_ratio"] = self.flop_ratio
+        d["loads_with"] = self.loads_with
         return d
 
     def __str__(self) -> str:
@@ -291,7 +341,8 @@ def prune_once(
     importance: str | None = None,
     aggregate: str = "sum",
     allocation: str | None = None,
-    round_to: int | Mapping[str, int] = 1,
+    round_to: int | Mapping[str, int] | str = "auto",
+    uniform: bool = False,
     kinds: Mapping[str, Any] | None = None,
     max_group_ratio: float = 0.9,
     keep_blocks_first: int = 0,
@@ -323,8 +374,19 @@ def prune_once(
         allocation: ``uniform``, ``global`` or ``cost``; default ``cost`` for the curvature
             criteria (surgeon, obs: cost per removed parameter across every width kind) and
             ``uniform`` for the others.
-        round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
-            ``fxprune.passes.plan.make_plan``.
+            With ``allocation="uniform"`` every layer of a kind keeps the same size and default
+            kinds that the model's HF config cannot describe (heads of BERT/GPT-2-style
+            attentions, whose head width is derived from the head count) are left unpruned with a
+            note, so the saved checkpoint loads with plain ``from_pretrained``; name a kind in
+            ``kinds`` to prune it anyway.  Other allocations save per-layer shapes and a modeling
+            file (``trust_remote_code=True``, or ``fxprune.load``).
+        kinds / max_group_ratio / keep_blocks_* / ignore: see ``fxprune.passes.plan.make_plan``.
+        round_to: kept sizes are multiples of this (int or per kind); ``"auto"`` (default)
+            picks a multiple for the device (:func:`device_round_to`: 8 elements on CPU, 64 on
+            CUDA), which GEMM kernels run at full speed.
+        uniform: round a non-uniform plan (``allocation="global"``/``"cost"``) to the nearest
+            uniform one (:func:`fxprune.passes.plan.make_uniform`) so that one standard config
+            describes it.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
             built-in loss (encoders); HF causal LMs use their LM loss by default.
         update_method: a weight-update method from ``fxprune.passes.update.UPDATES``; ``"auto"``
@@ -379,9 +441,18 @@ def prune_once(
                        importance_options=importance_options)
     notes.extend(_member_notes(scores))
     with clock("plan"):
-        plan = make_plan(analysis, scores, float(ratio), numel=numel_by_name(model), allocation=allocation,
+        if isinstance(round_to, str):
+            if round_to != "auto":
+                raise PlanError(f"round_to must be a positive int, a per-kind mapping or 'auto', got {round_to!r}")
+            round_to = device_round_to(analysis, device)
+        if allocation == "uniform" or uniform:
+            kinds = _describable(model, analysis, kinds, round_to, notes)
+        numel = numel_by_name(model)
+        plan = make_plan(analysis, scores, float(ratio), numel=numel, allocation=allocation,
                          max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
                          keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
+        if uniform and allocation != "uniform":
+            plan = make_uniform(analysis, plan, scores, numel=numel)
     if update_method == "auto":
         update_method = scores.update_method
     with clock("update"):
@@ -397,7 +468,12 @@ def prune_once(
             notes.append("the plan removes nothing (ratio too small for the group granularity?)")
     report = _report(model, pruned, graph, analysis, plan, scores, float(ratio), importance, allocation,
                      timings, notes, result)
-    report = dataclasses.replace(report, update=update_method, by_kind=dict(plan.info.get("by_kind", {})))
+    report = dataclasses.replace(report, update=update_method, by_kind=dict(plan.info.get("by_kind", {})),
+                                 round_to=round_to, config=_config_state(pruned, result))
+    if report.returned == "graph" and any(r == 1 for r in (round_to.values() if isinstance(round_to, Mapping)
+                                                           else [round_to])):
+        report.notes.append("kernels with alignment limits (grouped_mm needs 16-byte strides) reject odd widths: "
+                            "round_to='auto' keeps widths a multiple of 8")
     return PruneResult(pruned, plan, report, graph, analysis, scores, result, weights)
 
 
@@ -429,6 +505,35 @@ class _Clock:
 
 
 # ------------------------------------------------------------------------------------------
+def _describable(model: Any, analysis: Analysis, kinds: Mapping[str, Any] | None, round_to: Any,
+                 notes: list[str]) -> Mapping[str, Any] | None:
+    """Turn off default kinds the model's HF config cannot describe (kinds the user named stay)."""
+    named = set(kinds or {})
+    present = sorted({g.kind for g in analysis.groups})
+    probe = [k for k in present if k not in named and DEFAULT_KINDS.get(k, False)]
+    if not probe or config_of(model) is None:
+        return kinds
+    off = [k for k, ok in describable_kinds(model, analysis, probe, round_to).items() if not ok]
+    if not off:
+        return kinds
+    cfg = type(config_of(model)).__name__
+    notes.append(
+        f"not pruned: {', '.join(off)} -- no {cfg} describes them cut (the class derives their width from "
+        f"other fields), so the checkpoint would need custom code; name them in kinds= (e.g. "
+        f"kinds={{{off[0]!r}: True}}) to prune them anyway (it then loads with trust_remote_code=True)"
+    )
+    return {**{k: False for k in off}, **dict(kinds or {})}
+
+
+def _config_state(pruned: Any, result: RewriteResult | None) -> str:
+    if config_of(pruned) is None:
+        return "none"
+    if result is None or result.config_updated:
+        return "standard"
+    # the modeling file subclasses transformers' own classes; other classes load with fxprune.load
+    return "per-layer" if type(pruned).__module__.startswith("transformers.") else "none"
+
+
 def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
     if batches:
         first = batches[0]

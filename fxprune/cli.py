@@ -148,35 +148,78 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, inputs: dict) -> Any:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import fxprune
-    from fxprune.io import save_into
-    from fxprune.report import write_report
+    from fxprune.checkpoint import transformer_dir
     from fxprune.util.publish import Publication
 
     out_dir = args.out or (args.model.rstrip("/") + "-pruned")
     pub = Publication(out_dir, overwrite=args.overwrite, protect=[args.model, args.calib])
-    model, inputs = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
+    model_path = transformer_dir(args.model) if os.path.isdir(args.model) else args.model
+    if os.path.isfile(os.path.join(model_path, "fxprune.json")):  # pruned before (maybe per-layer widths)
+        from fxprune.util.hf import default_example_inputs
+
+        model = fxprune.load(model_path)
+        inputs = default_example_inputs(model)
+    else:
+        model, inputs = load_model(model_path)
+    tokenizer = load_tokenizer(model_path)
     calib = _calibration(args, tokenizer, inputs)
     result = fxprune.prune(
         model, args.ratio, example_inputs=inputs, calib=calib, tokenizer=tokenizer,
-        importance=args.importance, allocation=args.allocation, round_to=args.round_to, shots=args.shots,
+        importance=args.importance, allocation=args.allocation, round_to=args.round_to, uniform=args.uniform,
+        shots=args.shots,
         n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
         progress=not args.quiet,
     )
     print(result.report.table())
+    quality = _prune_quality(args, model, result, tokenizer)
     with pub:
-        tmp = str(pub.tmp)
-        save_into(result, tmp, extra={"source": os.path.abspath(args.model), "plan": result.plan.as_dict()})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "prune_report.json"), "w") as f:
-            json.dump(result.report.to_dict(), f, indent=1, default=str)
-        write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
-                     result.report.headline(), prune_report=result.report,
-                     sections={"Details": result.report.table()})
+        ckpt = _write_pruned(result, str(pub.tmp), args, tokenizer, quality)
         pub.commit()
-    print(f"pruned model, report.md and report.html written to {out_dir}")
+    print(f"pruned model, model card (README.md), report.md and report.html written to {out_dir}")
+    print(f"load it with ({ckpt.loads_with}):\n  " + ckpt.how_to_load(out_dir).replace("\n", "\n  "))
     return EXIT_OK
+
+
+def _round_to_arg(value: str) -> Any:
+    """``--round-to``: a positive int or ``auto`` (the device's multiple)."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def _prune_quality(args: argparse.Namespace, dense: Any, result: Any, tokenizer: Any) -> dict | None:
+    """Perplexity (LMs) or embedding similarity (encoders) on a few calibration windows, for the card."""
+    if not args.calib or tokenizer is None or result.report.returned != "module":
+        return None
+    from fxprune.calib import load_calibration
+    from fxprune.checkpoint import measure_quality
+
+    batches = load_calibration(args.calib, tokenizer=tokenizer, n_samples=min(8, args.n_samples),
+                               seq_len=args.seq_len, seed=args.seed + 1, batch_size=1)
+    return measure_quality(dense, result.model, batches)
+
+
+def _write_pruned(result: Any, tmp: str, args: argparse.Namespace, tokenizer: Any, quality: dict | None) -> Any:
+    """The checkpoint directory (fxprune.checkpoint) plus the prune report files."""
+    from fxprune.checkpoint import write_checkpoint
+    from fxprune.report import write_report
+
+    source = args.model if os.path.isdir(args.model) else None
+    ckpt = write_checkpoint(result, tmp, source=source, tokenizer=tokenizer, quality=quality,
+                            extra={"source": os.path.abspath(args.model), "plan": result.plan.as_dict()})
+    with open(os.path.join(tmp, "prune_report.json"), "w") as f:
+        json.dump({**result.report.to_dict(), "loads_with": ckpt.loads_with, "quality": quality}, f, indent=1,
+                  default=str)
+    write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
+                 result.report.headline(), prune_report=result.report,
+                 sections={"Details": result.report.table(), "How to load": ckpt.how_to_load(args.out or "OUT")})
+    return ckpt
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -203,14 +246,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _save_dir(model: Any, out_dir: str, overwrite: bool, tokenizer: Any, extra: dict, title: str,
               headline: list, sections: dict, protect: tuple = ()) -> None:
-    from fxprune.io import save_into
+    from fxprune.checkpoint import write_checkpoint
     from fxprune.report import write_report
     from fxprune.util.publish import publish_dir
 
     with publish_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         if model is not None:
-            save_into(model, str(tmp), extra=extra)
-        if tokenizer is not None:
+            write_checkpoint(model, str(tmp), tokenizer=tokenizer, extra=extra)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         write_report(str(tmp), title, headline, sections=sections)
 
@@ -349,11 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: fxprune.api.DEFAULT_IMPORTANCE with --calib, l2 without)")
     p.add_argument("--calib", help="calibration text: .txt/.json/.jsonl/.parquet (needs tokenizer files)")
     p.add_argument("--allocation", default=None, choices=["uniform", "global", "cost"],
-                   help="default: cost (removal cost per parameter, every width kind) for surgeon/obs, else uniform")
+                   help="default: cost (removal cost per parameter, every width kind; per-layer widths) for "
+                        "surgeon/obs, else uniform (one width per kind: a standard config)")
     p.add_argument("--shots", type=lambda v: v if v == "auto" else int(v), default="auto",
                    help="prune in N steps of a linear schedule, re-gathering statistics each shot "
                         "(default auto: one shot per 20%% removed for surgeon/obs, else 1)")
-    p.add_argument("--round-to", type=int, default=1, help="keep pruned sizes a multiple of N (64/128 on GPU)")
+    p.add_argument("--round-to", type=_round_to_arg, default="auto",
+                   help="keep pruned sizes a multiple of N units (channels; heads count whole heads); "
+                        "auto (default): widths a multiple of 8 elements on CPU, 64 on CUDA")
+    p.add_argument("--uniform", action="store_true",
+                   help="round the plan to one width per kind, so a standard config describes it "
+                        "(for vLLM, TGI, llama.cpp converters; implied by --allocation uniform)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")

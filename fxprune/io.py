@@ -1,11 +1,18 @@
 """Save and load pruned models without pickles: safetensors weights + JSON.
 
-``save`` writes ``model.safetensors``, the HF ``config.json`` when there is one, and
-``fxprune.json``: the model class, the *original* config, every tensor's new shape and the int
-attributes the rewrite changed.  ``load`` rebuilds the original skeleton on the meta device,
-shrinks it to those shapes, sets the attributes and loads the weights, so a non-uniformly pruned
-model (layers of different widths) comes back as the user's own class.  A uniformly pruned HF
-model also gets an updated ``config.json`` and loads with plain ``from_pretrained``.
+``save_into`` writes ``model.safetensors`` (persistent tensors only: non-persistent buffers such
+as RoPE ``inv_freq`` are rebuilt by whoever loads the model) and ``fxprune.json``: the model
+class, the config its skeleton is built from, every tensor's shape, the int attributes and
+per-module config fields a config alone does not set.  ``load`` builds that skeleton with its
+parameters on the meta device (buffers are computed as the class computes them), shrinks it to
+the recorded shapes, sets the attributes and loads the weights, so a non-uniformly pruned model
+(layers of different widths) comes back as the user's own class.  A non-persistent buffer that
+the class would not rebuild as it was (a RoPE table sliced by head_dim pruning) goes to
+``fxprune_buffers.safetensors``, which only ``load`` reads.
+
+The HF side of a checkpoint directory (``config.json``, the modeling file for per-layer widths,
+tokenizer and sentence-transformers files, the model card) is :mod:`fxprune.checkpoint`'s job;
+``save`` publishes a whole directory through it.
 
 Writes go through :class:`fxprune.util.publish.Publication`: a temporary directory next to the
 target, renamed into place at the end, so an interrupted save never leaves a half-written model.
@@ -15,17 +22,23 @@ inside one of the ``protect`` paths (the source checkpoint) is always refused.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 from fxprune.errors import FxpruneError
+from fxprune.util import hf
 from fxprune.util.publish import publish_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+WEIGHTS = "model.safetensors"
+BUFFERS = "fxprune_buffers.safetensors"
+RECORD = "fxprune.json"
 
 
 def _unpack(model_or_result: Any) -> tuple[Any, Any]:
@@ -40,20 +53,39 @@ def _unpack(model_or_result: Any) -> tuple[Any, Any]:
     return model_or_result, None
 
 
-def save(model_or_result: Any, directory: str, *, overwrite: bool = False,
-         protect: Iterable[str] = ()) -> str:
-    """Write a pruned (or any) model to ``directory`` as safetensors + JSON.
+def save(model_or_result: Any, directory: str, *, overwrite: bool = False, protect: Iterable[str] = (),
+         source: str | None = None, tokenizer: Any = None, quality: Mapping[str, Any] | None = None) -> str:
+    """Write a pruned (or any) model to ``directory``: a checkpoint its own stack loads.
 
-    Pass the :class:`~fxprune.passes.rewrite.RewriteResult` (or the ``PruneResult``) rather than
-    the bare module, so the per-layer attributes the rewrite set are recorded for ``load``.
+    Pass the ``PruneResult`` (or the :class:`~fxprune.passes.rewrite.RewriteResult`) rather than
+    the bare module, so the model card can say what was pruned.  ``source`` is the checkpoint
+    directory the model came from: its tokenizer, ``generation_config.json`` and
+    sentence-transformers files are carried over (see :func:`fxprune.checkpoint.write_checkpoint`).
+    ``source`` is always protected from being written over.
     """
+    from fxprune.checkpoint import write_checkpoint
+
+    protect = [*protect, *([source] if source else [])]
     with publish_dir(directory, overwrite=overwrite, protect=protect) as tmp:
-        save_into(model_or_result, str(tmp))
+        write_checkpoint(model_or_result, str(tmp), source=source, tokenizer=tokenizer, quality=quality)
     return os.path.abspath(directory)
 
 
-def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> None:
-    """Write the model files into an existing (temporary) directory; ``save`` publishes it."""
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    """What :func:`save_into` wrote: the record (``fxprune.json``) and what a skeleton lacks."""
+
+    record: dict[str, Any]
+    standard: bool  # an HF class whose config alone rebuilds it (plain from_pretrained works)
+    extra_buffers: tuple[str, ...]  # non-persistent buffers the class would not rebuild as they are
+    changed_shapes: dict[str, list[int]]  # state-dict shapes that differ from the config's skeleton
+
+
+def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> SavedModel:
+    """Write ``model.safetensors`` and ``fxprune.json`` into an existing (temporary) directory.
+
+    ``save`` publishes the directory; :func:`fxprune.checkpoint.write_checkpoint` adds the HF files.
+    """
     from safetensors.torch import save_file
 
     model, info = _unpack(model_or_result)
@@ -65,24 +97,51 @@ def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> None
             "export it with fxprune.export_onnx, or prune with kinds the class supports"
         )
     state = _dedup_state(model)
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+    config = hf.config_of(model)
     record: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
         "attributes": _attr_changes(info),
+        "module_configs": {},
         "config_updated": bool(getattr(info, "config_updated", False)),
         "tied": _tied_names(model),
     }
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        config.save_pretrained(tmp)
-        # the config the skeleton is built from: already pruned when the rewrite could
-        # express the result as a config (uniform pruning), else the original
+    if config is not None:
+        # the config the skeleton is built from: already pruned when the rewrite could express
+        # the result as a config (uniform pruning), else the original
         record["original_config"] = config.to_dict()
+        record["module_configs"] = {p: hf.config_diff(c, config) for p, c in hf.module_configs(model).items()}
+    skeleton, dense_shapes = _reference(type(model), record)
+    changed: dict[str, list[int]] = {}
+    extra_buffers: list[str] = []
+    if skeleton is not None:  # what the rebuilt class does not set by itself (else: the rewrite's changes)
+        record["attributes"] = hf.int_attr_diff(model, skeleton)
+        changed = {n: s for n, s in record["shapes"].items() if dense_shapes.get(n) != tuple(s)}
+        extra_buffers = _unreproducible_buffers(model, skeleton)
+    else:
+        extra_buffers = [n for n, _ in _nonpersistent_buffers(model)]
+    if extra_buffers:
+        buffers = dict(_nonpersistent_buffers(model))
+        save_file({n: buffers[n].detach().contiguous().cpu() for n in extra_buffers},
+                  os.path.join(tmp, BUFFERS), metadata={"format": "pt"})
+        record["buffers"] = extra_buffers
+    standard = (config is not None and skeleton is not None and not changed and not record["attributes"]
+                and not any(record["module_configs"].values()) and not extra_buffers)
     record.update(extra or {})
-    with open(os.path.join(tmp, "fxprune.json"), "w") as f:
+    with open(os.path.join(tmp, RECORD), "w") as f:
         json.dump(record, f, indent=1)
+    return SavedModel(record, standard, tuple(extra_buffers), changed)
+
+
+def read_record(directory: str) -> dict[str, Any]:
+    """The ``fxprune.json`` of a saved directory."""
+    path = os.path.join(directory, RECORD)
+    if not os.path.exists(path):
+        raise FxpruneError(f"{directory} has no {RECORD}; was it written by fxprune.save?")
+    with open(path) as f:
+        return json.load(f)
 
 
 def load(directory: str, model_class: Any = None, *, config: Any = None, device: str = "cpu") -> torch.nn.Module:
@@ -94,20 +153,15 @@ def load(directory: str, model_class: Any = None, *, config: Any = None, device:
     """
     from safetensors.torch import load_file
 
-    path = os.path.join(directory, "fxprune.json")
-    if not os.path.exists(path):
-        raise FxpruneError(f"{directory} has no fxprune.json; was it written by fxprune.save?")
-    with open(path) as f:
-        record = json.load(f)
+    record = read_record(directory)
     cls = model_class or _import(record["class"])
-    skeleton = _build_skeleton(cls, record, config)
-    _shrink_skeleton(skeleton, record)
-    state = load_file(os.path.join(directory, "model.safetensors"), device=device)
-    for key in [k for k in state if k.startswith(_BUFFER_PREFIX)]:
-        name = key[len(_BUFFER_PREFIX):]
-        mod_path, _, attr = name.rpartition(".")
-        mod = skeleton.get_submodule(mod_path) if mod_path else skeleton
-        mod._buffers[attr] = state.pop(key)
+    skeleton = rebuild(cls, record, config)
+    state = load_file(os.path.join(directory, WEIGHTS), device=device)
+    for key in [k for k in state if k.startswith(_BUFFER_PREFIX)]:  # format 1 saved them with the weights
+        _set_buffer(skeleton, key[len(_BUFFER_PREFIX):], state.pop(key))
+    if record.get("buffers"):
+        for name, value in load_file(os.path.join(directory, BUFFERS), device=device).items():
+            _set_buffer(skeleton, name, value)
     for name, alias in record.get("tied", {}).items():
         if alias in state and name not in state:
             state[name] = state[alias]
@@ -124,9 +178,58 @@ def load(directory: str, model_class: Any = None, *, config: Any = None, device:
     return skeleton.eval()
 
 
-def _build_skeleton(cls: Any, record: dict, config: Any) -> torch.nn.Module:
+def rebuild(cls: Any, record: Mapping[str, Any], config: Any = None) -> torch.nn.Module:
+    """The recorded model without its weights: parameters on meta, buffers computed, shapes,
+    int attributes and per-module config fields as recorded."""
+    try:
+        skeleton = _build_skeleton(cls, record, config)
+    except Exception as exc:  # noqa: BLE001 - the class refuses its own recorded config
+        raise FxpruneError(
+            f"{getattr(cls, '__name__', cls)} cannot be built from the recorded config ({type(exc).__name__}: {exc}); "
+            "pass config= (or model_class=) to load()"
+        ) from exc
+    _shrink_skeleton(skeleton, record)
+    return skeleton
+
+
+def _reference(cls: Any, record: Mapping[str, Any]) -> tuple[torch.nn.Module | None, dict[str, tuple]]:
+    """(skeleton as ``load`` rebuilds it, the unshrunk skeleton's shapes), or (None, {}) when the
+    class cannot be rebuilt without help (a factory with arguments)."""
+    try:
+        dense = _build_skeleton(cls, record, None)
+    except Exception:  # noqa: BLE001 - load() needs model_class= then; nothing to compare with
+        return None, {}
+    shapes = hf.state_shapes(dense)
+    _shrink_skeleton(dense, {**record, "attributes": {}})
+    return dense, shapes
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device and their buffers computed.
+
+    Like ``accelerate.init_empty_weights(include_buffers=False)``: a parameter moves to meta as it
+    is registered, so no weights are allocated, while buffers (RoPE frequencies, position ids)
+    are computed as the class computes them and need not be saved.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: Any) -> None:
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _build_skeleton(cls: Any, record: Mapping[str, Any], config: Any) -> torch.nn.Module:
     original = config if config is not None else record.get("original_config")
-    with torch.device("meta"):
+    with _params_on_meta():
         if original is not None and hasattr(cls, "config_class") and hasattr(cls, "_from_config"):
             cfg = original if not isinstance(original, dict) else cls.config_class.from_dict(original)
             return cls._from_config(cfg)
@@ -135,7 +238,7 @@ def _build_skeleton(cls: Any, record: dict, config: Any) -> torch.nn.Module:
         return cls()
 
 
-def _shrink_skeleton(model: torch.nn.Module, record: dict) -> None:
+def _shrink_skeleton(model: torch.nn.Module, record: Mapping[str, Any]) -> None:
     from fxprune.passes.rewrite import _fix_module
 
     shapes = record["shapes"]
@@ -146,7 +249,7 @@ def _shrink_skeleton(model: torch.nn.Module, record: dict) -> None:
         old = getattr(mod, attr, None)
         if not isinstance(old, torch.Tensor) or list(old.shape) == list(shape):
             continue
-        new = torch.empty(shape, dtype=old.dtype, device="meta")
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
         if isinstance(old, torch.nn.Parameter):
             mod._parameters[attr] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
         else:
@@ -158,26 +261,53 @@ def _shrink_skeleton(model: torch.nn.Module, record: dict) -> None:
         mod = model.get_submodule(mod_path) if mod_path else model
         for attr, value in attrs.items():
             setattr(mod, attr, value)
+    root = hf.config_of(model)
+    for mod_path, fields in record.get("module_configs", {}).items():
+        if root is not None and fields:
+            model.get_submodule(mod_path).config = hf.copy_config(root, fields)
+
+
+def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_path, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_path) if mod_path else model
+    mod._buffers[attr] = value
 
 
 def _materialise_meta(model: torch.nn.Module, device: str) -> None:
-    """Non-persistent buffers (RoPE inv_freq...) are not saved: recompute them on device."""
+    """Every tensor must be real after loading; computed buffers follow the weights' device."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise FxpruneError(f"{name} was neither saved nor rebuilt by its class; it cannot be loaded")
     for name, buf in list(model.named_buffers()):
-        if buf.device.type == "meta":
-            raise FxpruneError(
-                f"buffer {name} was not saved and cannot be rebuilt; save the model with persistent buffers"
-            )
+        if buf.device != torch.device(device):
+            _set_buffer(model, name, buf.to(device))
 
 
 _BUFFER_PREFIX = "__nonpersistent__."
 
 
-def _dedup_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
+def _nonpersistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     persistent = set(model.state_dict().keys())
-    for name, buf in model.named_buffers():
-        if name not in persistent and buf is not None:  # RoPE inv_freq and friends
-            state[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
+    return [(n, b) for n, b in model.named_buffers() if n not in persistent and b is not None]
+
+
+def _unreproducible_buffers(model: torch.nn.Module, skeleton: torch.nn.Module) -> list[str]:
+    """Non-persistent buffers of ``model`` that ``skeleton`` (as load rebuilds it) lacks or
+    computes differently: those must be saved."""
+    rebuilt = dict(skeleton.named_buffers())
+    out = []
+    for name, buf in _nonpersistent_buffers(model):
+        ref = rebuilt.get(name)
+        if ref is None or ref.device.type == "meta" or ref.shape != buf.shape or not torch.equal(
+            ref.to(device=buf.device, dtype=buf.dtype), buf
+        ):
+            out.append(name)
+    return out
+
+
+def _dedup_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent tensors, each once (a tied weight is saved under its first name)."""
+    state = {}
     seen: dict[int, str] = {}
     for name, t in model.state_dict(keep_vars=False).items():
         key = t.data_ptr() if t.device.type != "meta" else id(t)

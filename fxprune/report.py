@@ -162,3 +162,91 @@ def _md_table(rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Model card (README.md of a pruned checkpoint)
+# ------------------------------------------------------------------------------------------
+_PIPELINE_TAGS = {"AutoModelForCausalLM": "text-generation", "AutoModelForMaskedLM": "fill-mask",
+                  "AutoModelForSequenceClassification": "text-classification",
+                  "AutoModelForTokenClassification": "token-classification",
+                  "AutoModelForImageClassification": "image-classification"}
+
+
+def model_card(model: Any, checkpoint: Any, *, report: Any = None, source: str | None = None,
+               quality: dict | None = None, plan_info: dict | None = None) -> str:
+    """The README.md of a pruned checkpoint: what was pruned, how, measured quality, how to load.
+
+    ``checkpoint`` is the :class:`fxprune.checkpoint.Checkpoint` written; ``report`` the
+    ``PruneReport`` (without it the card lists the model's size only).
+    """
+    from fxprune.api import LOADS_WITH_TEXT
+    from fxprune.util.modules import count_params
+
+    name = os.path.basename(os.path.normpath(source)) if source else type(model).__name__
+    library = "sentence-transformers" if checkpoint.sentence_transformers else (
+        "transformers" if checkpoint.loads_with != "fxprune" else "fxprune")
+    front = ["---", f"library_name: {library}", "tags:", "- fxprune", "- pruned", "- structured-pruning"]
+    tag = next((_PIPELINE_TAGS[a] for a in checkpoint.auto_classes if a in _PIPELINE_TAGS), None)
+    if checkpoint.sentence_transformers:
+        tag = "sentence-similarity"
+    if tag:
+        front.append(f"pipeline_tag: {tag}")
+    front.append("---")
+    md = front + [""]
+    if report is not None:
+        md += [f"# {name}, pruned by fxprune (-{report.ratio_achieved:.1%} parameters)", ""]
+    else:
+        md += [f"# {name}, pruned by fxprune", ""]
+    md += [f"Structured pruning removed whole units (MLP channels, attention heads) of {type(model).__name__}"
+           + (f" from `{source}`" if source else "") + "; the result is a smaller dense model, no sparse kernels needed.", ""]
+    md += ["## How to load", "", LOADS_WITH_TEXT[checkpoint.loads_with] + ".", "", "```python",
+           checkpoint.how_to_load("path/to/this/directory"), "```", ""]
+    md += ["## What was pruned", ""]
+    if report is not None:
+        md += [_md_table(report.headline()), ""]
+        md += _kept_sizes(report)
+    else:
+        md += [f"{count_params(model):,} parameters.", ""]
+    md += ["## How", ""]
+    if report is not None:
+        md.append(f"- importance criterion: `{report.importance}`; allocation: `{report.allocation}`"
+                  + (f" (plan: `{plan_info.get('allocation')}`)" if plan_info and plan_info.get("allocation") != report.allocation else ""))
+        md.append(f"- kept sizes rounded to multiples of: `{report.round_to}` (units per kind)")
+        md.append("- time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
+        md += [f"- note: {n}" for n in report.notes]
+    md += ["- library: fxprune (exact structured pruning over torch.export graphs)", ""]
+    md += ["## Quality", ""]
+    if report is not None:
+        md.append(f"- verification: {report.verification}")
+    if quality:
+        if quality.get("metric") == "perplexity":
+            md.append(f"- perplexity on {quality['batches']} calibration batches ({quality['tokens']:,} tokens): "
+                      f"dense {quality['dense']:.3f}, pruned {quality['pruned']:.3f} "
+                      f"({quality['pruned'] / quality['dense']:.2f}x)")
+        else:
+            md.append(f"- {quality['metric']} on {quality['batches']} calibration batches: {quality['pruned']:.4f}")
+    else:
+        md.append("- not measured on text: run `fxprune eval DIR --data FILE` (perplexity / embedding similarity); "
+                  "pruning without recovery loses quality, `fxprune recover` fine-tunes it back")
+    md.append("")
+    if checkpoint.copied:
+        md += ["## Files carried over from the source", "", ", ".join(f"`{c}`" for c in checkpoint.copied), ""]
+    md += [f"- note: {n}" for n in checkpoint.notes]
+    return "\n".join(md).rstrip() + "\n"
+
+
+def _kept_sizes(report: Any) -> list[str]:
+    """Per kind: the kept units per layer (one number when uniform)."""
+    by_kind: dict[str, list[tuple[int, int]]] = {}
+    for g in report.groups:
+        if g.get("block") is not None:
+            by_kind.setdefault(g["kind"], []).append((g["units"] - g["removed"], g["units"]))
+    rows = [("kind", "units per layer (before)", "kept per layer")]
+    for kind, sizes in sorted(by_kind.items()):
+        kept = sorted({k for k, _ in sizes})
+        before = sorted({u for _, u in sizes})
+        if kept == before:
+            continue
+        rows.append((kind, "/".join(map(str, before)), str(kept[0]) if len(kept) == 1 else f"{kept[0]}-{kept[-1]} (per layer)"))
+    return [_md_table(rows), ""] if len(rows) > 1 else []

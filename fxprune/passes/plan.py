@@ -12,7 +12,8 @@ Why it is built this way:
   dim's kept size comes from its layout with every group's removed units applied together.
 * **Searches over plans that are monotone in one variable**, so bisection hits the target:
   ``uniform`` bisects one fraction shared by every searched group (LLM-Pruner's layer-uniform
-  ratio), then tops up with at most one extra rounding step per group to close the gap;
+  ratio), then tops up whole classes (a kind in every layer) step by step to close the gap, so
+  every layer of a kind keeps the same size;
   ``global`` sorts every removable chunk of units by score and bisects the prefix length.
 * **Conservative defaults.**  Only ``channels`` (MLP), ``heads`` and ``kv_heads`` are pruned
   unless ``kinds`` says otherwise: ``hidden`` touches every layer and the embeddings and is
@@ -38,7 +39,7 @@ from fxprune.graph import Group, Member, kept_size
 from fxprune.passes.base import fxpass
 from fxprune.util.names import edge_blocks, matches_prefix
 
-__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "make_plan"]
+__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "make_plan", "make_uniform"]
 
 DEFAULT_KINDS: dict[str, bool] = {
     "channels": True,
@@ -329,7 +330,8 @@ def _blocks_kept(groups: Sequence[Group], first: int, last: int) -> set[str]:
     return edge_blocks([g.block for g in groups], first, last)
 
 
-def _round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
+def round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
+    """The ``round_to`` multiple for ``kind`` (an int for every kind, or a per-kind mapping)."""
     r = round_to.get(kind, 1) if isinstance(round_to, Mapping) else round_to
     if not isinstance(r, (int, np.integer)) or r < 1:
         raise PlanError(f"round_to must be a positive integer, got {r!r} for kind {kind!r}.")
@@ -357,7 +359,7 @@ def _candidates(
             skipped[g.id] = reason
             continue
         s = _group_scores(g, scores)
-        steps = allowed_removals(g.size, _round_for(g.kind, round_to), max_group_ratio)
+        steps = allowed_removals(g.size, round_for(g.kind, round_to), max_group_ratio)
         if len(steps) == 1:
             skipped[g.id] = f"size {g.size} leaves no removable multiple of round_to within the cap"
             continue
@@ -435,7 +437,12 @@ def _closer(removed_at: Any, k: int, n: int, target: float) -> int:
 
 def _uniform(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter,
              target: float) -> tuple[dict[int, int], dict[str, Any]]:
-    """One fraction for every searched group (bisection), then <= 1 extra step per group."""
+    """One fraction for every searched group (bisection), then top-up steps by uniform class.
+
+    A class is every searched group of one kind and size (the MLP of every layer, say): its groups
+    always get the same count, so after ``round_to`` every layer of a kind keeps the same size and
+    one config (``intermediate_size``, ``num_attention_heads``...) can describe the model.
+    """
     searched = [c for c in cands if c.fixed is None]
     fractions = sorted({s / c.group.size for c in searched for s in c.steps})
 
@@ -448,32 +455,51 @@ def _uniform(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCount
     i = _largest_within(len(fractions) - 1, lambda i: removed(counts_at(i)), target) if fractions else 0
     counts = counts_at(i)
     fraction = fractions[i] if fractions else 0.0
-    counts = _top_up(searched, counts, removed, target)
+    counts = _top_up(uniform_classes(searched), counts, removed, target)
     return counts, {"fraction": fraction}
 
 
-def _top_up(searched: Sequence[_Candidate], counts: dict[int, int], removed: Any,
+def uniform_classes(cands: Sequence[_Candidate]) -> list[list[_Candidate]]:
+    """Candidates grouped by (kind, size, allowed steps): the groups a uniform plan treats alike."""
+    classes: dict[tuple, list[_Candidate]] = {}
+    for c in cands:
+        classes.setdefault((c.group.kind, c.group.size, tuple(c.steps)), []).append(c)
+    return list(classes.values())
+
+
+def _top_up(classes: Sequence[Sequence[_Candidate]], counts: dict[int, int], removed: Any,
             target: float) -> dict[int, int]:
-    """Close the gap left by the shared fraction: give the cheapest-to-lose groups one more step."""
-    extra = []
-    for c in searched:
-        j = c.steps.index(counts[c.index])
-        if j + 1 < len(c.steps):
-            extra.append((float(c.chunk_scores()[j]), c.index, c.steps[j + 1]))
-    extra.sort()
+    """Close the gap left by the shared fraction, whole classes at a time.
+
+    Rounds: in each, every class whose next step still fits under the target takes it (every
+    group of the class moves together, or none does), cheapest-to-lose class first (mean score
+    of the units the step removes); rounds repeat until no class fits.  So a class with fine
+    steps (MLP channels) fills what a coarse one (one KV head in every layer) cannot.  The last
+    step may overshoot when that lands closer to the target than stopping short.
+    """
+    def next_steps(counts: Mapping[int, int]) -> list[tuple[float, int, dict[int, int]]]:
+        out = []
+        for k, cls in enumerate(classes):
+            j = cls[0].steps.index(counts[cls[0].index])
+            if j + 1 < len(cls[0].steps):
+                cost = float(np.mean([c.chunk_scores()[j] for c in cls]))
+                out.append((cost, k, {c.index: c.steps[j + 1] for c in cls}))
+        return sorted(out, key=lambda e: e[:2])
+
     current = removed(counts)
-    overshoots = []
-    for _, idx, nxt in extra:
-        trial = {**counts, idx: nxt}
-        r = removed(trial)
-        if r <= target:
-            counts, current = trial, r
-        else:
-            overshoots.append((r, idx, nxt))
+    progressed = True
+    while progressed:
+        progressed = False
+        for _, _, step in next_steps(counts):
+            trial = {**counts, **step}
+            r = removed(trial)
+            if r <= target:
+                counts, current, progressed = trial, r, True
+    overshoots = [(removed({**counts, **step}), k, step) for _, k, step in next_steps(counts)]
     if overshoots:
-        r, idx, nxt = min(overshoots)
+        r, _, step = min(overshoots, key=lambda e: e[:2])
         if r - target < target - current:
-            counts = {**counts, idx: nxt}
+            counts = {**counts, **step}
     return counts
 
 
@@ -598,12 +624,12 @@ def make_plan(
         numel: parameter FQN -> number of elements, one entry per distinct tensor (default: read
             from the model the Analysis was traced from).
         allocation: ``"uniform"`` (the same fraction of every searched group, like LLM-Pruner;
-            bisected to hit the target, then at most one extra rounding step per group, given to
-            the groups whose next units score lowest), ``"global"`` (the lowest-scoring units
-            anywhere, in chunks of ``round_to``, until the target) or ``"cost"`` (the chunks with
-            the lowest *removal cost per removed parameter* anywhere, on the raw costs of a
-            curvature criterion (``Scores.raw``), searching every width kind by default, see
-            :data:`COST_KINDS`; ``kinds`` still overrides).
+            bisected to hit the target, then topped up by whole classes -- every group of one
+            kind and size -- whose next units score lowest, so every layer of a kind keeps one size),
+            ``"global"`` (the lowest-scoring units anywhere, in chunks of ``round_to``, until the
+            target) or ``"cost"`` (the chunks with the lowest *removal cost per removed parameter*
+            anywhere, on the raw costs of a curvature criterion (``Scores.raw``), searching every
+            width kind by default, see :data:`COST_KINDS`; ``kinds`` still overrides).
         max_group_ratio: never remove more than this fraction of any group.
         keep_blocks_first / keep_blocks_last: leave groups in the first / last N blocks of each
             block family (e.g. ``model.layers.<i>``, ordered by ``i``) untouched.
@@ -635,13 +661,7 @@ def make_plan(
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     source = groups
     groups = _groups_of(groups)
-    if numel is None:
-        module = getattr(getattr(source, "graph", None), "module", None)
-        if module is None:
-            raise PlanError("make_plan(groups, ...) needs numel= (parameter name -> number of elements)")
-        from fxprune.util.modules import numel_by_name
-
-        numel = numel_by_name(module)
+    numel = _numel_of(source, numel, "make_plan")
     counter = ParamCounter(groups, numel)
     kept_blocks = _blocks_kept(groups, keep_blocks_first, keep_blocks_last)
     cands, skipped = _candidates(
@@ -664,8 +684,99 @@ def make_plan(
         counts, details = _STRATEGIES[allocation](cands, fixed, counter, target)
     plan = _plan_from_counts(cands, counts)
     info = _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
+    info.update(round_to=dict(round_to) if isinstance(round_to, Mapping) else round_to,
+                max_group_ratio=max_group_ratio)
     info["by_kind"] = by_kind(plan, groups, counter, getattr(scores, "raw", scores), kind_notes)
     return Plan.of(groups, plan, info)
+
+
+def make_uniform(
+    groups: Any,
+    plan: Plan,
+    scores: Mapping[str, np.ndarray],
+    *,
+    numel: Mapping[str, int] | None = None,
+    round_to: int | Mapping[str, int] | None = None,
+    max_group_ratio: float | None = None,
+) -> Plan:
+    """The uniform plan nearest to ``plan`` (a global or per-layer one).
+
+    Every class of prunable groups (same kind and size: the MLP of every layer, say) gets the
+    class' mean removal count, rounded to an allowed step next to it (the nearest, or the other
+    neighbour when that brings the parameter total closer to the plan's), and each group removes
+    its lowest-scoring units.  Groups the plan skipped (kept blocks, ``ignore``, disabled kinds) stay untouched.
+    Serving stacks that need one config for all layers (vLLM, TGI, llama.cpp converters) take
+    the result as a standard checkpoint.  ``round_to``/``max_group_ratio`` default to the ones
+    the plan was made with.
+    """
+    source, groups = groups, _groups_of(groups)
+    plan.check_against(groups)
+    info = dict(plan.info)
+    round_to = info.get("round_to", 1) if round_to is None else round_to
+    max_group_ratio = info.get("max_group_ratio", 0.9) if max_group_ratio is None else max_group_ratio
+    numel = _numel_of(source, numel, "make_uniform")
+    counter = ParamCounter(groups, numel)
+    skipped = info.get("skipped", {})
+    classes: dict[tuple[str, int], list[Group]] = {}
+    for g in groups:
+        if g.id not in skipped and g.id in counter.touches and g.size >= 2:
+            classes.setdefault((g.kind, g.size), []).append(g)
+    # per class: the allowed counts just below and above the mean; start at the nearest, then
+    # move single classes to their other neighbour while that brings the total closer to the plan's
+    options: dict[tuple[str, int], list[int]] = {}
+    for (kind, size), members in classes.items():
+        steps = allowed_removals(size, round_for(kind, round_to), max_group_ratio)
+        mean = float(np.mean([len(plan.get(g.id, ())) for g in members]))
+        near = sorted(steps, key=lambda n: (abs(n - mean), n))[:2]
+        options[(kind, size)] = sorted(near, key=lambda n: (abs(n - mean), n))
+    orders = {g.id: np.lexsort((np.arange(g.size), _group_scores(g, scores)))
+              for members in classes.values() for g in members}
+
+    def plan_for(choice: Mapping[tuple[str, int], int]) -> dict[str, list[int]]:
+        return {g.id: sorted(int(u) for u in orders[g.id][:choice[key]])
+                for key, members in classes.items() for g in members if choice[key]}
+
+    goal = counter.removed(plan)
+    choice = {key: opts[0] for key, opts in options.items()}
+    best = abs(counter.removed(plan_for(choice)) - goal)
+    improved = True
+    while improved:
+        improved = False
+        for key, opts in options.items():
+            for alt in opts:
+                if alt == choice[key]:
+                    continue
+                trial = {**choice, key: alt}
+                err = abs(counter.removed(plan_for(trial)) - goal)
+                if err < best:
+                    choice, best, improved = trial, err, True
+    units = plan_for(choice)
+    removed = counter.removed(units)
+    sizes = {g.id: g.size for g in groups}
+    info.update({
+        "allocation": f"{info.get('allocation', 'plan')}+uniform",
+        "achieved_ratio": removed / counter.total if counter.total else 0.0,
+        "removed_params": removed,
+        "removed_units": {gid: len(u) for gid, u in units.items()},
+        "group_ratio": {gid: len(u) / sizes[gid] for gid, u in units.items()},
+        "uniform_from": info.get("allocation"),
+    })
+    if "by_kind" in info:
+        why = {k: v["why"] for k, v in info["by_kind"].items() if "why" in v}
+        info["by_kind"] = by_kind(units, groups, counter, getattr(scores, "raw", scores), why)
+    return Plan.of(groups, units, info)
+
+
+def _numel_of(source: Any, numel: Mapping[str, int] | None, caller: str) -> Mapping[str, int]:
+    """``numel``, or read from the model an Analysis was traced from."""
+    if numel is not None:
+        return numel
+    module = getattr(getattr(source, "graph", None), "module", None)
+    if module is None:
+        raise PlanError(f"{caller}(groups, ...) needs numel= (parameter name -> number of elements)")
+    from fxprune.util.modules import numel_by_name
+
+    return numel_by_name(module)
 
 
 def _cost_inputs(scores: Any, kinds: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any], dict[str, str]]:
@@ -705,19 +816,21 @@ def by_kind(plan: Mapping[str, Sequence[int]], groups: Sequence[Group], counter:
     return out
 
 
-def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter) -> int:
+def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter, allocation: str = "global") -> int:
     """Upper bound on the parameters one rounding step removes: the precision of the target.
 
     A unit's cost in isolation (``Group.params_per_unit``) bounds its marginal cost when other
-    groups shrink the same tensors, so ``cost * largest chunk`` bounds every step.
+    groups shrink the same tensors, so ``cost * largest chunk`` bounds every step.  A uniform plan
+    steps a whole class (every layer of a kind) at once, so its step is the class' sum.
     """
-    best = 0
-    for c in cands:
+    def step(c: _Candidate) -> int:
         chunk = max(b - a for a, b in zip(c.steps, c.steps[1:]))
         known = [m for m in c.group.params if m.name in counter.numel]
-        per_unit = sum(counter.numel[m.name] // m.dim_size * m.unit_width for m in known)
-        best = max(best, per_unit * chunk)
-    return best
+        return sum(counter.numel[m.name] // m.dim_size * m.unit_width for m in known) * chunk
+
+    if allocation == "uniform":
+        return max((sum(step(c) for c in cls) for cls in uniform_classes(cands)), default=0)
+    return max((step(c) for c in cands), default=0)
 
 
 def _check_args(ratio: float, allocation: str, max_group_ratio: float,
@@ -740,7 +853,7 @@ def _info(plan: Mapping[str, Sequence[int]], groups: Sequence[Group], cands: Seq
           allocation: str, details: dict[str, Any]) -> dict[str, Any]:
     removed = counter.removed(plan)
     total = counter.total
-    max_step = _max_step_params(cands, counter)
+    max_step = _max_step_params(cands, counter, allocation)
     if target and removed < target - max(max_step, 1):
         warnings.warn(
             f"could only reach {removed / total:.4f} of the parameters for ratio={ratio} "

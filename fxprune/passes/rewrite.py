@@ -20,6 +20,7 @@ the :class:`RewriteResult` it returns (nothing is attached to the module).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -522,19 +523,115 @@ def _candidate_attrs(model: torch.nn.Module, mod_path: str, old: int) -> list[tu
     return []
 
 
-def _update_config(mod: "ModuleRewrite", old_model: torch.nn.Module, check: Callable[[], bool]) -> bool:
-    """Adopt the first candidate config under which the module still matches the graph."""
+_UNSET = object()
+
+
+def _update_config(mod: "ModuleRewrite", search: hf.ConfigSearch, check: Callable[[], bool]) -> bool:
+    """Adopt the first candidate config under which the module matches the graph.
+
+    The update is made in place on the model's config object, which its submodules share (an
+    attention that reads ``self.config.num_attention_heads`` in its forward, as Phi-3's does,
+    sees it), and the skeleton's int attributes are copied onto the modules.
+    """
     model = mod.module
-    before_cfg = getattr(model, "config", None)
+    config = hf.config_of(model)
     snapshot = _int_attr_snapshot(model)
-    for cfg in hf.config_candidates(model, old_model, mod.attribute_changes, skip=_SKIP_ATTR):
-        model.config = cfg
-        hf.copy_int_attrs(hf.skeleton(model, cfg), model)
+    for updates in hf.config_candidates(model, model, search=search):
+        before = {k: getattr(config, k, _UNSET) for k in updates}
+        for k, v in updates.items():
+            setattr(config, k, v)
+        hf.copy_int_attrs(search.skeleton(updates), model)
         if check():
             return True
-        model.config = before_cfg
+        _restore_config(config, before)
         _restore_int_attrs(model, snapshot)
     return False
+
+
+def _per_block_configs(mod: "ModuleRewrite", search: hf.ConfigSearch, analysis: Any, plan: Plan,
+                       check: Callable[[], bool]) -> bool:
+    """Give each pruned block its own config copy when no single config describes the model.
+
+    For a forward that reads sizes from ``self.config`` (Phi-3's attention) and layers pruned to
+    different widths: every submodule of a block that holds the shared config gets a copy with
+    the fields that describe that block's shapes.  Kept only if the whole model then matches.
+    """
+    model = mod.module
+    config = hf.config_of(model)
+    target = hf.state_shapes(model)
+    blocks = sorted({analysis.by_id[gid].block for gid in plan if analysis.by_id[gid].block})
+    in_block = {n for n in target if any(n.startswith(b + ".") for b in blocks)}
+    snapshot = _int_attr_snapshot(model)
+    replaced: list[tuple[torch.nn.Module, Any]] = []
+    for block in blocks:
+        scope = {n for n in target if n.startswith(block + ".") or n not in in_block}
+        updates = next(iter(search.search(target, scope=scope, limit=1)), None)
+        holders = [m for name, m in model.named_modules()
+                   if (name == block or name.startswith(block + ".")) and getattr(m, "config", None) is config]
+        if updates is None or not holders:
+            continue
+        block_cfg = search.config_with(updates)
+        for m in holders:
+            replaced.append((m, m.config))
+            m.config = block_cfg
+        hf.copy_int_attrs(search.skeleton(updates), model, prefix=block)
+    if replaced and check():
+        return True
+    for m, cfg in replaced:
+        m.config = cfg
+    _restore_int_attrs(model, snapshot)
+    return False
+
+
+def _restore_config(config: Any, before: Mapping[str, Any]) -> None:
+    for k, v in before.items():
+        if v is _UNSET:
+            with contextlib.suppress(AttributeError):
+                delattr(config, k)
+        else:
+            setattr(config, k, v)
+
+
+def pruned_shapes(analysis: Any, removed: Mapping[int, Any], original: Mapping[str, tuple]) -> dict[str, tuple]:
+    """``original`` state-dict shapes with ``removed`` ({class: units}) applied (tied names too)."""
+    graph: PrunableGraph = analysis.graph
+    out = {n: tuple(s) for n, s in original.items()}
+    for fqn, dims in new_tensor_shapes(analysis, removed).items():
+        for name in graph.aliases.get(fqn, [fqn]):
+            if name in out:
+                out[name] = tuple(len(dims[d]) if d in dims else s for d, s in enumerate(out[name]))
+    return out
+
+
+def describable_kinds(model: torch.nn.Module, analysis: Any, kinds: Any, round_to: Any = 1,
+                      search: hf.ConfigSearch | None = None) -> dict[str, bool]:
+    """For each kind, whether one HF config can describe every layer of it cut alike.
+
+    Asked of the model's own class on the meta device: the smallest uniform cut of the kind
+    (one ``round_to`` step in every group) must have a config whose skeleton has those shapes.
+    BERT-style attentions derive the head width as ``hidden_size // num_attention_heads``, so no
+    config describes fewer heads; Llama-style configs carry ``head_dim`` and do.  A model
+    without an HF config describes everything (there is no config to keep in step).
+    """
+    from fxprune.passes.plan import allowed_removals, round_for
+
+    search = search or (hf.ConfigSearch(model, skip=_SKIP_ATTR) if hf.config_of(model) is not None else None)
+    kinds = list(kinds)
+    if search is None or not search.usable:
+        return {k: True for k in kinds}
+    original = hf.state_shapes(model)
+    out: dict[str, bool] = {}
+    for kind in kinds:
+        removed: dict[int, tuple[int, ...]] = {}
+        for g in analysis.groups:
+            if g.kind == kind:
+                steps = allowed_removals(g.size, round_for(kind, round_to), 0.9)
+                if len(steps) > 1:
+                    removed[g.class_id] = tuple(range(steps[1]))
+        if removed:
+            target = pruned_shapes(analysis, removed, original)
+            out[kind] = target == original or next(iter(search.search(target, limit=1)), None) is not None
+    return out
 
 
 def _int_attr_snapshot(model: torch.nn.Module) -> dict[str, dict[str, int]]:
@@ -746,10 +843,17 @@ def rewrite(
     ok, why = _matches_graph(mod.module, graph_out, args, kwargs)
     if not ok and mod.conflicts:
         ok = _resolve_conflicts(mod, graph_out, args, kwargs)
-    if ok:
-        mod.config_updated = _update_config(
-            mod, model, lambda: _matches_graph(mod.module, graph_out, args, kwargs)[0]
-        )
+    search = hf.ConfigSearch(model, skip=_SKIP_ATTR) if hf.config_of(model) is not None else None
+    if search is not None and search.usable:
+        def matches() -> bool:
+            return _matches_graph(mod.module, graph_out, args, kwargs)[0]
+
+        mod.config_updated = _update_config(mod, search, matches)
+        if not ok and not mod.config_updated and _per_block_configs(mod, search, analysis, plan, matches):
+            ok = True
+        if mod.config_updated and not ok:
+            ok = True
+            mod.problems.clear()
     returned = "module"
     if not ok:
         reason = "; ".join(mod.problems) or why

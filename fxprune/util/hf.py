@@ -95,7 +95,9 @@ def config_head_dim(config: Any) -> int | None:
     if hd:
         return int(hd)
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    return hidden // heads if hidden and heads else None
+    if not (isinstance(hidden, int) and isinstance(heads, int) and hidden and heads):
+        return None  # unset, or per stage (Swin's num_heads list)
+    return hidden // heads
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
@@ -129,71 +131,190 @@ def is_causal_lm(model: Any) -> bool:
 # ------------------------------------------------------------------------------------------
 # Config search: which HF config describes a pruned model
 # ------------------------------------------------------------------------------------------
-def config_candidates(new_model: nn.Module, old_model: nn.Module, changes: Mapping, skip: Any) -> Iterator[Any]:
-    """Yield HF configs whose rebuilt skeleton has exactly the pruned parameter shapes.
-
-    Candidate fields are int config entries whose old value changed somewhere in the model (and
-    head counts scaled by a width ratio).  Assignments with the fewest changed fields come first.
-    Equal shapes are necessary, not sufficient (4 heads of 6 vs 2 heads of 12), so the caller
-    also checks each candidate against the rewritten graph.
-    """
-    config = getattr(new_model, "config", None)
-    if config is None or not hasattr(config, "to_dict") or not hasattr(type(new_model), "_from_config"):
-        return
-    target = {n: tuple(p.shape) for n, p in new_model.state_dict().items()}
-    original = {n: tuple(p.shape) for n, p in old_model.state_dict().items()}
-    if target == original:
-        return
-    value_map: dict[int, set[int]] = {}
-    for n, shape in original.items():
-        for a, b in zip(shape, target.get(n, shape)):
-            value_map.setdefault(a, set()).add(b)
-    for attrs in changes.values():
-        for old, new in attrs.values():
-            value_map.setdefault(old, set()).add(new)
-    fields = {
-        k: v for k, v in config.to_dict().items() if type(v) is int and not skip.search(k)
-    }
-    candidates: dict[str, set[int]] = {}
-    for k, v in fields.items():
-        news = value_map.get(v, set()) - {v}
-        if news:
-            candidates[k] = set(news)
-    for k, vals in _derived_count_candidates(new_model, old_model, fields).items():
-        candidates.setdefault(k, set()).update(vals)
-    keys = sorted(candidates)
-    options = [[None, *sorted(candidates[k])] for k in keys]
-    combos = sorted(itertools.product(*options), key=lambda c: sum(v is not None for v in c))
-    for combo in combos[1:513]:
-        cfg = copy.deepcopy(config)
-        for k, v in zip(keys, combo):
-            if v is not None:
-                setattr(cfg, k, v)
-        if _mismatch(new_model, cfg, target) == 0:
-            yield cfg
+Shapes = Mapping[str, tuple]
 
 
-def skeleton(model: nn.Module, cfg: Any) -> nn.Module:
-    """``type(model)`` built from ``cfg`` on the meta device (shapes only)."""
+def state_shapes(model: nn.Module) -> dict[str, tuple]:
+    """``{state_dict key: shape}`` (persistent tensors only, as a checkpoint holds them)."""
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
+def skeleton(model: Any, cfg: Any) -> nn.Module:
+    """``type(model)`` (or the class ``model``) built from ``cfg`` on the meta device (shapes only)."""
+    cls = model if isinstance(model, type) else type(model)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return type(model)._from_config(cfg)
+        return cls._from_config(cfg)
 
 
-def _mismatch(model: nn.Module, cfg: Any, target: dict[str, tuple]) -> int:
-    """How far the skeleton built from ``cfg`` is from the pruned model (0 = identical shapes)."""
-    try:
-        built = skeleton(model, cfg)
-    except Exception:  # noqa: BLE001 - an inconsistent config is just a bad candidate
-        return 10**9
-    shapes = {n: tuple(p.shape) for n, p in built.state_dict().items()}
-    return sum(shapes.get(n) != s for n, s in target.items()) + sum(n not in target for n in shapes)
+def copy_config(config: Any, updates: Mapping[str, Any]) -> Any:
+    """A deep copy of ``config`` with ``updates`` set."""
+    cfg = copy.deepcopy(config)
+    for k, v in updates.items():
+        setattr(cfg, k, v)
+    return cfg
 
 
-def copy_int_attrs(src: nn.Module, dst: nn.Module) -> None:
-    """Bring bookkeeping ints (``hidden_size`` on an MLP, say) in line with the skeleton."""
+def pinned_fields(config: Any) -> dict[str, int]:
+    """Derived sizes worth writing into the config so that other fields can change alone.
+
+    ``head_dim`` is read with ``getattr(config, "head_dim", hidden // heads)`` by most HF
+    attentions: a config without it (OLMo, Phi-3, Mistral-style) cannot keep the head width
+    when the head count changes, unless it is pinned to its derived value.
+    """
+    values = config.to_dict()
+    if values.get("head_dim") is None:
+        hd = config_head_dim(config)
+        if hd:
+            return {"head_dim": hd}
+    return {}
+
+
+class ConfigSearch:
+    """Find config field updates under which the model's class builds given parameter shapes.
+
+    The search is by shapes on the meta device, so it is cheap and needs no weights:
+
+    1. *Fields*: int config entries whose value is a size that changed (``intermediate_size``
+       112 -> 56), unset sizes (``n_inner=None``: any new size), and head counts scaled by a
+       width ratio (12 heads of 64 -> 9 heads).  Derived sizes (``head_dim``) are pinned first
+       when pinning leaves the skeleton unchanged (:func:`pinned_fields`).
+    2. *Effects*: each (field, value) is built alone once; the parameters it changes must all be
+       parameters that the pruning changed (a field that also resizes the embeddings is not the
+       MLP width), and at least one.
+    3. *Combinations*, fewest fields first, whose effects together cover every changed
+       parameter, are built and kept when every compared shape is exactly the target.
+
+    ``scope`` restricts the comparison to some parameter names (one block of a non-uniformly
+    pruned model).  Equal shapes are necessary, not sufficient (4 heads of 6 vs 2 heads of 12),
+    so callers also check each candidate against the rewritten graph.
+    """
+
+    def __init__(self, model: nn.Module, config: Any = None, *, skip: Any = None, max_builds: int = 400) -> None:
+        self.cls = type(model)
+        self.config = config if config is not None else config_of(model)
+        self.skip = skip
+        self.max_builds = max_builds
+        self.builds = 0
+        self._cache: dict[tuple, dict[str, tuple] | None] = {}
+        self.pins: dict[str, int] = {}
+        self.base: dict[str, tuple] | None = None
+        if self.config is None or not hasattr(self.cls, "_from_config"):
+            return
+        self.base = self.shapes({})
+        pins = pinned_fields(self.config)
+        if pins and self.base is not None and self.shapes(pins) == self.base:
+            self.pins = pins
+
+    @property
+    def usable(self) -> bool:
+        return self.base is not None
+
+    def config_with(self, updates: Mapping[str, Any]) -> Any:
+        return copy_config(self.config, updates)
+
+    def shapes(self, updates: Mapping[str, Any]) -> dict[str, tuple] | None:
+        """Shapes of the skeleton built with ``updates`` (None if the config does not build)."""
+        key = tuple(sorted(updates.items()))
+        if key not in self._cache:
+            if self.builds >= self.max_builds:
+                return None
+            self.builds += 1
+            try:
+                self._cache[key] = state_shapes(skeleton(self.cls, self.config_with(updates)))
+            except Exception:  # noqa: BLE001 - an inconsistent config is just a bad candidate
+                self._cache[key] = None
+        return self._cache[key]
+
+    def skeleton(self, updates: Mapping[str, Any]) -> nn.Module:
+        return skeleton(self.cls, self.config_with({**self.pins, **updates}))
+
+    def search(self, target: Shapes, *, scope: Any = None, limit: int = 8) -> Iterator[dict[str, Any]]:
+        """Yield update dicts (pins included) whose skeleton has ``target``'s shapes in ``scope``."""
+        if self.base is None:
+            return
+        base = self.base
+        names = [n for n in target if scope is None or n in scope]
+        if any(n not in base for n in names):
+            return
+        changed = {n for n in names if tuple(target[n]) != base[n]}
+        if not changed:
+            return
+        options = self._options(base, target, changed)
+        effects: dict[tuple[str, Any], frozenset[str]] = {}
+        for field, values in options.items():
+            for v in values:
+                got = self.shapes({**self.pins, field: v})
+                if got is None or set(got) != set(base):
+                    continue
+                touched = frozenset(n for n in names if got[n] != base[n])
+                if touched and touched <= changed:
+                    effects[(field, v)] = touched
+        values: dict[str, list[Any]] = {}
+        for f, v in sorted(effects, key=lambda e: (e[0], str(e[1]))):
+            values.setdefault(f, []).append(v)
+        reach = {f: frozenset().union(*(effects[(f, v)] for v in vs)) for f, vs in values.items()}
+        if frozenset().union(*reach.values()) != changed:
+            return  # some changed parameter follows no config field
+        found = 0
+        for r in range(1, len(values) + 1):
+            for subset in itertools.combinations(sorted(values), r):
+                if frozenset().union(*(reach[f] for f in subset)) != changed:
+                    continue
+                for combo in itertools.product(*(values[f] for f in subset)):
+                    picked = dict(zip(subset, combo, strict=True))
+                    if frozenset().union(*(effects[fv] for fv in picked.items())) != changed:
+                        continue
+                    updates = {**self.pins, **picked}
+                    got = self.shapes(updates)
+                    if got is not None and all(got[n] == tuple(target[n]) for n in names):
+                        yield updates
+                        found += 1
+                        if found >= limit:
+                            return
+                    if self.builds >= self.max_builds:
+                        return
+
+    def _options(self, base: Shapes, target: Shapes, changed: set[str]) -> dict[str, set[Any]]:
+        """Candidate values per config field (see the class docstring)."""
+        value_map: dict[int, set[int]] = {}
+        ratios: set[tuple[int, int]] = set()
+        for n in changed:
+            for a, b in zip(base[n], target[n], strict=True):
+                if a != b:
+                    value_map.setdefault(a, set()).add(b)
+                    ratios.add((a, b))
+        new_sizes = sorted({b for vals in value_map.values() for b in vals})
+        options: dict[str, set[Any]] = {}
+        for k, v in self.config.to_dict().items():
+            if k.startswith("_") or (self.skip is not None and self.skip.search(k)):
+                continue
+            if type(v) is int:
+                vals = set(value_map.get(v, set())) - {v}
+                if "head" in k.lower():  # counts: old * (new width / old width)
+                    vals |= {v * b // a for a, b in ratios if (v * b) % a == 0 and 0 < v * b // a < v}
+                if vals:
+                    options[k] = vals
+            elif v is None and new_sizes and k not in self.pins:  # derived when unset: n_inner, ffn_dim
+                options[k] = set(new_sizes[:16])
+        return options
+
+
+def config_candidates(new_model: nn.Module, old_model: nn.Module, *, skip: Any = None,
+                      search: ConfigSearch | None = None) -> Iterator[dict[str, Any]]:
+    """Config updates under which ``type(new_model)`` has ``new_model``'s shapes (see ConfigSearch)."""
+    search = search or ConfigSearch(old_model, config_of(new_model), skip=skip)
+    if search.usable:
+        yield from search.search(state_shapes(new_model))
+
+
+def copy_int_attrs(src: nn.Module, dst: nn.Module, prefix: str = "") -> None:
+    """Bring bookkeeping ints (``hidden_size`` on an MLP, say) in line with the skeleton
+    (only modules under ``prefix`` when one is given)."""
     dst_mods = dict(dst.named_modules())
     for name, ms in src.named_modules():
+        if prefix and not (name == prefix or name.startswith(prefix + ".")):
+            continue
         md = dst_mods.get(name)
         if md is None:
             continue
@@ -202,28 +323,35 @@ def copy_int_attrs(src: nn.Module, dst: nn.Module) -> None:
                 setattr(md, k, v)
 
 
-def _derived_count_candidates(new_model, old_model, fields: dict[str, int]) -> dict[str, list[int]]:
-    """For count-like config fields (heads), propose old * (new width / old width) values."""
-    out: dict[str, list[int]] = {}
-    ratios = set()
-    old_sd, new_sd = old_model.state_dict(), new_model.state_dict()
-    for n, p in old_sd.items():
-        q = new_sd.get(n)
-        if q is None:
+def int_attr_diff(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, int]]:
+    """``{module path: {attr: value}}`` for public int attributes where ``model`` differs from
+    ``reference`` (the same class built from a config): what a config alone does not set."""
+    ref = dict(reference.named_modules())
+    out: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        r = ref.get(name)
+        if r is None:
             continue
-        for a, b in zip(p.shape, q.shape):
-            if a != b and a:
-                ratios.add((a, b))
-    for k, v in fields.items():
-        if "head" not in k.lower():
-            continue
-        vals = []
-        for a, b in ratios:
-            if (v * b) % a == 0 and 0 < v * b // a < v:
-                vals.append(v * b // a)
-        if vals:
-            out[k] = sorted(set(vals))[:4]
+        rv = vars(r)
+        for k, v in vars(m).items():
+            if type(v) is int and not k.startswith("_") and type(rv.get(k)) is int and rv[k] != v:
+                out.setdefault(name, {})[k] = v
     return out
+
+
+def module_configs(model: nn.Module) -> dict[str, Any]:
+    """Submodules holding their own config object (not the model's): ``{path: config}``."""
+    root = config_of(model)
+    return {
+        name: m.config for name, m in model.named_modules()
+        if name and config_of(m) is not None and m.config is not root
+    }
+
+
+def config_diff(config: Any, base: Any) -> dict[str, Any]:
+    """Fields of ``config`` whose value differs from ``base`` (JSON-able values)."""
+    a, b = config.to_dict(), base.to_dict()
+    return {k: v for k, v in a.items() if b.get(k, object()) != v and not k.startswith("_")}
 
 
 def decoder_layers(model: Any) -> nn.ModuleList | None:
