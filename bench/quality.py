@@ -528,8 +528,8 @@ def part_minilm(args, out: dict) -> None:
     analysis = fxprune.analyze(graph)
     part["trace_analyze_s"] = round(time.perf_counter() - t0, 1)
     methods = minilm_methods(cbatches)
-    part["methods"] = {k: {o: (str(v) if callable(v) or o == "calib" else v) for o, v in m.items()}
-                       for k, m in methods.items()}
+    part["methods"] = {k: {o: (f"{len(v)} contrastive batches" if o == "calib" else str(v) if callable(v) else v)
+                           for o, v in m.items()} for k, m in methods.items()}
     for ratio in MINILM_RATIOS:
         for name, opts in methods.items():
             if args.methods and name not in args.methods:
