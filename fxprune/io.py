@@ -74,6 +74,9 @@ def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> None
         "config_updated": bool(getattr(info, "config_updated", False)),
         "tied": _tied_names(model),
     }
+    depth = getattr(info, "depth", None)
+    if depth is not None and depth.changed:  # deleted layers and zeroed branches, redone by load
+        record["depth"] = depth.to_json()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.save_pretrained(tmp)
@@ -101,6 +104,10 @@ def load(directory: str, model_class: Any = None, *, config: Any = None, device:
         record = json.load(f)
     cls = model_class or _import(record["class"])
     skeleton = _build_skeleton(cls, record, config)
+    if record.get("depth"):
+        from fxprune.passes.depth import apply_recorded
+
+        apply_recorded(skeleton, record["depth"])
     _shrink_skeleton(skeleton, record)
     state = load_file(os.path.join(directory, "model.safetensors"), device=device)
     for key in [k for k in state if k.startswith(_BUFFER_PREFIX)]:

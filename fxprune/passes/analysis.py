@@ -47,6 +47,7 @@ from fxprune.graph import (
 )
 from fxprune.passes.atoms import AtomStore, Site
 from fxprune.passes.base import check, fxpass
+from fxprune.passes.depth import DepthInfo, detect_branches
 from fxprune.passes.op_rules import probe_zero
 from fxprune.passes.rules import AnalysisContext, ZeroSpec, find_rule, flat_args, site_of
 from fxprune.types import ArgPath, GroupKind, Layout, Tag, TensorRef
@@ -95,6 +96,7 @@ class Analysis:
     attention_nodes: tuple[str, ...]
     ignore: tuple[str, ...] = ()
     rule_defects: tuple[str, ...] = ()
+    depth: DepthInfo = dataclasses.field(default_factory=DepthInfo, repr=False)
     provenance: Provenance | None = dataclasses.field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- sequence of groups
@@ -117,12 +119,26 @@ class Analysis:
         return {g.id: g for g in self.groups}
 
     def group(self, group_id: str) -> Group:
-        """The group with this id (KeyError with close matches otherwise)."""
+        """The group with this id (KeyError with close matches otherwise); ``"blocks"`` too."""
         try:
-            return self.by_id[group_id]
+            return self.by_id[group_id] if group_id in self.by_id else self.block_by_id[group_id]
         except KeyError:
             close = [g for g in self.by_id if group_id.split(":")[0] in g][:5]
             raise KeyError(f"no group {group_id!r}" + (f"; close: {close}" if close else "")) from None
+
+    @property
+    def branches(self) -> tuple:
+        """Every residual branch found (frozen ones too), see :mod:`fxprune.passes.depth`."""
+        return self.depth.branches
+
+    @property
+    def blocks(self) -> tuple:
+        """The blocks groups (kind ``blocks``): their units are the removable branches."""
+        return self.depth.groups
+
+    @functools.cached_property
+    def block_by_id(self) -> dict[str, Any]:
+        return {g.id: g for g in self.depth.groups}
 
     @functools.cached_property
     def class_to_group(self) -> dict[int, str]:
@@ -231,6 +247,7 @@ def analyze(graph: PrunableGraph, ignore: Iterable[str] | str = (), *, annotate:
                 ctx.zero_never(r)
     ctx.store.site = None
     result = _finalize(ctx, graph, param_of, buffer_of, ignore, defects)
+    result = dataclasses.replace(result, depth=detect_branches(ctx, graph, ignore))
     if annotate:
         _annotate(g, ctx, result, rules_used)
     return result

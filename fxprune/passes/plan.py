@@ -47,6 +47,8 @@ DEFAULT_KINDS: dict[str, bool] = {
     "head_dim": False,
     "head_repeat": False,
     "hidden": False,
+    "experts": False,
+    "blocks": False,
 }
 """Which group kinds are pruned when ``kinds`` does not mention them (unknown kinds: not pruned)."""
 
@@ -54,7 +56,10 @@ ALLOCATIONS = ("uniform", "global")
 
 
 def _groups_of(groups: Any) -> list[Group]:
-    return list(groups.groups) if hasattr(groups, "groups") and not isinstance(groups, (list, tuple)) else list(groups)
+    """Width groups and blocks groups of an Analysis (or the given sequence as it is)."""
+    if hasattr(groups, "groups") and not isinstance(groups, (list, tuple)):
+        return list(groups.groups) + list(getattr(groups, "blocks", ()))
+    return list(groups)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,7 +95,7 @@ class Plan(Mapping[str, tuple[int, ...]]):
             bad = [u for u in us if u < 0 or u >= group.size]
             if bad:
                 raise PlanError(f"plan for group {gid!r} has units {bad} out of range [0, {group.size}).")
-            if len(us) >= group.size:
+            if len(us) >= group.size and group.kind != "blocks":  # every branch may go: x stays
                 raise PlanError(f"plan removes all {group.size} units of group {gid!r}; keep at least one.")
             if us:
                 clean[gid] = tuple(us)
@@ -182,7 +187,12 @@ class ParamCounter:
         self.dims: dict[str, dict[int, _Dim]] = {}
         self.touches: dict[str, set[str]] = {}  # group id -> parameter names
         self.unknown: set[str] = set()
+        self.blocks: dict[str, Any] = {}  # blocks groups: a unit removes whole tensors
         for g in groups:
+            if g.kind == "blocks":
+                self.blocks[g.id] = g
+                self.touches[g.id] = {p for p in g.param_names if p in self.numel}
+                continue
             for m in g.params:
                 if m.name not in self.numel:
                     self.unknown.add(m.name)
@@ -219,9 +229,19 @@ class ParamCounter:
         return n // covered
 
     def removed_counts(self, counts: Mapping[str, int], units_of: UnitsOf) -> int:
-        """Parameters removed when ``counts[gid]`` units of each group go (exact)."""
-        names = set().union(*(self.touches.get(gid, set()) for gid, n in counts.items() if n))
-        total = 0
+        """Parameters removed when ``counts[gid]`` units of each group go (exact).
+
+        A removed branch (blocks group) removes all of its tensors; width groups shrinking
+        those tensors count nothing more for them.
+        """
+        gone: set[str] = set()
+        for gid, n in counts.items():
+            if n and gid in self.blocks:
+                for u in units_of(gid):
+                    gone.update(p for p in self.blocks[gid].unit_params(u) if p in self.numel)
+        names = set().union(*(self.touches.get(gid, set()) for gid, n in counts.items()
+                              if n and gid not in self.blocks)) - gone
+        total = sum(self.numel[name] for name in gone)
         for name in names:
             kept = self.rest[name] * math.prod(d.kept(counts, units_of) for d in self.dims[name].values())
             total += self.numel[name] - kept
@@ -311,7 +331,11 @@ def _kind_setting(kind: str, kinds: Mapping[str, Any] | None) -> float | bool:
 
 def _blocks_kept(groups: Sequence[Group], first: int, last: int) -> set[str]:
     """Blocks among the first/last N of their family (``model.layers.<i>``), by numeric index."""
-    return edge_blocks([g.block for g in groups], first, last)
+    from fxprune.passes.depth import block_of
+
+    names = [g.block for g in groups if g.kind != "blocks"]
+    names += [block_of(b) for g in groups if g.kind == "blocks" for b in g.branches]
+    return edge_blocks(names, first, last)
 
 
 def _round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
@@ -343,6 +367,8 @@ def _candidates(
             continue
         s = _group_scores(g, scores)
         steps = allowed_removals(g.size, _round_for(g.kind, round_to), max_group_ratio)
+        if g.kind == "blocks":
+            s, steps = _block_units(g, s, steps, kept_blocks, ignore, skipped)
         if len(steps) == 1:
             skipped[g.id] = f"size {g.size} leaves no removable multiple of round_to within the cap"
             continue
@@ -352,13 +378,29 @@ def _candidates(
     return cands, skipped
 
 
+def _block_units(g: Any, s: np.ndarray, steps: list[int], kept_blocks: set[str], ignore: Sequence[str],
+                 skipped: dict[str, str]) -> tuple[np.ndarray, list[int]]:
+    """Branches in kept blocks or with ignored parameters sort last and are never reached."""
+    from fxprune.passes.depth import block_of
+
+    held = [u for u, b in enumerate(g.branches)
+            if block_of(b) in kept_blocks or any(matches_prefix(p, ignore) for p in b.params)]
+    for u in held:
+        skipped[f"{g.id}[{u}] {g.branches[u].id}"] = "kept (keep_blocks_first/last or ignore)"
+    if not held:
+        return s, steps
+    s = s.copy()
+    s[held] = (s.max() if len(s) else 0.0) + 1.0
+    return s, [k for k in steps if k <= g.size - len(held)]
+
+
 def _skip_reason(g: Group, setting: float | bool, counter: ParamCounter,
                  kept_blocks: set[str], ignore: Sequence[str]) -> str | None:
     if setting is False:
         return f"kind {g.kind!r} is not pruned (enable it with kinds={{{g.kind!r}: True}})"
     if g.block is not None and g.block in kept_blocks:
         return f"block {g.block!r} is kept (keep_blocks_first/last)"
-    if any(matches_prefix(n, ignore) for n in g.param_names):
+    if g.kind != "blocks" and any(matches_prefix(n, ignore) for n in g.param_names):
         return "a parameter matches `ignore`"
     if g.id not in counter.touches:
         return "no counted parameter members (nothing to save)"
@@ -587,6 +629,7 @@ def make_plan(
         counts, details = _STRATEGIES[allocation](cands, fixed, counter, target)
     plan = _plan_from_counts(cands, counts)
     info = _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
+    info["removed_blocks"] = [g.branches[u].id for g in groups if g.kind == "blocks" for u in plan.get(g.id, ())]
     return Plan.of(groups, plan, info)
 
 
@@ -599,6 +642,10 @@ def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter) -> int:
     best = 0
     for c in cands:
         chunk = max(b - a for a, b in zip(c.steps, c.steps[1:]))
+        if c.group.kind == "blocks":
+            per_branch = [sum(counter.numel.get(p, 0) for p in b.params) for b in c.group.branches]
+            best = max(best, max(per_branch, default=0) * chunk)
+            continue
         known = [m for m in c.group.params if m.name in counter.numel]
         per_unit = sum(counter.numel[m.name] // m.dim_size * m.unit_width for m in known)
         best = max(best, per_unit * chunk)

@@ -34,6 +34,7 @@ import torch.fx as fx
 from fxprune.errors import BadInputError, VerificationError
 from fxprune.graph import PrunableGraph, kept_indices, kept_size, layout_size
 from fxprune.passes.base import check, fxpass
+from fxprune.passes.depth import DepthRewrite, bypass_branches, removed_branches, rewrite_depth
 from fxprune.passes.plan import Plan, as_plan
 from fxprune.passes.update import IDENTITY, WeightUpdate
 from fxprune.types import ArgPath, TensorRef
@@ -197,7 +198,9 @@ def rewrite_graph(analysis: Any, plan: Any, weights: WeightUpdate | None = None,
                 u.replace_input_with(last, sel)
             last = sel
             changed.setdefault(name, {})[ArgPath("args", "index_select", d)] = (layout_size(lay), len(kept))
-    # 6. a view that was legal on the original strides may not be after pruning (a kernel can
+    # 6. removed residual branches: x + f(x) becomes x, the branch's nodes and tensors go
+    bypass_branches(gm, analysis, plan)
+    # 7. a view that was legal on the original strides may not be after pruning (a kernel can
     #    pick another output layout for the new head_dim), so views become reshapes.
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
@@ -372,6 +375,7 @@ class ModuleRewrite:
     problems: list[str]
     config_updated: bool
     conflicts: list[tuple[str, str, int, list[int]]] = dataclasses.field(default_factory=list)
+    depth: DepthRewrite | None = None
 
 
 def apply_shapes_to_module(
@@ -411,7 +415,33 @@ def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: R
         weights.apply_to(new_model)
     apply_shapes_to_module(new_model, new_tensor_shapes(analysis, plan.removed_by_class), analysis.graph.aliases)
     changes, problems, conflicts = _fix_int_attributes(new_model, analysis, program)
-    return ModuleRewrite(new_model, changes, problems, False, conflicts)
+    depth = None
+    if removed_branches(analysis, plan):
+        changes, problems, conflicts, depth = _rewrite_module_depth(new_model, model, analysis, plan, changes,
+                                                                    problems, conflicts)
+    return ModuleRewrite(new_model, changes, problems, False, conflicts, depth)
+
+
+def _rewrite_module_depth(new_model: torch.nn.Module, original: torch.nn.Module, analysis: Any, plan: Plan,
+                          changes: dict, problems: list[str], conflicts: list) -> tuple:
+    """Removed branches in the module (see :func:`fxprune.passes.depth.rewrite_depth`); the
+    attribute records move to the module paths the model has after layers were deleted."""
+    depth = rewrite_depth(new_model, analysis, plan, original)
+
+    def where(path: str) -> str | None:  # None: the module is gone (deleted layer, zeroed branch)
+        new_path = depth.remap(path)
+        if new_path is None or any(new_path == z or new_path.startswith(z + ".") for z in depth.zeroed):
+            return None
+        return new_path
+
+    moved: dict[str, dict[str, tuple[int, int]]] = {}
+    for path, attrs in changes.items():
+        if where(path) is not None:
+            moved.setdefault(where(path), {}).update(attrs)
+    for path, attrs in depth.layer_attrs.items():
+        moved.setdefault(path, {}).update(attrs)
+    conflicts = [(where(o), a, old, vals) for o, a, old, vals in conflicts if where(o) is not None]
+    return moved, problems + depth.problems, conflicts, depth
 
 
 _SKIP_ATTR = re.compile(r"(idx|index|layer|seed|id$|_id$|vocab|position|max_|rank)", re.I)
@@ -522,6 +552,15 @@ def _update_config(mod: "ModuleRewrite", old_model: torch.nn.Module, check: Call
     return False
 
 
+def _config_describes(model: torch.nn.Module) -> bool:
+    """Whether the model's own config rebuilds exactly its tensors (after depth changes)."""
+    cfg = hf.config_of(model)
+    if cfg is None or not hasattr(type(model), "_from_config"):
+        return False
+    target = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    return hf._mismatch(model, cfg, target) == 0
+
+
 def _int_attr_snapshot(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     return {
         name: {k: v for k, v in vars(m).items() if type(v) is int and not k.startswith("_")}
@@ -560,7 +599,13 @@ def zeroed_copy(model: torch.nn.Module, analysis: Any, plan: Any, weights: Weigh
         weights.apply_to(z)
     params = dict(z.named_parameters(remove_duplicate=False))
     with torch.no_grad():
+        for br in removed_branches(analysis, plan):  # a removed branch: its output is zero
+            for name in br.zero_params:
+                if name in params:
+                    params[name].zero_()
         for gid, units in plan.items():
+            if gid not in groups:
+                continue
             for m in groups[gid].params:
                 for name in graph.aliases.get(m.name, [m.name]):
                     if name in params:
@@ -616,8 +661,7 @@ def verify(
     """
     plan = as_plan(analysis, plan)
     graph = analysis.graph
-    groups = analysis.by_id
-    exact = all(groups[g].exact for g in plan)
+    exact = _plan_is_exact(analysis, plan)
     kwargs = {**(inputs if inputs is not None else graph.example_kwargs), **graph.constant_kwargs}
     args = graph.example_args if inputs is None else ()
     with torch.no_grad():
@@ -644,6 +688,19 @@ def verify(
                 "This is a bug in fxprune's analysis or rewrite; please report it with the model."
             )
     return VerifyReport(exact, worst, shapes_ok, finite)
+
+
+def _plan_is_exact(analysis: Any, plan: Plan) -> bool:
+    """Every planned width group is exact and every removed branch has a zeroing set."""
+    groups = analysis.by_id
+    blocks = getattr(analysis, "block_by_id", {})
+    for gid, units in plan.items():
+        if gid in blocks:
+            if not blocks[gid].exact_for(units):
+                return False
+        elif not groups[gid].exact:
+            return False
+    return True
 
 
 def _call(model: Any, args: tuple, kwargs: dict) -> Any:
@@ -673,6 +730,7 @@ class RewriteResult:
     notes: tuple[str, ...]
     shapes: Mapping[str, list[int]]
     weights: WeightUpdate = IDENTITY
+    depth: DepthRewrite | None = None  # layers deleted / branches zeroed (recorded by save)
 
     def __repr__(self) -> str:
         return (f"RewriteResult(model={type(self.model).__name__}, returned={self.returned!r}, "
@@ -731,10 +789,17 @@ def rewrite(
     ok, why = _matches_graph(mod.module, graph_out, args, kwargs)
     if not ok and mod.conflicts:
         ok = _resolve_conflicts(mod, graph_out, args, kwargs)
+    if ok and mod.depth is not None and mod.depth.problems:  # a branch module that could not go
+        ok, why = False, "; ".join(mod.depth.problems)
+        mod.problems.extend(p for p in mod.depth.problems if p not in mod.problems)
     if ok:
         mod.config_updated = _update_config(
             mod, model, lambda: _matches_graph(mod.module, graph_out, args, kwargs)[0]
         )
+        if not mod.config_updated and mod.depth is not None and mod.depth.changed:
+            mod.config_updated = _config_describes(mod.module)
+        if mod.depth is not None:
+            notes.extend(mod.depth.notes)
     returned = "module"
     if not ok:
         reason = "; ".join(mod.problems) or why
@@ -757,7 +822,7 @@ def _result(module: Any, program: RewrittenProgram, plan: Plan, mod: ModuleRewri
     shapes = {n: list(t.shape) for n, t in module.state_dict().items()} if returned == "module" else {}
     return RewriteResult(module, program, plan, returned, report,
                          {k: dict(v) for k, v in mod.attribute_changes.items()}, mod.config_updated,
-                         tuple(mod.problems), tuple(notes), shapes, weights)
+                         tuple(mod.problems), tuple(notes), shapes, weights, mod.depth)
 
 
 def _matches_graph(module: torch.nn.Module, graph_out: Any, args: tuple, kwargs: dict) -> tuple[bool, str]:
