@@ -23,7 +23,8 @@ from fxprune.errors import DataError, PlanError
 from fxprune.graph import PrunableGraph
 from fxprune.passes.analysis import Analysis, analyze
 from fxprune.passes.capture import trace
-from fxprune.passes.plan import Plan, make_plan
+from fxprune.passes.block_scoring import BLOCK_IMPORTANCE, score_blocks
+from fxprune.passes.plan import Plan, kind_enabled, make_plan
 from fxprune.passes.rewrite import RewriteResult, rewrite
 from fxprune.passes.scoring import IMPORTANCE, Scores, score
 from fxprune.passes.update import WeightUpdate, update
@@ -48,6 +49,7 @@ class PruneReport:
     verification: str
     returned: str  # "module" (the user's class) or "graph" (the rewritten GraphModule)
     notes: list[str] = dataclasses.field(default_factory=list)
+    removed_blocks: list[str] = dataclasses.field(default_factory=list)  # residual branches removed
 
     @property
     def ratio_achieved(self) -> float:
@@ -82,6 +84,8 @@ class PruneReport:
             f"pruned groups: {sum(kinds.values())} ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
             f"importance={self.importance}, allocation={self.allocation}"
         )
+        if self.removed_blocks:
+            lines.append(f"removed blocks ({len(self.removed_blocks)}): {', '.join(self.removed_blocks)}")
         lines.append(f"verification: {self.verification}; returned: {self.returned}")
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.extend(f"note: {n}" for n in self.notes)
@@ -119,6 +123,7 @@ def prune(
     calib: Any = None,
     tokenizer: Any = None,
     importance: str = "taylor",
+    block_importance: str = "shortgpt",
     aggregate: str = "sum",
     allocation: str = "uniform",
     round_to: int | Mapping[str, int] = 1,
@@ -160,6 +165,10 @@ def prune(
             iterable of ready batches.
         importance: a criterion from ``fxprune.passes.scoring.IMPORTANCE``
             (taylor, taylor-element, taylor-2, l1, l2, activation, flap, random).
+        block_importance: with ``kinds={"blocks": True}`` (depth), the criterion that scores the
+            residual branches, from ``fxprune.passes.block_scoring.BLOCK_IMPORTANCE`` (shortgpt,
+            sleb, ppl, taylor+, curvature, random).  Depth alone:
+            ``kinds={"blocks": True, "channels": False, "heads": False, "kv_heads": False}``.
         allocation / round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
             ``fxprune.passes.plan.make_plan``.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
@@ -170,6 +179,8 @@ def prune(
         raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
     if importance not in IMPORTANCE:
         raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    if block_importance not in BLOCK_IMPORTANCE:
+        raise PlanError(f"unknown block importance {block_importance!r}; choose from {sorted(BLOCK_IMPORTANCE)}")
     timings: dict[str, float] = {}
     notes: list[str] = []
     clock = _Clock(timings)
@@ -201,8 +212,14 @@ def prune(
                 f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
             )
     with clock("score"):
-        scores = score(model, analysis, batches, importance=importance, aggregate=aggregate, device=device,
-                       dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress)
+        scores = score(model, _width_groups(analysis, kinds), batches, importance=importance, aggregate=aggregate,
+                       device=device, dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress)
+        if analysis.blocks and kind_enabled("blocks", kinds):
+            depth_batches = batches if batches is not None else [dict(graph.example_kwargs)]
+            blocks = score_blocks(model, analysis, depth_batches, importance=block_importance, device=device,
+                                  loss_fn=loss_fn, seed=seed, progress=progress)
+            scores = dataclasses.replace(scores, by_group={**scores.by_group, **blocks.by_group},
+                                         importance=f"{importance}+{block_importance}")
     with clock("plan"):
         plan = make_plan(analysis, scores, float(ratio), numel=numel_by_name(model), allocation=allocation,
                          max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
@@ -218,9 +235,14 @@ def prune(
         else:
             pruned = model
             notes.append("the plan removes nothing (ratio too small for the group granularity?)")
-    report = _report(model, pruned, graph, analysis, plan, scores, float(ratio), importance, allocation,
+    report = _report(model, pruned, graph, analysis, plan, scores, float(ratio), scores.importance, allocation,
                      timings, notes, result)
     return PruneResult(pruned, plan, report, graph, analysis, scores, result, weights)
+
+
+def _width_groups(analysis: Analysis, kinds: Mapping[str, Any] | None) -> list:
+    """The width groups the planner may prune (scoring the others is wasted work)."""
+    return [g for g in analysis.groups if kind_enabled(g.kind, kinds)]
 
 
 class _Clock:
@@ -279,6 +301,13 @@ def _report(model, pruned, graph, groups, plan, scores, ratio, importance, alloc
             "scores": [float(x) for x in scores.get(g.id, [])],
             "removed_units": list(plan.get(g.id, [])),
         })
+    for bg in getattr(groups, "blocks", ()):
+        removed = list(plan.get(bg.id, []))
+        rows.append({
+            "id": bg.id, "kind": bg.kind, "block": None, "units": bg.size, "removed": len(removed),
+            "exact": bg.exact, "scores": [float(x) for x in scores.get(bg.id, [])], "removed_units": removed,
+            "removed_branches": [bg.branches[u].id for u in removed],
+        })
     verification = str(result.verification) if result is not None and result.verification is not None else "not run"
     returned = result.returned if result is not None else "module"
     return PruneReport(
@@ -295,4 +324,5 @@ def _report(model, pruned, graph, groups, plan, scores, ratio, importance, alloc
         verification=verification,
         returned=returned,
         notes=notes,
+        removed_blocks=list(plan.info.get("removed_blocks", [])),
     )

@@ -155,7 +155,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model, args.ratio, example_inputs=inputs, calib=calib, tokenizer=tokenizer,
         importance=args.importance, allocation=args.allocation, round_to=args.round_to,
         n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, kinds=_depth_kinds(args), block_importance=args.block_importance,
     )
     print(result.report.table())
     with pub:
@@ -171,6 +171,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         pub.commit()
     print(f"pruned model, report.md and report.html written to {out_dir}")
     return EXIT_OK
+
+
+def _depth_kinds(args: argparse.Namespace) -> dict[str, bool] | None:
+    """``--depth``: residual branches join the width groups under one budget; ``--depth-only``:
+    branches alone (the width kinds off)."""
+    if args.depth_only:
+        return {"blocks": True, "channels": False, "heads": False, "kv_heads": False}
+    return {"blocks": True} if args.depth else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -339,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="taylor, taylor-element, taylor-2, l1, l2, activation, flap, random (default taylor)")
     p.add_argument("--calib", help="calibration text: .txt/.json/.jsonl/.parquet (needs tokenizer files)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--depth", action="store_true",
+                   help="also remove whole residual branches (attention/MLP blocks) under the same budget")
+    p.add_argument("--depth-only", action="store_true", help="remove residual branches only (no width pruning)")
+    p.add_argument("--block-importance", default="shortgpt",
+                   help="criterion for branches: shortgpt, sleb, ppl, taylor+, curvature, random (default shortgpt)")
     p.add_argument("--round-to", type=int, default=1, help="keep pruned sizes a multiple of N (64/128 on GPU)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")

@@ -38,7 +38,7 @@ from fxprune.graph import Group, Member, kept_size
 from fxprune.passes.base import fxpass
 from fxprune.util.names import edge_blocks, matches_prefix
 
-__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "make_plan"]
+__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "kind_enabled", "make_plan"]
 
 DEFAULT_KINDS: dict[str, bool] = {
     "channels": True,
@@ -327,6 +327,11 @@ def _kind_setting(kind: str, kinds: Mapping[str, Any] | None) -> float | bool:
     if not 0.0 <= f < 1.0:
         raise PlanError(f"kinds[{kind!r}] = {f} is outside [0, 1).")
     return False if f == 0.0 else f
+
+
+def kind_enabled(kind: str, kinds: Mapping[str, Any] | None) -> bool:
+    """Whether the planner may prune groups of ``kind`` under ``kinds`` (merged over the defaults)."""
+    return _kind_setting(kind, kinds) is not False
 
 
 def _blocks_kept(groups: Sequence[Group], first: int, last: int) -> set[str]:
