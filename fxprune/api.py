@@ -24,6 +24,7 @@ from fxprune.graph import PrunableGraph
 from fxprune.passes.analysis import Analysis, analyze
 from fxprune.passes.capture import trace
 from fxprune.passes.block_scoring import BLOCK_IMPORTANCE, score_blocks
+from fxprune.passes.experts import EXPERT_IMPORTANCE, score_experts
 from fxprune.passes.plan import Plan, kind_enabled, make_plan
 from fxprune.passes.rewrite import RewriteResult, rewrite
 from fxprune.passes.scoring import IMPORTANCE, Scores, score
@@ -124,6 +125,7 @@ def prune(
     tokenizer: Any = None,
     importance: str = "taylor",
     block_importance: str = "shortgpt",
+    expert_importance: str = "reap",
     aggregate: str = "sum",
     allocation: str = "uniform",
     round_to: int | Mapping[str, int] = 1,
@@ -169,6 +171,8 @@ def prune(
             residual branches, from ``fxprune.passes.block_scoring.BLOCK_IMPORTANCE`` (shortgpt,
             sleb, ppl, taylor+, curvature, random).  Depth alone:
             ``kinds={"blocks": True, "channels": False, "heads": False, "kv_heads": False}``.
+        expert_importance: with ``kinds={"experts": True}`` (MoE), the criterion that scores the
+            experts, from ``fxprune.passes.experts.EXPERT_IMPORTANCE`` (reap, frequency, random).
         allocation / round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
             ``fxprune.passes.plan.make_plan``.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
@@ -179,6 +183,8 @@ def prune(
         raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
     if importance not in IMPORTANCE:
         raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    if expert_importance not in EXPERT_IMPORTANCE:
+        raise PlanError(f"unknown expert importance {expert_importance!r}; choose from {sorted(EXPERT_IMPORTANCE)}")
     if block_importance not in BLOCK_IMPORTANCE:
         raise PlanError(f"unknown block importance {block_importance!r}; choose from {sorted(BLOCK_IMPORTANCE)}")
     timings: dict[str, float] = {}
@@ -220,6 +226,12 @@ def prune(
                                   loss_fn=loss_fn, seed=seed, progress=progress)
             scores = dataclasses.replace(scores, by_group={**scores.by_group, **blocks.by_group},
                                          importance=f"{importance}+{block_importance}")
+        if analysis.experts and kind_enabled("experts", kinds):
+            expert_batches = batches if batches is not None else [dict(graph.example_kwargs)]
+            experts = score_experts(model, analysis, expert_batches, importance=expert_importance, seed=seed,
+                                    progress=progress)
+            scores = dataclasses.replace(scores, by_group={**scores.by_group, **experts.by_group},
+                                         importance=f"{scores.importance}+{expert_importance}")
     with clock("plan"):
         plan = make_plan(analysis, scores, float(ratio), numel=numel_by_name(model), allocation=allocation,
                          max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
@@ -241,8 +253,9 @@ def prune(
 
 
 def _width_groups(analysis: Analysis, kinds: Mapping[str, Any] | None) -> list:
-    """The width groups the planner may prune (scoring the others is wasted work)."""
-    return [g for g in analysis.groups if kind_enabled(g.kind, kinds)]
+    """The width groups the planner may prune (scoring the others is wasted work); experts have
+    their own criteria."""
+    return [g for g in analysis.groups if g.kind != "experts" and kind_enabled(g.kind, kinds)]
 
 
 class _Clock:

@@ -48,7 +48,8 @@ from fxprune.graph import (
 from fxprune.passes.atoms import AtomStore, Site
 from fxprune.passes.base import check, fxpass
 from fxprune.passes.depth import DepthInfo, detect_branches
-from fxprune.passes.op_rules import probe_zero
+from fxprune.passes.experts import detect_experts
+from fxprune.passes.op_rules import probe_zero, propagate_values
 from fxprune.passes.rules import AnalysisContext, ZeroSpec, find_rule, flat_args, site_of
 from fxprune.types import ArgPath, GroupKind, Layout, Tag, TensorRef
 from fxprune.util.names import common_block, matches_prefix, module_of
@@ -97,6 +98,7 @@ class Analysis:
     ignore: tuple[str, ...] = ()
     rule_defects: tuple[str, ...] = ()
     depth: DepthInfo = dataclasses.field(default_factory=DepthInfo, repr=False)
+    experts: tuple = dataclasses.field(default=(), repr=False)  # ExpertRouting per experts group
     provenance: Provenance | None = dataclasses.field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- sequence of groups
@@ -233,6 +235,7 @@ def analyze(graph: PrunableGraph, ignore: Iterable[str] | str = (), *, annotate:
             rule = _visit_call(ctx, node, defects)
             if rule is not None:
                 rules_used[node.name] = rule
+            propagate_values(ctx, node)  # routing indices: follow or freeze the space they index
         elif node.op == "output":
             ctx.store.site = Site(node.name, "output", "graph output (the model's return value)")
             for a in flat_args(node):
@@ -247,7 +250,8 @@ def analyze(graph: PrunableGraph, ignore: Iterable[str] | str = (), *, annotate:
                 ctx.zero_never(r)
     ctx.store.site = None
     result = _finalize(ctx, graph, param_of, buffer_of, ignore, defects)
-    result = dataclasses.replace(result, depth=detect_branches(ctx, graph, ignore))
+    result = dataclasses.replace(result, depth=detect_branches(ctx, graph, ignore),
+                                 experts=detect_experts(ctx, result))
     if annotate:
         _annotate(g, ctx, result, rules_used)
     return result
@@ -464,6 +468,8 @@ def _kind_of(store: AtomStore, c: int) -> GroupKind:
     parent_tags: set[Tag] = set()
     for anc in store.ancestors(c):
         parent_tags |= store.all_tags(anc)
+    if Tag.EXPERTS in tags:
+        return "experts"
     if Tag.HEADS in tags or Tag.HEADS in parent_tags:
         if Tag.BROADCAST in tags:
             return "head_repeat"
@@ -477,7 +483,8 @@ def _kind_of(store: AtomStore, c: int) -> GroupKind:
     return "channels"
 
 
-_KIND_ORDER: dict[str, int] = {"heads": 0, "kv_heads": 1, "head_repeat": 2, "head_dim": 3, "channels": 4, "hidden": 6}
+_KIND_ORDER: dict[str, int] = {"heads": 0, "kv_heads": 1, "head_repeat": 2, "head_dim": 3, "channels": 4,
+                               "experts": 5, "hidden": 6}
 
 
 def _ids(drafts: Sequence[tuple]) -> list[str]:

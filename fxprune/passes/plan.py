@@ -329,6 +329,12 @@ def _kind_setting(kind: str, kinds: Mapping[str, Any] | None) -> float | bool:
     return False if f == 0.0 else f
 
 
+def _min_kept(source: Any) -> dict[str, int]:
+    from fxprune.passes.experts import min_kept_experts
+
+    return min_kept_experts(source)
+
+
 def kind_enabled(kind: str, kinds: Mapping[str, Any] | None) -> bool:
     """Whether the planner may prune groups of ``kind`` under ``kinds`` (merged over the defaults)."""
     return _kind_setting(kind, kinds) is not False
@@ -360,8 +366,10 @@ def _candidates(
     kept_blocks: set[str],
     ignore: Sequence[str],
     round_to: int | Mapping[str, int],
+    min_kept: Mapping[str, int] | None = None,
 ) -> tuple[list[_Candidate], dict[str, str]]:
     """The prunable groups, and why every other group is skipped."""
+    min_kept = min_kept or {}
     cands: list[_Candidate] = []
     skipped: dict[str, str] = {}
     for i, g in enumerate(groups):
@@ -374,6 +382,8 @@ def _candidates(
         steps = allowed_removals(g.size, _round_for(g.kind, round_to), max_group_ratio)
         if g.kind == "blocks":
             s, steps = _block_units(g, s, steps, kept_blocks, ignore, skipped)
+        if g.id in min_kept:  # a router picking top-k needs k experts
+            steps = [k for k in steps if g.size - k >= min_kept[g.id]]
         if len(steps) == 1:
             skipped[g.id] = f"size {g.size} leaves no removable multiple of round_to within the cap"
             continue
@@ -616,7 +626,7 @@ def make_plan(
     kept_blocks = _blocks_kept(groups, keep_blocks_first, keep_blocks_last)
     cands, skipped = _candidates(
         groups, scores, counter, kinds=kinds, max_group_ratio=max_group_ratio,
-        kept_blocks=kept_blocks, ignore=ignore, round_to=round_to,
+        kept_blocks=kept_blocks, ignore=ignore, round_to=round_to, min_kept=_min_kept(source),
     )
     target = ratio * counter.total
     fixed = {c.index: c.nearest_step(c.fixed * c.group.size) for c in cands if c.fixed is not None}

@@ -35,6 +35,7 @@ from fxprune.errors import BadInputError, VerificationError
 from fxprune.graph import PrunableGraph, kept_indices, kept_size, layout_size
 from fxprune.passes.base import check, fxpass
 from fxprune.passes.depth import DepthRewrite, bypass_branches, removed_branches, rewrite_depth
+from fxprune.passes.experts import masked_reference, oracle_applies, set_value_args
 from fxprune.passes.plan import Plan, as_plan
 from fxprune.passes.update import IDENTITY, WeightUpdate
 from fxprune.types import ArgPath, TensorRef
@@ -198,9 +199,12 @@ def rewrite_graph(analysis: Any, plan: Any, weights: WeightUpdate | None = None,
                 u.replace_input_with(last, sel)
             last = sel
             changed.setdefault(name, {})[ArgPath("args", "index_select", d)] = (layout_size(lay), len(kept))
-    # 6. removed residual branches: x + f(x) becomes x, the branch's nodes and tensors go
+    # 6. constants counting experts with an offset (histc max = E - 1)
+    for name, paths in set_value_args(nodes, analysis, removed, _set_path).items():
+        changed.setdefault(name, {}).update(paths)
+    # 7. removed residual branches: x + f(x) becomes x, the branch's nodes and tensors go
     bypass_branches(gm, analysis, plan)
-    # 7. a view that was legal on the original strides may not be after pruning (a kernel can
+    # 8. a view that was legal on the original strides may not be after pruning (a kernel can
     #    pick another output layout for the new head_dim), so views become reshapes.
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
@@ -583,9 +587,12 @@ class VerifyReport:
     max_abs_diff: float
     output_shapes_ok: bool
     finite: bool
+    oracle: str = "zeroed"  # "zeroed", or "masked-router" when experts were removed
 
     def __str__(self) -> str:
         what = "outputs equal the zeroed original" if self.exact_checked else "shapes and finiteness"
+        if self.exact_checked and self.oracle == "masked-router":
+            what += " with the removed experts masked in the router"
         return f"verified {what} (max |diff| {self.max_abs_diff:.2e})"
 
 
@@ -662,12 +669,16 @@ def verify(
     plan = as_plan(analysis, plan)
     graph = analysis.graph
     exact = _plan_is_exact(analysis, plan)
+    masked = not exact and _plan_is_exact(analysis, plan, but_experts=True) and oracle_applies(analysis, plan)
     kwargs = {**(inputs if inputs is not None else graph.example_kwargs), **graph.constant_kwargs}
     args = graph.example_args if inputs is None else ()
     with torch.no_grad():
         out_p = _call(pruned, args, kwargs)
         if exact:
             out_o = _call(zeroed_copy(original, analysis, plan, weights), args, kwargs)
+        elif masked:  # removed experts: the original with their router logits at -inf
+            out_o = masked_reference(original, analysis, plan, weights, args, kwargs)
+            exact = True
         else:
             out_o = _call(original, args, kwargs)
     finite = all(bool(torch.isfinite(t).all()) for t in tensor_leaves(out_p, floating=True))
@@ -687,18 +698,19 @@ def verify(
                 f"pruned model differs from the original with the removed units zeroed: {why}. "
                 "This is a bug in fxprune's analysis or rewrite; please report it with the model."
             )
-    return VerifyReport(exact, worst, shapes_ok, finite)
+    return VerifyReport(exact, worst, shapes_ok, finite, "masked-router" if masked else "zeroed")
 
 
-def _plan_is_exact(analysis: Any, plan: Plan) -> bool:
-    """Every planned width group is exact and every removed branch has a zeroing set."""
+def _plan_is_exact(analysis: Any, plan: Plan, but_experts: bool = False) -> bool:
+    """Every planned width group is exact and every removed branch has a zeroing set
+    (``but_experts``: experts groups aside, they have the masked-router oracle)."""
     groups = analysis.by_id
     blocks = getattr(analysis, "block_by_id", {})
     for gid, units in plan.items():
         if gid in blocks:
             if not blocks[gid].exact_for(units):
                 return False
-        elif not groups[gid].exact:
+        elif not groups[gid].exact and not (but_experts and groups[gid].kind == "experts"):
             return False
     return True
 
