@@ -69,7 +69,7 @@ SIZES = {"mixtral": 3, "mixtral_grouped_mm": 3, "qwen2_moe": 6, "qwen3_moe": 5, 
 def test_experts_are_found_through_the_router(name):
     model, graph, analysis = _model(name)
     groups = [g for g in analysis if g.kind == "experts"]
-    layers = getattr(model.config, "num_hidden_layers")
+    layers = model.config.num_hidden_layers
     assert len(groups) == layers and all(g.size == SIZES[name] for g in groups)
     for g in groups:
         assert not g.exact and any("top-k routing" in r for r in g.inexact_reasons)

@@ -36,7 +36,6 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 
 import numpy as np
 import torch
-import torch.fx as fx
 
 from fxprune.errors import BadInputError, DataError, ScoringError
 from fxprune.passes.base import check, fxpass
@@ -175,7 +174,7 @@ def _calib_loss(out: Any, batch: Any, loss_fn: Any, reference: Any) -> float:
         return float(torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))
     leaves, refs = tensor_leaves(out, floating=True), tensor_leaves(reference, floating=True)
-    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(leaves, refs))
+    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(leaves, refs, strict=False))
     den = sum(float(b.float().pow(2).sum()) for b in refs) or 1.0
     return num / den
 
@@ -230,7 +229,7 @@ class BlockContext:
         prog.set_removed(removed)
         total = 0.0
         with torch.no_grad():
-            for b, ref in zip(self.batches, self._reference):
+            for b, ref in zip(self.batches, self._reference, strict=True):
                 b = to_device(b, self.device)
                 total += _calib_loss(prog(b), b, self.loss_fn, ref)
         prog.set_removed(())

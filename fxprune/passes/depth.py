@@ -657,7 +657,7 @@ def _common_prefix(paths: Sequence[str]) -> str:
         return ""
     parts = [p.split(".") for p in paths]
     out = []
-    for items in zip(*parts):
+    for items in zip(*parts, strict=False):
         if len(set(items)) != 1:
             break
         out.append(items[0])
@@ -691,7 +691,6 @@ def _layers(index: _GraphIndex, graph: Any, branches: Sequence[Branch]) -> tuple
         if b.layer is not None:
             by_layer[b.layer].append(b)
     out = []
-    root = graph.module
     for path, bs in by_layer.items():
         container, _, idx = path.rpartition(".")
         own: set[str] = set()

@@ -385,7 +385,7 @@ class RoutingFrequency(ExpertImportance):
     """Fraction of (token, slot) routing decisions that pick each expert."""
 
     def observe(self, values):
-        for name, dim, _ in self.routing.topk:
+        for name, _, _ in self.routing.topk:
             ids = values.get(f"{name}:1")
             if ids is not None:
                 self.total += np.bincount(ids.reshape(-1).cpu().numpy(), minlength=self.size)[: self.size]
