@@ -125,6 +125,7 @@ def prune(
     tokenizer: Any = None,
     importance: str = "taylor",
     block_importance: str = "shortgpt",
+    block_options: Mapping[str, Any] | None = None,
     expert_importance: str = "reap",
     aggregate: str = "sum",
     allocation: str = "uniform",
@@ -171,6 +172,7 @@ def prune(
             residual branches, from ``fxprune.passes.block_scoring.BLOCK_IMPORTANCE`` (shortgpt,
             sleb, ppl, taylor+, curvature, random).  Depth alone:
             ``kinds={"blocks": True, "channels": False, "heads": False, "kv_heads": False}``.
+            ``block_options`` go to the criterion (``{"steps": 8}``, ``{"per_param": True}`` for SLEB).
         expert_importance: with ``kinds={"experts": True}`` (MoE), the criterion that scores the
             experts, from ``fxprune.passes.experts.EXPERT_IMPORTANCE`` (reap, frequency, random).
         allocation / round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
@@ -223,7 +225,7 @@ def prune(
         if analysis.blocks and kind_enabled("blocks", kinds):
             depth_batches = batches if batches is not None else [dict(graph.example_kwargs)]
             blocks = score_blocks(model, analysis, depth_batches, importance=block_importance, device=device,
-                                  loss_fn=loss_fn, seed=seed, progress=progress)
+                                  loss_fn=loss_fn, seed=seed, progress=progress, **dict(block_options or {}))
             scores = dataclasses.replace(scores, by_group={**scores.by_group, **blocks.by_group},
                                          importance=f"{importance}+{block_importance}")
         if analysis.experts and kind_enabled("experts", kinds):

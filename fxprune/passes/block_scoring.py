@@ -276,11 +276,19 @@ class SLEB(BlockImportance):
     """Greedy iterative removal: at each step remove the branch whose removal (with the ones
     already removed) gives the lowest calibration loss.  ``steps`` bounds the number of steps
     (default: all but one branch); the score is the step at which a branch went, and branches
-    never removed rank after them by their last measured loss."""
+    never removed rank after them by their last measured loss.
+
+    ``per_param=True`` ranks candidates by the loss increase per parameter they remove instead
+    (the knapsack heuristic: with branches of different sizes, attention and MLP, the greedy
+    prefix then reaches a parameter budget at a lower loss)."""
 
     def scores(self, ctx: BlockContext) -> np.ndarray:
         n = ctx.group.size
         steps = min(int(self.options.get("steps", n - 1)), n - 1)
+        per_param = bool(self.options.get("per_param", False))
+        numel = {k: v.numel() for k, v in ctx.model.named_parameters(remove_duplicate=False)}
+        size = [max(sum(numel.get(p, 0) for p in b.params), 1) for b in ctx.group.branches]
+        base = ctx.loss_without(()) if per_param else 0.0
         removed: list[int] = []
         last = np.zeros(n)
         scores = np.zeros(n)
@@ -293,7 +301,9 @@ class SLEB(BlockImportance):
                     trial[u] = ctx.loss_without(removed + [u])
                     last[u] = trial[u]
                     bar.update(1)
-                best = min(trial, key=lambda u: (trial[u], u))
+                current = ctx.loss_without(removed) if per_param and removed else base
+                key = (lambda u: ((trial[u] - current) / size[u], u)) if per_param else (lambda u: (trial[u], u))
+                best = min(trial, key=key)
                 removed.append(best)
                 scores[best] = step
         rest = [u for u in range(n) if u not in removed]
