@@ -148,6 +148,14 @@ def layer_sleb_order(model, calib, steps: int) -> list[int]:
     return removed
 
 
+def analysed(model, calib) -> Any:
+    """The model traced on two calibration rows and analysed."""
+    example = {"input_ids": calib[0]["input_ids"][:2], "attention_mask": calib[0]["attention_mask"][:2]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxprune.analyze(fxprune.trace(model, kwargs=example))
+
+
 def part_depth(args, out: dict) -> None:
     from transformers import LlamaForCausalLM
 
@@ -164,10 +172,7 @@ def part_depth(args, out: dict) -> None:
     part["ppl_dense"] = _lm.perplexity(model, windows)
     log(f"== Part A: {model_dir.name}: {dense:,} params, {model.config.num_hidden_layers} layers, "
         f"held-out ppl {part['ppl_dense']:.3f}")
-    example = {"input_ids": calib[0]["input_ids"][:2], "attention_mask": calib[0]["attention_mask"][:2]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = fxprune.analyze(fxprune.trace(model, kwargs=example))
+    analysis = analysed(model, calib)
     part["branches"] = [b.id for b in analysis.blocks[0].branches]
     part["analyze_s"] = round(time.perf_counter() - t0, 1)
 
@@ -331,10 +336,7 @@ def part_moe(args, out: dict) -> None:
     part["ppl_dense"] = _lm.perplexity(model, windows)
     log(f"== Part B: MoE {moe_dir.name}: {dense:,} params, {model.config.num_local_experts} experts top-"
         f"{model.config.num_experts_per_tok}; held-out ppl {part['ppl_dense']:.3f}")
-    example = {"input_ids": calib[0]["input_ids"][:2], "attention_mask": calib[0]["attention_mask"][:2]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = fxprune.analyze(fxprune.trace(model, kwargs=example))
+    analysis = analysed(model, calib)
     groups = [g for g in analysis if g.kind == "experts"]
     half = model.config.num_local_experts // 2
     from fxprune.passes.experts import score_experts

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import operator
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -48,6 +49,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.types import TensorRef
+from fxprune.util.modules import get_tensor
 from fxprune.util.names import block_of_name, matches_prefix
 
 aten = torch.ops.aten
@@ -183,8 +185,8 @@ class DepthInfo:
 # ------------------------------------------------------------------------------------------
 _ADDS = {aten.add.Tensor, aten.add_.Tensor}
 _TRANSPARENT = {
-    aten._to_copy, aten.to, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
-    aten.dropout, aten.type_as, aten.view_as, aten.reshape_as, aten.positive,
+    str(p) for p in (aten._to_copy, aten.to, aten.alias, aten.clone, aten.contiguous, aten.detach,
+                     aten.lift_fresh_copy, aten.dropout, aten.type_as, aten.view_as, aten.reshape_as, aten.positive)
 }
 
 
@@ -209,12 +211,12 @@ def _is_transparent(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     packet = getattr(node.target, "overloadpacket", None)
-    if packet not in _TRANSPARENT or not node.args or not isinstance(node.args[0], fx.Node):
+    if str(packet) not in _TRANSPARENT or not node.args or not isinstance(node.args[0], fx.Node):
         return _is_sink(node)
     src, out = _tensor_val(node.args[0]), _tensor_val(node)
     if src is None or out is None:
         return False
-    if packet is aten.dropout and len(node.args) > 2 and node.args[2]:
+    if str(packet) == str(aten.dropout) and len(node.args) > 2 and node.args[2]:
         return False
     return src.dtype == out.dtype and tuple(src.shape) == tuple(out.shape)
 
@@ -231,6 +233,7 @@ class _GraphIndex:
                  canonical: Any) -> None:
         from fxprune.passes.rewrite import _clean_fqn
 
+        clean = functools.lru_cache(maxsize=None)(_clean_fqn)
         self.nodes = list(ep_graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
@@ -267,11 +270,17 @@ class _GraphIndex:
                         stack.append(u)
                     elif not _is_sink(u):
                         self.consumers[name].add(u)
+        self.tensors_read: dict[fx.Node, set[str]] = collections.defaultdict(set)  # consumer -> tensors
+        for name, users in self.consumers.items():
+            for u in users:
+                self.tensors_read[u].add(name)
+        self.numel = {fqn: int(v.numel()) for node, fqn in self.param_of.items()
+                      if (v := _tensor_val(self.by_name[node])) is not None}
         self.modules_of: dict[fx.Node, tuple[str, ...]] = {}
         self.nodes_of: dict[str, list[fx.Node]] = collections.defaultdict(list)
         for n in self.nodes:
             stack = n.meta.get("nn_module_stack") or {}
-            paths = tuple(p for p in (_clean_fqn(v[0]) for v in stack.values()) if p)
+            paths = tuple(p for p in (clean(v[0]) for v in stack.values()) if p)
             self.modules_of[n] = paths
             for p in paths:
                 self.nodes_of[p].append(n)
@@ -448,10 +457,11 @@ def _finish(index: _GraphIndex, ctx: Any, graph: Any, d: dict[str, Any]) -> Bran
     inside_set = set(inside)
     private: list[str] = []
     private_buffers: list[str] = []
-    for name in sorted(set(index.param_of.values()) | set(index.buffer_of.values())):
-        users = index.consumers.get(name)
-        if users and users <= inside_set:
-            (private if name in set(index.param_of.values()) else private_buffers).append(name)
+    params = set(index.param_of.values())
+    read = set().union(*(index.tensors_read.get(n, set()) for n in inside))
+    for name in sorted(read):
+        if index.consumers[name] <= inside_set:
+            (private if name in params else private_buffers).append(name)
     zero, why = _zeroing_set(index, ctx, d["y"], inside_set, set(private))
     modules = _inside_modules(index, graph, inside_set, set(private) | set(private_buffers), d["x"])
     owned = set()
@@ -487,10 +497,7 @@ def _zeroing_set(index: _GraphIndex, ctx: Any, y: fx.Node, inside: set[fx.Node],
     """
     from fxprune.passes.op_rules import probe_zero
 
-    numel = {}
-    for node_name, fqn in index.param_of.items():
-        v = _tensor_val(index.by_name[node_name])
-        numel[fqn] = int(v.numel()) if v is not None else 0
+    numel = index.numel
     memo: dict[TensorRef, frozenset[str] | None] = {}
 
     def cost(s: frozenset[str]) -> int:
@@ -802,6 +809,8 @@ def _delete_tensor(root: torch.nn.Module, fqn: str) -> bool:
         mod = root.get_submodule(mod_path) if mod_path else root
     except AttributeError:
         return False
+    if get_tensor(mod, attr) is None:
+        return False
     if attr in mod._parameters:
         del mod._parameters[attr]
         return True
@@ -972,7 +981,7 @@ def rewrite_depth(model: torch.nn.Module, analysis: Any, plan: Mapping[str, Sequ
         if b.loose_params:  # owned by a module that stays: zero them so the output is zero
             with torch.no_grad():
                 for fqn in b.loose_params:
-                    t = _get(model, fqn)
+                    t = get_tensor(model, fqn)
                     if t is not None:
                         t.zero_()
                         result.zeroed_params.append(fqn)
@@ -992,9 +1001,10 @@ def rewrite_depth(model: torch.nn.Module, analysis: Any, plan: Mapping[str, Sequ
     result.zeroed_params = [_remap_fqn(result, p) for p in result.zeroed_params]
     containers = {li.container for li in layers.values() if li.branches and
                   (li.container in result.deleted or any(b.layer == li.path for b in to_zero))}
-    for container in containers:
-        _renumber_layer_attrs(model, container, result)
     _update_layer_config(model, result)
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    for container in containers:
+        _renumber_layer_attrs(model, container, result, types if isinstance(types, list) else None)
     return result
 
 
@@ -1002,16 +1012,6 @@ def _remap_fqn(result: DepthRewrite, fqn: str) -> str:
     mp, _, attr = fqn.rpartition(".")
     new = result.remap(mp) if mp else mp
     return f"{new}.{attr}" if new else attr
-
-
-def _get(model: torch.nn.Module, fqn: str) -> torch.Tensor | None:
-    mp, _, attr = fqn.rpartition(".")
-    try:
-        mod = model.get_submodule(mp) if mp else model
-    except AttributeError:
-        return None
-    t = getattr(mod, attr, None)
-    return t if isinstance(t, torch.Tensor) else None
 
 
 def _replace_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
@@ -1081,13 +1081,16 @@ def _resize_spec(tree: Any, sizes: Mapping[int, int]) -> Any:
     return tree
 
 
-def _renumber_layer_attrs(model: torch.nn.Module, container: str, result: DepthRewrite) -> None:
+def _renumber_layer_attrs(model: torch.nn.Module, container: str, result: DepthRewrite,
+                          types: Sequence[str] | None = None) -> None:
     """Layer indices (``layer_idx``...) count the layers that are left, per module role.
 
     For each module role inside the layers (``self_attn``, the layer itself...), the layers
     that still have that module with a layer-index attribute are numbered 0, 1, 2...: after a
     deletion every later layer moves down, and an attention-only removal leaves the KV cache
     slots of the remaining attentions contiguous (the cache's first slot is always used).
+    With per-layer ``types`` (``config.layer_types``: sliding and full attention), a module
+    takes the lowest free slot of its own layer's type, so every cache slot keeps its kind.
     """
     seq = model.get_submodule(container)
     length, gone = result.deleted.get(container, (len(seq), []))
@@ -1104,11 +1107,21 @@ def _renumber_layer_attrs(model: torch.nn.Module, container: str, result: DepthR
     for (rel, attr), entries in found.items():
         if any(old != original[pos] for pos, _, old in entries):
             continue  # not a layer index (it does not count the layers)
-        for new, (pos, mod, old) in enumerate(entries):
+        taken: set[int] = set()
+        for k, (pos, mod, old) in enumerate(entries):
+            new = k
+            if types is not None and len(types) == len(seq):
+                new = next(j for j in range(len(types)) if j not in taken and types[j] == types[pos])
+            taken.add(new)
             if new != old:
                 setattr(mod, attr, new)
                 path = f"{container}.{pos}" + (f".{rel}" if rel else "")
                 result.layer_attrs.setdefault(path, {})[attr] = (old, new)
+        if entries and 0 not in taken:
+            result.notes.append(
+                f"every {rel or 'layer'} of type {types[0]!r} (the KV cache's first slot) was removed: "
+                "generation with a KV cache reads the sequence length from that slot and is unreliable; "
+                "keep one such attention or generate without a cache")
 
 
 def _update_layer_config(model: torch.nn.Module, result: DepthRewrite) -> None:
@@ -1142,10 +1155,6 @@ def _update_layer_config(model: torch.nn.Module, result: DepthRewrite) -> None:
                     result.problems.append(f"config.{key} could not be set to {new!r}: {exc}")
                     continue
                 result.config[key] = (value, new)
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and len(set(layer_types)) > 1 and result.zeroed:
-        result.notes.append("attention-only removal in a model with mixed layer types: the KV cache slots of "
-                            "the remaining attentions are renumbered, their cache types follow config.layer_types")
 
 
 def apply_recorded(model: torch.nn.Module, record: Mapping[str, Any]) -> None:

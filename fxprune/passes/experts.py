@@ -39,6 +39,7 @@ from fxprune.errors import BadInputError, DataError, ScoringError
 from fxprune.graph import kept_indices, kept_size, layout_classes, layout_size
 from fxprune.passes.base import check, fxpass
 from fxprune.types import ArgPath, TensorRef
+from fxprune.util.modules import get_tensor
 
 aten = torch.ops.aten
 
@@ -332,18 +333,9 @@ def masked_reference(original: torch.nn.Module, analysis: Any, plan: Any, weight
     z = zeroed_copy(original, analysis, plan, weights)
     gm = masked_router_program(analysis, plan)
     state = {**dict(z.named_parameters(remove_duplicate=False)), **dict(z.named_buffers(remove_duplicate=False))}
-    state = {k: v for k, v in state.items() if _has(gm, k)}
+    state = {k: v for k, v in state.items() if get_tensor(gm, k) is not None}
     with torch.no_grad():
         return torch.func.functional_call(gm, state, args, kwargs, strict=False)
-
-
-def _has(root: torch.nn.Module, fqn: str) -> bool:
-    mp, _, attr = fqn.rpartition(".")
-    try:
-        mod = root.get_submodule(mp) if mp else root
-    except AttributeError:
-        return False
-    return attr in mod._parameters or attr in mod._buffers
 
 
 # ------------------------------------------------------------------------------------------
