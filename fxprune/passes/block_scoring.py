@@ -109,12 +109,16 @@ class GatedProgram:
         self.gates = torch.ones(len(branches))
         self._watchers: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
         for i, br in enumerate(branches):
-            add, y, x = nodes[br.add], nodes[br.output], nodes[br.stream]
-            gm.register_buffer(f"_fxprune_gate_{i}", torch.ones((), dtype=y.meta["val"].dtype), persistent=False)
-            with gm.graph.inserting_before(add):
-                gate = gm.graph.get_attr(f"_fxprune_gate_{i}")
-                scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (y, gate))
-            add.replace_input_with(y, scaled)
+            add, x = nodes[br.add], nodes[br.stream]
+            gm.register_buffer(f"_fxprune_gate_{i}", torch.ones((), dtype=x.meta["val"].dtype), persistent=False)
+            for term in br.terms or (br.output,):  # x + gate * attn + gate * mlp for a parallel block
+                y = nodes[term]
+                consumer = add if add in y.users else next(
+                    u for u in y.users if u.name in br.nodes and u.target is torch.ops.aten.add.Tensor)
+                with gm.graph.inserting_before(consumer):
+                    gate = gm.graph.get_attr(f"_fxprune_gate_{i}")
+                    scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (y, gate))
+                consumer.replace_input_with(y, scaled)
             gm.add_submodule(f"_fxprune_record_{i}", _Recorder(i, self._watchers))
             with gm.graph.inserting_after(add):
                 rec = gm.graph.call_module(f"_fxprune_record_{i}", (x, add))

@@ -92,6 +92,7 @@ class Branch:
     loose_params: tuple[str, ...] = ()  # private parameters owned by no module inside the branch
     unit: int = -1
     sinks: tuple[str, ...] = ()  # assertion nodes on branch values (removed with the branch)
+    terms: tuple[str, ...] = ()  # every term of f when the add is a sum (x + attn + mlp); else (output,)
 
     @property
     def removable(self) -> bool:
@@ -332,7 +333,9 @@ def detect_branches(ctx: Any, graph: Any, ignore: Sequence[str] = ()) -> DepthIn
     adds = [n for n in index.nodes if n.op == "call_function" and n.target in _ADDS and _operands(index, n)]
     drafts = [d for d in (_identity_residual(index, n) for n in adds) if d is not None]
     _mark_nesting(drafts)
-    covered = {n for d in drafts if d["frozen"] is None for n in d["inside"]} | {d["add"] for d in drafts}
+    covered = {n for d in drafts if d["frozen"] is None for n in d["inside"]}
+    drafts = [d for d in drafts if d["frozen"] is None or d["add"] not in covered]  # x + attn inside x + attn + mlp
+    covered |= {d["add"] for d in drafts}
     for n in adds:  # residuals whose shortcut is not the identity: reported, never removed
         if n not in covered:
             d = _shortcut_residual(index, n)
@@ -367,14 +370,51 @@ def _operands(index: _GraphIndex, add: fx.Node) -> tuple[fx.Node, fx.Node] | Non
     return a, b
 
 
+def _terms(index: _GraphIndex, add: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The terms of a sum of adds (``x + attn + mlp`` as ``(x + attn) + mlp``) and the inner adds.
+
+    An operand is expanded when it is itself a plain add of the same shape used only here.
+    """
+    shape = tuple(_tensor_val(add).shape)
+    terms, inner, stack = [], [], list(_operands(index, add))
+    while stack:
+        t = stack.pop(0)
+        if (t.op == "call_function" and t.target is aten.add.Tensor and len(t.users) == 1
+                and _operands(index, t) is not None and tuple(_tensor_val(t).shape) == shape):
+            inner.append(t)
+            stack.extend(_operands(index, t))
+        else:
+            terms.append(t)
+    return terms, inner
+
+
 def _identity_residual(index: _GraphIndex, add: fx.Node) -> dict[str, Any] | None:
-    """A draft branch when one operand of ``add`` is an ancestor of the other (``x + f(x)``)."""
-    x, y = _operands(index, add)
+    """A draft branch when one term of ``add`` is an ancestor of the others (``x + f(x)``, or
+    ``x + attn(x) + mlp(x)`` for a parallel block written as two adds)."""
     out = _tensor_val(add)
+    terms, inner = _terms(index, add)
+    terms = sorted(terms, key=index.pos.__getitem__)
+    x = terms[0]
+    ys = terms[1:]
     xv = _tensor_val(x)
-    if tuple(xv.shape) != tuple(out.shape) or not xv.is_floating_point() or not index.reaches(x, y):
-        return None  # a broadcast mask or bias add, not a stream
-    inside, side = index.branch_nodes(x, y)
+    if tuple(xv.shape) != tuple(out.shape) or not xv.is_floating_point() \
+            or not all(index.reaches(x, y) for y in ys):
+        if not inner:
+            return None  # a broadcast mask or bias add, not a stream
+        x, ys, inner = (*_operands(index, add), [])
+        ys = [ys]
+        xv = _tensor_val(x)
+        if tuple(xv.shape) != tuple(out.shape) or not xv.is_floating_point() or not index.reaches(x, ys[0]):
+            return None
+    y = ys[0]
+    inside_all: set[fx.Node] = set(inner)
+    side_all: set[fx.Node] = set()
+    for t in ys:
+        part, side = index.branch_nodes(x, t)
+        inside_all.update(part)
+        side_all.update(side)
+    inside = sorted(inside_all, key=index.pos.__getitem__)
+    side = sorted(side_all - inside_all, key=index.pos.__getitem__)
     if not _uses_params(index, inside):
         return None
     frozen = None
@@ -393,9 +433,9 @@ def _identity_residual(index: _GraphIndex, add: fx.Node) -> dict[str, Any] | Non
                 continue
             frozen = frozen or (f"the branch value {n.name} is also used by {u.name} outside the branch "
                                 f"(an intermediate result escapes)")
-        if n is not y and _is_mutating(n) and isinstance(n.args[0], fx.Node) and n.args[0] not in inside_set:
+        if n not in ys and _is_mutating(n) and isinstance(n.args[0], fx.Node) and n.args[0] not in inside_set:
             frozen = frozen or f"{n.name} ({n.target}) writes into {n.args[0].name}, outside the branch"
-    return {"add": add, "x": x, "y": y, "inside": inside, "side": side, "frozen": frozen,
+    return {"add": add, "x": x, "y": y, "terms": ys, "inside": inside, "side": side, "frozen": frozen,
             "sinks": sorted(set(sinks), key=index.pos.__getitem__)}
 
 
@@ -462,7 +502,12 @@ def _finish(index: _GraphIndex, ctx: Any, graph: Any, d: dict[str, Any]) -> Bran
     for name in sorted(read):
         if index.consumers[name] <= inside_set:
             (private if name in params else private_buffers).append(name)
-    zero, why = _zeroing_set(index, ctx, d["y"], inside_set, set(private))
+    zero, why = None, ""
+    parts = [_zeroing_set(index, ctx, t, inside_set, set(private)) for t in d.get("terms", [d["y"]])]
+    if all(p[0] is not None for p in parts):
+        zero = frozenset().union(*(p[0] for p in parts))
+    else:
+        why = next(p[1] for p in parts if p[0] is None)
     modules = _inside_modules(index, graph, inside_set, set(private) | set(private_buffers), d["x"])
     owned = set()
     module_root = graph.module
@@ -480,6 +525,7 @@ def _finish(index: _GraphIndex, ctx: Any, graph: Any, d: dict[str, Any]) -> Bran
         name = layer  # the branch is the whole layer (a parallel block, a ResNet/ConvNeXt block)
     return Branch(
         id=name, add=d["add"].name, stream=d["x"].name, output=d["y"].name,
+        terms=tuple(t.name for t in d.get("terms", [d["y"]])),
         nodes=tuple(n.name for n in inside), params=tuple(private), buffers=tuple(private_buffers),
         zero_params=tuple(sorted(zero or ())), exact=zero is not None and d["frozen"] is None,
         inexact_reasons=() if zero is not None else (why,), frozen=d["frozen"], modules=tuple(modules),
@@ -685,8 +731,9 @@ def _layer_of(index: _GraphIndex, graph: Any, add: fx.Node, modules: Sequence[st
             container = root.get_submodule(head)
         except AttributeError:
             continue
-        if not isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)):
-            continue
+        if not isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)) or \
+                len({type(m) for m in container}) != 1:
+            continue  # a stack of layers of one kind (not [attention, feed-forward] as in T5's blocks)
         if all(n == path or n.startswith(path + ".") for n in names):
             return path
     return None
@@ -948,7 +995,7 @@ _LAYER_ATTR = ("layer_idx", "layer_id", "layer_index", "layer_number", "layer_nu
 
 
 def rewrite_depth(model: torch.nn.Module, analysis: Any, plan: Mapping[str, Sequence[int]],
-                  original: torch.nn.Module | None = None) -> DepthRewrite:
+                  original: torch.nn.Module | None = None, *, delete_layers: bool = True) -> DepthRewrite:
     """Apply the plan's removed branches to ``model`` (a copy the caller owns), in place.
 
     Layers whose branches all go (and whose remaining computation is the identity) are
@@ -964,8 +1011,8 @@ def rewrite_depth(model: torch.nn.Module, analysis: Any, plan: Mapping[str, Sequ
         return result
     gone_ids = {b.id for b in branches}
     layers = {li.path: li for li in analysis.depth.layers}
-    deleted_layers = {li.path for li in layers.values()
-                      if li.passthrough and li.removable and li.branches and set(li.branches) <= gone_ids}
+    deleted_layers = {li.path for li in layers.values() if delete_layers
+                      and li.passthrough and li.removable and li.branches and set(li.branches) <= gone_ids}
     to_zero = [b for b in branches if b.layer not in deleted_layers]
     specs = _probe_specs(original if original is not None else model, analysis,
                          [m for b in to_zero for m in b.modules], _stream_sizes(analysis, plan, to_zero))

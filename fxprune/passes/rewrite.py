@@ -412,8 +412,12 @@ def apply_shapes_to_module(
 
 
 def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: RewrittenProgram,
-                   weights: WeightUpdate | None = None) -> ModuleRewrite:
-    """A smaller copy of ``model``: updated and sliced tensors, refreshed size attributes, int attrs."""
+                   weights: WeightUpdate | None = None, *, delete_layers: bool = True) -> ModuleRewrite:
+    """A smaller copy of ``model``: updated and sliced tensors, refreshed size attributes, int attrs.
+
+    Removed residual branches are deleted with their layer when it has no other work
+    (``delete_layers``), else replaced by modules returning zeros.
+    """
     new_model = copy.deepcopy(model)
     if weights is not None and not weights.is_identity:
         weights.apply_to(new_model)
@@ -422,15 +426,15 @@ def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: R
     depth = None
     if removed_branches(analysis, plan):
         changes, problems, conflicts, depth = _rewrite_module_depth(new_model, model, analysis, plan, changes,
-                                                                    problems, conflicts)
+                                                                    problems, conflicts, delete_layers)
     return ModuleRewrite(new_model, changes, problems, False, conflicts, depth)
 
 
 def _rewrite_module_depth(new_model: torch.nn.Module, original: torch.nn.Module, analysis: Any, plan: Plan,
-                          changes: dict, problems: list[str], conflicts: list) -> tuple:
+                          changes: dict, problems: list[str], conflicts: list, delete_layers: bool) -> tuple:
     """Removed branches in the module (see :func:`fxprune.passes.depth.rewrite_depth`); the
     attribute records move to the module paths the model has after layers were deleted."""
-    depth = rewrite_depth(new_model, analysis, plan, original)
+    depth = rewrite_depth(new_model, analysis, plan, original, delete_layers=delete_layers)
 
     def where(path: str) -> str | None:  # None: the module is gone (deleted layer, zeroed branch)
         new_path = depth.remap(path)
@@ -801,6 +805,11 @@ def rewrite(
     ok, why = _matches_graph(mod.module, graph_out, args, kwargs)
     if not ok and mod.conflicts:
         ok = _resolve_conflicts(mod, graph_out, args, kwargs)
+    if not ok and mod.depth is not None and mod.depth.deleted:  # the forward indexes its layers:
+        mod = rewrite_module(model, analysis, plan, program, weights, delete_layers=False)  # zero them
+        ok, why = _matches_graph(mod.module, graph_out, args, kwargs)
+        if not ok and mod.conflicts:
+            ok = _resolve_conflicts(mod, graph_out, args, kwargs)
     if ok and mod.depth is not None and mod.depth.problems:  # a branch module that could not go
         ok, why = False, "; ".join(mod.depth.problems)
         mod.problems.extend(p for p in mod.depth.problems if p not in mod.problems)
