@@ -24,7 +24,7 @@ Part B - experts.  A small Mixtral-style MoE LM (8 experts, top-2, same corpus a
 trained briefly here and cached; 50% of the experts of every layer removed by REAP, by routing
 frequency, and at random (3 seeds).  Metric: held-out perplexity.
 
-Usage:  python bench/depth.py [--quick] [--cache DIR] [--lm-dir DIR] [--parts depth,latency,moe]
+Usage:  python bench/depth.py [--quick] [--cache DIR] [--lm-dir DIR] [--parts depth,latency,moe] [--readme]
 Writes: bench/results/depth.json (atomically); prints the tables.
 """
 
@@ -378,6 +378,71 @@ def print_summary(out: dict) -> None:
         log(f"REAP / random (mean of 3): {m['rows']['reap']['ppl'] / m['random_mean_ppl']:.2f}x the perplexity")
 
 
+def readme_section(out: dict) -> str:
+    """The README's depth section: the tables of the stored results and the command that made them."""
+    cmds = sorted(set((out.get("commands") or {"all": "python bench/depth.py"}).values()))
+    lines = ["Made by " + " and ".join(f"`PYTHONPATH=. {c}`" for c in cmds) + " (results: "
+             "`bench/results/depth.json`; `--parts` reruns some parts and keeps the others, `--readme` "
+             "only rewrites this section). No fine-tuning after pruning; CPU, shared machine."]
+    if "depth" in out:
+        d = out["depth"]
+        lines += ["", f"**Depth / width at {d['target_ratio']:.0%} of the parameters** of the quality LM "
+                  f"({d['params_dense']:,} params, {len(d['branches'])} branches, dense held-out ppl "
+                  f"{d['ppl_dense']:.2f} on {d['eval_windows']} windows of 128 tokens, calibration "
+                  f"{d['calib_windows']} windows). Baselines delete whole decoder layers, written without fxprune.",
+                  "", "| method | params removed | ppl | ppl / dense | blocks removed |", "|---|---|---|---|---|"]
+        for name, r in d["rows"].items():
+            blocks = r.get("removed_blocks", [f"layers {r.get('layers_removed')}"])
+            blocks = ", ".join(b.replace("model.layers.", "L") for b in blocks) or "-"
+            lines.append(f"| {name} | {r['ratio_achieved']:.1%} | {r['ppl']:.2f} | {r['ppl'] / d['ppl_dense']:.2f} "
+                         f"| {blocks} |")
+    if "latency" in out:
+        lat = out["latency"]
+        lines += ["", f"**ONNX Runtime latency** ({lat['threads']} thread, prompt {lat['prompt_len']} tokens, "
+                  f"{lat['decode_tokens']} decode tokens with a KV cache, median of {lat['repeats']} interleaved "
+                  "repeats; a shared machine, so the ratios are noisy)", "",
+                  "| model | layers | params removed | prefill ms | speedup | decode ms/token | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in lat["rows"].items():
+            lines.append(f"| {name} | {r['layers']} | {r['params_removed']:.1%} | {r['prefill_ms']:.1f} | "
+                         f"{r['speedup_prefill']:.2f}x | {r['decode_ms_per_token']:.2f} | {r['speedup_decode']:.2f}x |")
+    if "moe" in out:
+        m = out["moe"]
+        info = m["train_info"]["settings"]
+        lines += ["", f"**MoE: 50% of the experts of every layer removed** (Mixtral-style, {m['params_dense']:,} "
+                  f"params, {info['num_hidden_layers']} layers, {info['num_local_experts']} experts top-"
+                  f"{info['num_experts_per_tok']}, trained {info['steps']} steps here; dense ppl {m['ppl_dense']:.2f})",
+                  "", "| criterion | params removed | ppl | ppl / dense |", "|---|---|---|---|"]
+        for name, r in m["rows"].items():
+            lines.append(f"| {name} | {r['ratio_achieved']:.1%} | {r['ppl']:.2f} | {r['ppl'] / m['ppl_dense']:.2f} |")
+        lines += ["", f"REAP / random (mean of 3 seeds): {m['rows']['reap']['ppl'] / m['random_mean_ppl']:.2f}x "
+                  "the perplexity."]
+    return "\n".join(lines)
+
+
+def update_readme(out: dict) -> None:
+    from arch_sweep import replace_readme_section
+
+    replace_readme_section("depth", readme_section(out), str(ROOT / "README.md"))
+
+
+def kept_parts(parts: list[str], quick: bool) -> dict[str, Any]:
+    """The parts of the stored results that this run does not redo (same ``--quick`` setting),
+    each with the time its own run started, so that ``--parts moe`` keeps the depth results."""
+    try:
+        old = json.loads(RESULTS.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("quick") != quick:
+        return {}
+    kept: dict[str, Any] = {k: old[k] for k in ("depth", "latency", "moe") if k in old and k not in parts}
+    if kept:
+        started, commands = old.get("parts_started") or {}, old.get("commands") or {}
+        kept["parts_started"] = {k: started.get(k, old.get("started")) for k in kept}
+        kept["commands"] = {k: commands.get(k, "python bench/depth.py") for k in kept}
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few windows and a short MoE training (smoke test)")
@@ -385,12 +450,19 @@ def main() -> None:
     ap.add_argument("--lm-dir", help="use this trained LM checkpoint (tokenizer.json + *_ids.npy) instead")
     ap.add_argument("--parts", default="depth,latency,moe")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--readme", action="store_true", help="only rewrite the README section from the stored results")
     args = ap.parse_args()
+    if args.readme:
+        update_readme(json.loads(RESULTS.read_text()))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     parts = args.parts.split(",")
     out: dict[str, Any] = {"bench": "depth", "quick": args.quick, "torch": torch.__version__,
                            "threads": args.threads, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out.update(kept_parts(parts, args.quick))
+    out.setdefault("commands", {}).update({k: "python " + " ".join(sys.argv) for k in parts})
+    out.setdefault("parts_started", {}).update({k: out["started"] for k in parts})
     t0 = time.perf_counter()
     if "depth" in parts:
         part_depth(args, out)
@@ -402,6 +474,7 @@ def main() -> None:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     write(out)
     print_summary(out)
+    update_readme(out)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,26 @@ def test_removed_layer_is_gone_and_config_cache_generate_and_from_pretrained_wor
         assert torch.allclose(hf(**x, use_cache=False).logits, ref, atol=1e-6)
 
 
+def test_parallel_block_written_as_two_adds_is_one_branch_and_its_layer_goes():
+    """GPT-J computes ``attn + mlp + x`` as two adds: one branch per layer, whose removal deletes it."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPTJForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    analysis = _quiet(fxprune.analyze, _quiet(fxprune.trace, model, kwargs={"input_ids": ids}))
+    assert [b.id for b in analysis.branches] == ["transformer.h.0", "transformer.h.1"]
+    assert all(b.removable and len(b.terms) == 2 for b in analysis.branches)
+    plan = {"blocks": [1]}
+    res = _quiet(fxprune.rewrite, model, analysis, plan)
+    assert res.returned == "module" and len(res.model.transformer.h) == 1 and res.model.config.n_layer == 1
+    with torch.no_grad():
+        ok, _, why = compare_outputs(zeroed_copy(model, analysis, plan)(input_ids=ids), res.model(input_ids=ids))
+    assert ok, why
+
+
 def test_attention_only_removal_replaces_it_by_zeros_and_keeps_the_cache_contiguous(tmp_path):
     model, graph, analysis = traced("llama_gqa")
     res = _quiet(fxprune.rewrite, model, analysis, {"blocks": [0]})  # layer 0's attention only
