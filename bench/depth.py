@@ -184,10 +184,11 @@ def part_depth(args, out: dict) -> None:
         ("depth / ppl", dict(kinds={"blocks": True, **WIDTH_OFF}, block_importance="ppl")),
         ("depth / taylor+", dict(kinds={"blocks": True, **WIDTH_OFF}, block_importance="taylor+")),
         ("width / taylor", dict(importance="taylor")),
-        ("width+depth / taylor+sleb global", dict(kinds={"blocks": True}, block_importance="sleb",
+        ("width+depth / taylor+sleb global", dict(kinds={"blocks": True}, importance="taylor", block_importance="sleb",
                                                    allocation="global")),
-        ("width+depth / taylor+sleb uniform", dict(kinds={"blocks": True}, block_importance="sleb")),
-        ("width+depth / taylor+shortgpt global", dict(kinds={"blocks": True}, block_importance="shortgpt",
+        ("width+depth / taylor+sleb uniform", dict(kinds={"blocks": True}, importance="taylor", block_importance="sleb",
+                                                    allocation="uniform")),
+        ("width+depth / taylor+shortgpt global", dict(kinds={"blocks": True}, importance="taylor", block_importance="shortgpt",
                                                        allocation="global")),
     ]
     models = {}
@@ -381,9 +382,12 @@ def print_summary(out: dict) -> None:
 def readme_section(out: dict) -> str:
     """The README's depth section: the tables of the stored results and the command that made them."""
     cmds = sorted(set((out.get("commands") or {"all": "python bench/depth.py"}).values()))
-    lines = ["Made by " + " and ".join(f"`PYTHONPATH=. {c}`" for c in cmds) + " (results: "
+    lines = ["**Depth and experts** (`bench/depth.py`): whole residual branches and whole MoE experts removed, "
+             "found from the graph.", "",
+             "Made by " + " and ".join(f"`PYTHONPATH=. {c}`" for c in cmds) + " (results: "
              "`bench/results/depth.json`; `--parts` reruns some parts and keeps the others, `--readme` "
-             "only rewrites this section). No fine-tuning after pruning; CPU, shared machine."]
+             "only rewrites this section). No fine-tuning after pruning; CPU, shared machine. Runs started: "
+             + ", ".join(f"{k} {v}" for k, v in sorted((out.get("parts_started") or {}).items())) + "."]
     if "depth" in out:
         d = out["depth"]
         lines += ["", f"**Depth / width at {d['target_ratio']:.0%} of the parameters** of the quality LM "
@@ -394,7 +398,8 @@ def readme_section(out: dict) -> str:
         for name, r in d["rows"].items():
             blocks = r.get("removed_blocks", [f"layers {r.get('layers_removed')}"])
             blocks = ", ".join(b.replace("model.layers.", "L") for b in blocks) or "-"
-            lines.append(f"| {name} | {r['ratio_achieved']:.1%} | {r['ppl']:.2f} | {r['ppl'] / d['ppl_dense']:.2f} "
+            off = "" if name.startswith("baseline") or abs(r["ratio_achieved"] - d["target_ratio"]) < 0.01 else " (off target)"
+            lines.append(f"| {name} | {r['ratio_achieved']:.1%}{off} | {r['ppl']:.2f} | {r['ppl'] / d['ppl_dense']:.2f} "
                          f"| {blocks} |")
     if "latency" in out:
         lat = out["latency"]

@@ -39,8 +39,9 @@ import torch
 
 from fxprune.errors import BadInputError, DataError, ScoringError
 from fxprune.passes.base import check, fxpass
-from fxprune.passes.scoring import NORMALIZERS, Scores, _loss_for, _lookup
+from fxprune.passes.scoring import NORMALIZERS, Scores, _lookup
 from fxprune.util.modules import eval_mode, model_device, resolve_device, to_device
+from fxprune.util.loss import model_loss
 from fxprune.util.outputs import tensor_leaves
 
 __all__ = ["BLOCK_IMPORTANCE", "BLOCK_COSTS", "BlockImportance", "register_block_importance",
@@ -306,8 +307,10 @@ class SLEB(BlockImportance):
                     last[u] = trial[u]
                     bar.update(1)
                 current = ctx.loss_without(removed) if per_param and removed else base
-                key = (lambda u: ((trial[u] - current) / size[u], u)) if per_param else (lambda u: (trial[u], u))
-                best = min(trial, key=key)
+                if per_param:  # loss increase per parameter removed
+                    best = min(trial, key=lambda u, t=trial, c=current: ((t[u] - c) / size[u], u))
+                else:
+                    best = min(trial, key=lambda u, t=trial: (t[u], u))
                 removed.append(best)
                 scores[best] = step
         rest = [u for u in range(n) if u not in removed]
@@ -350,7 +353,7 @@ class BlockTaylor(BlockImportance):
                 if k in owner:
                     handles.append(p.register_post_accumulate_grad_hook(hook_for(owner[k])))
             for b in ctx.bar(ctx.batches, "scoring blocks (taylor+)"):
-                loss = _loss_for(model, to_device(b, ctx.device), ctx.loss_fn)
+                loss = model_loss(model, to_device(b, ctx.device), ctx.loss_fn)
                 if not loss.requires_grad:
                     raise ScoringError("the loss does not depend on any branch parameter")
                 loss.backward()
