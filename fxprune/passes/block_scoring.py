@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import BadInputError, DataError, ScoringError
-from fxprune.passes.base import check, fxpass
+from fxprune.passes.base import check, class_registrar, fxpass
 from fxprune.passes.scoring import NORMALIZERS, Scores, _lookup
 from fxprune.util.modules import eval_mode, model_device, resolve_device, to_device
 from fxprune.util.loss import model_loss
@@ -56,17 +56,8 @@ BLOCK_COSTS: dict[str, BlockCost] = {}
 returns the predicted loss increase of removing each branch of ``group`` (one float per unit)."""
 
 
-def register_block_importance(name: str) -> Callable[[type["BlockImportance"]], type["BlockImportance"]]:
-    """Class decorator: make a :class:`BlockImportance` available as ``score_blocks(importance=name)``."""
-
-    def deco(cls: type[BlockImportance]) -> type[BlockImportance]:
-        if not (isinstance(cls, type) and issubclass(cls, BlockImportance)):
-            raise TypeError(f"@register_block_importance({name!r}) needs a BlockImportance subclass")
-        cls.name = name
-        BLOCK_IMPORTANCE[name] = cls
-        return cls
-
-    return deco
+register_block_importance = class_registrar(BLOCK_IMPORTANCE, lambda: BlockImportance, "register_block_importance")
+"""Class decorator: make a :class:`BlockImportance` available as ``score_blocks(importance=name)``."""
 
 
 def register_block_cost(name: str) -> Callable[[BlockCost], BlockCost]:

@@ -37,7 +37,7 @@ import torch.fx as fx
 
 from fxprune.errors import BadInputError, DataError, ScoringError
 from fxprune.graph import kept_indices, kept_size, layout_classes, layout_size
-from fxprune.passes.base import check, fxpass
+from fxprune.passes.base import check, class_registrar, fxpass
 from fxprune.types import ArgPath, TensorRef
 from fxprune.util.modules import get_tensor
 
@@ -345,13 +345,9 @@ EXPERT_IMPORTANCE: dict[str, type["ExpertImportance"]] = {}
 """Expert criteria by name.  Add one with :func:`register_expert_importance`."""
 
 
-def register_expert_importance(name: str) -> Callable[[type["ExpertImportance"]], type["ExpertImportance"]]:
-    def deco(cls: type[ExpertImportance]) -> type[ExpertImportance]:
-        cls.name = name
-        EXPERT_IMPORTANCE[name] = cls
-        return cls
-
-    return deco
+register_expert_importance = class_registrar(EXPERT_IMPORTANCE, lambda: ExpertImportance,
+                                             "register_expert_importance")
+"""Class decorator: make an :class:`ExpertImportance` available as ``score_experts(importance=name)``."""
 
 
 class ExpertImportance:
