@@ -31,7 +31,9 @@ from fxprune.errors import DataError, PlanError
 from fxprune.graph import PrunableGraph
 from fxprune.passes.analysis import Analysis, analyze
 from fxprune.passes.capture import trace
-from fxprune.passes.plan import DEFAULT_KINDS, Plan, make_plan, make_uniform
+from fxprune.passes.block_scoring import BLOCK_IMPORTANCE, score_blocks
+from fxprune.passes.experts import EXPERT_IMPORTANCE, score_experts
+from fxprune.passes.plan import DEFAULT_KINDS, Plan, kind_enabled, make_plan, make_uniform
 from fxprune.passes.rewrite import RewriteResult, describable_kinds, rewrite
 from fxprune.passes.scoring import IMPORTANCE, Scores, score
 from fxprune.passes.update import UPDATES, WeightUpdate, update
@@ -61,6 +63,11 @@ aligned strides, which 8 fp32 or fp16 elements guarantee.
 """
 
 
+WHOLE_UNIT_KINDS = ("blocks", "experts")
+"""Kinds whose units are whole structures (residual branches, experts): removed one at a time,
+whatever the device (their widths do not change)."""
+
+
 def device_round_to(analysis: Any, device: str | torch.device = "auto") -> dict[str, int]:
     """Per-kind ``round_to`` so that every kept width is a multiple of :data:`DEVICE_MULTIPLE`.
 
@@ -70,11 +77,14 @@ def device_round_to(analysis: Any, device: str | torch.device = "auto") -> dict[
     multiple = DEVICE_MULTIPLE.get(resolve_device(device).type, DEVICE_MULTIPLE["cpu"])
     widths: dict[str, int] = {}
     for g in analysis.groups:
+        if g.kind in WHOLE_UNIT_KINDS:
+            continue
         w = 0
         for m in g.params:
             w = math.gcd(w, m.unit_width)
         widths[g.kind] = math.gcd(widths.get(g.kind, 0), w or 1)
-    return {kind: multiple // math.gcd(multiple, w) for kind, w in sorted(widths.items())}
+    out = {kind: multiple // math.gcd(multiple, w) for kind, w in sorted(widths.items())}
+    return {**out, **{kind: 1 for kind in WHOLE_UNIT_KINDS if any(g.kind == kind for g in analysis.groups)}}
 
 
 DEFAULT_IMPORTANCE = "surgeon"
@@ -130,6 +140,7 @@ class PruneReport:
     verification: str
     returned: str  # "module" (the user's class) or "graph" (the rewritten GraphModule)
     notes: list[str] = dataclasses.field(default_factory=list)
+    removed_blocks: list[str] = dataclasses.field(default_factory=list)  # residual branches removed
     update: str = "none"
     by_kind: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     shots: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -178,6 +189,8 @@ class PruneReport:
             f"importance={self.importance}, allocation={self.allocation}, update={self.update}"
             + (f", shots={len(self.shots)}" if len(self.shots) > 1 else "")
         )
+        if self.removed_blocks:
+            lines.append(f"removed blocks ({len(self.removed_blocks)}): {', '.join(self.removed_blocks)}")
         lines.extend(kind_lines(self.by_kind))
         lines.append(f"verification: {self.verification}; returned: {self.returned}")
         lines.append("checkpoint: " + LOADS_WITH_TEXT[self.loads_with])
@@ -250,7 +263,8 @@ def prune(
             to ``ratio * k / shots`` of the *original* parameters), re-tracing the pruned model and
             re-gathering its statistics every shot; each shot is verified like a single prune.
             ``shots=1`` is one-shot; ``"auto"`` (default) is one shot per 20% removed for the
-            curvature criteria (:func:`auto_shots`), one shot otherwise.  ``max_group_ratio`` and
+            curvature criteria (:func:`auto_shots`), one shot otherwise and whenever blocks or
+            experts are searched (``kinds={"blocks": True}``).  ``max_group_ratio`` and
             fixed ``kinds`` fractions apply per shot.
         shot_lora_steps: when > 0, after every shot that many steps of LoRA (rank 8, lr 1e-4,
             peft) on the calibration batches, merged into the weights before the next shot; the
@@ -263,6 +277,8 @@ def prune(
             model_or_graph, "module", model_or_graph)
         shots = (auto_shots(ratio, kwargs.get("importance"), kwargs.get("calib"), target, kwargs.get("loss_fn"))
                  if isinstance(ratio, (int, float)) else 1)
+        if any(kind_enabled(k, kwargs.get("kinds")) for k in ("blocks", "experts")):
+            shots = 1  # the multi-shot gain was measured for width; depth and expert criteria run once
     if not isinstance(shots, int) or shots < 1:
         raise PlanError(f"shots must be a positive integer, got {shots!r}")
     if shots == 1 and not shot_lora_steps:
@@ -339,6 +355,9 @@ def prune_once(
     calib: Any = None,
     tokenizer: Any = None,
     importance: str | None = None,
+    block_importance: str = "shortgpt",
+    block_options: Mapping[str, Any] | None = None,
+    expert_importance: str = "reap",
     aggregate: str = "sum",
     allocation: str | None = None,
     round_to: int | Mapping[str, int] | str = "auto",
@@ -387,6 +406,13 @@ def prune_once(
         uniform: round a non-uniform plan (``allocation="global"``/``"cost"``) to the nearest
             uniform one (:func:`fxprune.passes.plan.make_uniform`) so that one standard config
             describes it.
+        block_importance: with ``kinds={"blocks": True}`` (depth), the criterion that scores the
+            residual branches, from ``fxprune.passes.block_scoring.BLOCK_IMPORTANCE`` (shortgpt,
+            sleb, ppl, taylor+, curvature, random).  Depth alone:
+            ``kinds={"blocks": True, "channels": False, "heads": False, "kv_heads": False}``.
+            ``block_options`` go to the criterion (``{"steps": 8}``, ``{"per_param": True}`` for SLEB).
+        expert_importance: with ``kinds={"experts": True}`` (MoE), the criterion that scores the
+            experts, from ``fxprune.passes.experts.EXPERT_IMPORTANCE`` (reap, frequency, random).
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
             built-in loss (encoders); HF causal LMs use their LM loss by default.
         update_method: a weight-update method from ``fxprune.passes.update.UPDATES``; ``"auto"``
@@ -401,10 +427,16 @@ def prune_once(
         importance = default_importance(target, loss_fn, calib)
     if allocation is None:
         allocation = "cost" if importance in IMPORTANCE and IMPORTANCE[importance].costs else "uniform"
+        if allocation == "cost" and any(kind_enabled(k, kinds) for k in ("blocks", "experts")):
+            allocation = "uniform"  # block and expert criteria do not score in the width criterion's loss units
     if update_method != "auto" and update_method not in UPDATES:
         raise PlanError(f"unknown update method {update_method!r}; choose from {sorted(UPDATES)} or 'auto'")
     if importance not in IMPORTANCE:
         raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    if expert_importance not in EXPERT_IMPORTANCE:
+        raise PlanError(f"unknown expert importance {expert_importance!r}; choose from {sorted(EXPERT_IMPORTANCE)}")
+    if block_importance not in BLOCK_IMPORTANCE:
+        raise PlanError(f"unknown block importance {block_importance!r}; choose from {sorted(BLOCK_IMPORTANCE)}")
     timings: dict[str, float] = {}
     notes: list[str] = []
     clock = _Clock(timings)
@@ -436,9 +468,22 @@ def prune_once(
                 f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
             )
     with clock("score"):
-        scores = score(model, analysis, batches, importance=importance, aggregate=aggregate, device=device,
-                       dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress,
+        scores = score(model, _width_groups(analysis, kinds), batches, importance=importance, aggregate=aggregate,
+                       device=device, dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress,
                        importance_options=importance_options)
+        if analysis.blocks and kind_enabled("blocks", kinds):
+            depth_batches = batches if batches is not None else [dict(graph.example_kwargs)]
+            blocks = score_blocks(model, analysis, depth_batches, importance=block_importance, device=device,
+                                  loss_fn=loss_fn, seed=seed, progress=progress, **dict(block_options or {}))
+            scores = dataclasses.replace(scores, by_group={**scores.by_group, **blocks.by_group},
+                                         raw={**scores.raw, **blocks.raw}, importance=f"{importance}+{block_importance}")
+        if analysis.experts and kind_enabled("experts", kinds):
+            expert_batches = batches if batches is not None else [dict(graph.example_kwargs)]
+            experts = score_experts(model, analysis, expert_batches, importance=expert_importance, seed=seed,
+                                    progress=progress)
+            scores = dataclasses.replace(scores, by_group={**scores.by_group, **experts.by_group},
+                                         raw={**scores.raw, **experts.raw},
+                                         importance=f"{scores.importance}+{expert_importance}")
     notes.extend(_member_notes(scores))
     with clock("plan"):
         if isinstance(round_to, str):
@@ -466,7 +511,7 @@ def prune_once(
         else:
             pruned = model
             notes.append("the plan removes nothing (ratio too small for the group granularity?)")
-    report = _report(model, pruned, graph, analysis, plan, scores, float(ratio), importance, allocation,
+    report = _report(model, pruned, graph, analysis, plan, scores, float(ratio), scores.importance, allocation,
                      timings, notes, result)
     report = dataclasses.replace(report, update=update_method, by_kind=dict(plan.info.get("by_kind", {})),
                                  round_to=round_to, config=_config_state(pruned, result))
@@ -475,6 +520,14 @@ def prune_once(
         report.notes.append("kernels with alignment limits (grouped_mm needs 16-byte strides) reject odd widths: "
                             "round_to='auto' keeps widths a multiple of 8")
     return PruneResult(pruned, plan, report, graph, analysis, scores, result, weights)
+
+
+def _width_groups(analysis: Analysis, kinds: Mapping[str, Any] | None) -> list:
+    """The width groups to score: all but those of kinds switched off in ``kinds`` (depth alone
+    scores no width group; the ``cost`` allocation searches kinds that are off by default, so
+    those are scored); experts have their own criteria."""
+    off = {k for k, v in (kinds or {}).items() if v is not None and not v}
+    return [g for g in analysis.groups if g.kind != "experts" and g.kind not in off]
 
 
 def _member_notes(scores: Scores) -> list[str]:
@@ -574,6 +627,13 @@ def _report(model, pruned, graph, groups, plan, scores, ratio, importance, alloc
             "scores": [float(x) for x in scores.get(g.id, [])],
             "removed_units": list(plan.get(g.id, [])),
         })
+    for bg in getattr(groups, "blocks", ()):
+        removed = list(plan.get(bg.id, []))
+        rows.append({
+            "id": bg.id, "kind": bg.kind, "block": None, "units": bg.size, "removed": len(removed),
+            "exact": bg.exact, "scores": [float(x) for x in scores.get(bg.id, [])], "removed_units": removed,
+            "removed_branches": [bg.branches[u].id for u in removed],
+        })
     verification = str(result.verification) if result is not None and result.verification is not None else "not run"
     returned = result.returned if result is not None else "module"
     return PruneReport(
@@ -590,4 +650,5 @@ def _report(model, pruned, graph, groups, plan, scores, ratio, importance, alloc
         verification=verification,
         returned=returned,
         notes=notes,
+        removed_blocks=list(plan.info.get("removed_blocks", [])),
     )

@@ -193,10 +193,12 @@ def _write_config(model: torch.nn.Module, saved: io.SavedModel, out: str) -> tup
         autos = [a for a, cls, _ in _auto_classes(model) if a and cls is type(model)]
         return "transformers", autos, []
     from_transformers = type(model).__module__.startswith("transformers.")
-    if not from_transformers or saved.extra_buffers:
+    if not from_transformers or saved.extra_buffers or saved.depth_code:
         config.save_pretrained(out)
         why = (f"buffers {list(saved.extra_buffers)[:3]} cannot be rebuilt by {type(model).__name__}"
-               if saved.extra_buffers else f"{type(model).__name__} is not a transformers class")
+               if saved.extra_buffers else
+               "removed residual branches (depth pruning) that its config does not describe" if saved.depth_code
+               else f"{type(model).__name__} is not a transformers class")
         return "fxprune", [], [f"the checkpoint loads with fxprune.load only: {why}"]
     classes = _auto_classes(model)
     source = modeling_source(model, classes)

@@ -168,7 +168,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         importance=args.importance, allocation=args.allocation, round_to=args.round_to, uniform=args.uniform,
         shots=args.shots,
         n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, kinds=_depth_kinds(args), block_importance=args.block_importance,
     )
     print(result.report.table())
     quality = _prune_quality(args, model, result, tokenizer)
@@ -220,6 +220,14 @@ def _write_pruned(result: Any, tmp: str, args: argparse.Namespace, tokenizer: An
                  result.report.headline(), prune_report=result.report,
                  sections={"Details": result.report.table(), "How to load": ckpt.how_to_load(args.out or "OUT")})
     return ckpt
+
+
+def _depth_kinds(args: argparse.Namespace) -> dict[str, bool] | None:
+    """``--depth``: residual branches join the width groups under one budget; ``--depth-only``:
+    branches alone (the width kinds off)."""
+    if args.depth_only:
+        return {"blocks": True, "channels": False, "heads": False, "kv_heads": False}
+    return {"blocks": True} if args.depth else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -403,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform", action="store_true",
                    help="round the plan to one width per kind, so a standard config describes it "
                         "(for vLLM, TGI, llama.cpp converters; implied by --allocation uniform)")
+    p.add_argument("--depth", action="store_true",
+                   help="also remove whole residual branches (attention/MLP blocks) under the same budget")
+    p.add_argument("--depth-only", action="store_true", help="remove residual branches only (no width pruning)")
+    p.add_argument("--block-importance", default="shortgpt",
+                   help="criterion for branches: shortgpt, sleb, ppl, taylor+, curvature, random (default shortgpt)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")

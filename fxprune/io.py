@@ -79,6 +79,7 @@ class SavedModel:
     standard: bool  # an HF class whose config alone rebuilds it (plain from_pretrained works)
     extra_buffers: tuple[str, ...]  # non-persistent buffers the class would not rebuild as they are
     changed_shapes: dict[str, list[int]]  # state-dict shapes that differ from the config's skeleton
+    depth_code: bool = False  # recorded depth pruning the config's skeleton does not have by itself
 
 
 def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> SavedModel:
@@ -108,12 +109,15 @@ def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> Save
         "config_updated": bool(getattr(info, "config_updated", False)),
         "tied": _tied_names(model),
     }
+    depth = getattr(info, "depth", None)
+    if depth is not None and depth.changed:  # deleted layers and zeroed branches, redone by load
+        record["depth"] = depth.to_json()
     if config is not None:
         # the config the skeleton is built from: already pruned when the rewrite could express
         # the result as a config (uniform pruning), else the original
         record["original_config"] = config.to_dict()
         record["module_configs"] = {p: hf.config_diff(c, config) for p, c in hf.module_configs(model).items()}
-    skeleton, dense_shapes = _reference(type(model), record)
+    skeleton, dense_shapes, depth_code = _reference(type(model), record)
     changed: dict[str, list[int]] = {}
     extra_buffers: list[str] = []
     if skeleton is not None:  # what the rebuilt class does not set by itself (else: the rewrite's changes)
@@ -128,11 +132,11 @@ def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> Save
                   os.path.join(tmp, BUFFERS), metadata={"format": "pt"})
         record["buffers"] = extra_buffers
     standard = (config is not None and skeleton is not None and not changed and not record["attributes"]
-                and not any(record["module_configs"].values()) and not extra_buffers)
+                and not any(record["module_configs"].values()) and not extra_buffers and not depth_code)
     record.update(extra or {})
     with open(os.path.join(tmp, RECORD), "w") as f:
         json.dump(record, f, indent=1)
-    return SavedModel(record, standard, tuple(extra_buffers), changed)
+    return SavedModel(record, standard, tuple(extra_buffers), changed, depth_code)
 
 
 def read_record(directory: str) -> dict[str, Any]:
@@ -188,20 +192,33 @@ def rebuild(cls: Any, record: Mapping[str, Any], config: Any = None) -> torch.nn
             f"{getattr(cls, '__name__', cls)} cannot be built from the recorded config ({type(exc).__name__}: {exc}); "
             "pass config= (or model_class=) to load()"
         ) from exc
+    _apply_depth(skeleton, record)
     _shrink_skeleton(skeleton, record)
     return skeleton
 
 
-def _reference(cls: Any, record: Mapping[str, Any]) -> tuple[torch.nn.Module | None, dict[str, tuple]]:
-    """(skeleton as ``load`` rebuilds it, the unshrunk skeleton's shapes), or (None, {}) when the
-    class cannot be rebuilt without help (a factory with arguments)."""
+def _apply_depth(skeleton: torch.nn.Module, record: Mapping[str, Any]) -> bool:
+    """Redo recorded depth pruning (deleted layers, zeroed branches) on a skeleton; True when the
+    class built from the config needed it (then no standard config describes the model)."""
+    if not record.get("depth"):
+        return False
+    from fxprune.passes.depth import apply_recorded
+
+    return apply_recorded(skeleton, record["depth"])
+
+
+def _reference(cls: Any, record: Mapping[str, Any]) -> tuple[torch.nn.Module | None, dict[str, tuple], bool]:
+    """(skeleton as ``load`` rebuilds it, the unshrunk skeleton's shapes, whether recorded depth
+    pruning had to be redone on it), or (None, {}, False) when the class cannot be rebuilt without
+    help (a factory with arguments)."""
     try:
         dense = _build_skeleton(cls, record, None)
     except Exception:  # noqa: BLE001 - load() needs model_class= then; nothing to compare with
-        return None, {}
+        return None, {}, False
+    depth_code = _apply_depth(dense, record)
     shapes = hf.state_shapes(dense)
     _shrink_skeleton(dense, {**record, "attributes": {}})
-    return dense, shapes
+    return dense, shapes, depth_code
 
 
 @contextlib.contextmanager

@@ -32,6 +32,14 @@ def group_table(analysis: Any, max_rows: int | None = 60) -> str:
         f"{sum(g.exact for g in groups)} exact; {len(analysis.frozen)} frozen spaces; "
         f"{len(analysis.unsupported)} ops without a rule"
     )
+    branches = getattr(analysis, "branches", ())
+    if branches:
+        removable = [b for b in branches if b.removable]
+        lines.append(f"{len(branches)} residual branches, {len(removable)} removable as units of group 'blocks' "
+                     f"({sum(b.exact for b in removable)} exact): " + ", ".join(b.id for b in removable[:8])
+                     + (f", +{len(removable) - 8}" if len(removable) > 8 else ""))
+        for b in [b for b in branches if not b.removable][:5]:
+            lines.append(f"  frozen branch {b.id}: {b.frozen}")
     for u in analysis.unsupported[:10]:
         lines.append(f"  unsupported: {u}")
     if analysis.unsupported or analysis.frozen:

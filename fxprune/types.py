@@ -62,13 +62,17 @@ class Concat(NamedTuple):
 Factor = Union[Atom, Concat]
 Layout = tuple  # tuple[Factor, ...]: a row-major product of factors
 
-GroupKind = Literal["heads", "kv_heads", "head_repeat", "head_dim", "channels", "hidden"]
+GroupKind = Literal["heads", "kv_heads", "head_repeat", "head_dim", "channels", "hidden", "experts", "blocks"]
 """What a group's units are, as the planner and report name them.
 
 * ``heads``: attention heads (MHA); ``kv_heads``: GQA/MQA key/value groups with their queries;
 * ``head_repeat``: query heads per kv group; ``head_dim``: q/k (RoPE pairs) or v head dim;
 * ``channels``: MLP intermediate channels, conv filters, expert FFN width;
-* ``hidden``: the residual width with embeddings and norms.
+* ``hidden``: the residual width with embeddings and norms;
+* ``experts``: MoE experts (a unit removes one expert's weights, its router row and its share
+  of the routing);
+* ``blocks``: residual branches (a unit removes one ``f`` from ``x + f(x)``; see
+  :mod:`fxprune.passes.depth`).
 """
 GROUP_KINDS: tuple[str, ...] = get_args(GroupKind)
 
@@ -90,6 +94,7 @@ class Tag(str, enum.Enum):
     BROADCAST = "broadcast"  # created by expand/repeat (GQA repeats)
     EMBEDDING_DIM = "embedding_dim"  # an embedding table's feature dim
     NORMALIZED = "normalized"  # a norm or mean reduces over it (the residual width)
+    EXPERTS = "experts"  # a router's top-k picks among its units (MoE experts)
 
     def __str__(self) -> str:
         return self.value

@@ -53,7 +53,9 @@ from fxprune.graph import (
 )
 from fxprune.passes.atoms import AtomStore, Site
 from fxprune.passes.base import check, fxpass
-from fxprune.passes.op_rules import probe_zero
+from fxprune.passes.depth import DepthInfo, detect_branches
+from fxprune.passes.experts import detect_experts
+from fxprune.passes.op_rules import probe_zero, propagate_values
 from fxprune.passes.rules import AnalysisContext, ZeroSpec, alias_effects, find_rule, flat_args, site_of
 from fxprune.types import ArgPath, GroupKind, Layout, Tag, TensorRef
 from fxprune.util.names import common_block, matches_prefix, module_of
@@ -101,6 +103,8 @@ class Analysis:
     attention_nodes: tuple[str, ...]
     ignore: tuple[str, ...] = ()
     rule_defects: tuple[str, ...] = ()
+    depth: DepthInfo = dataclasses.field(default_factory=DepthInfo, repr=False)
+    experts: tuple = dataclasses.field(default=(), repr=False)  # ExpertRouting per experts group
     provenance: Provenance | None = dataclasses.field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- sequence of groups
@@ -123,12 +127,26 @@ class Analysis:
         return {g.id: g for g in self.groups}
 
     def group(self, group_id: str) -> Group:
-        """The group with this id (KeyError with close matches otherwise)."""
+        """The group with this id (KeyError with close matches otherwise); ``"blocks"`` too."""
         try:
-            return self.by_id[group_id]
+            return self.by_id[group_id] if group_id in self.by_id else self.block_by_id[group_id]
         except KeyError:
             close = [g for g in self.by_id if group_id.split(":")[0] in g][:5]
             raise KeyError(f"no group {group_id!r}" + (f"; close: {close}" if close else "")) from None
+
+    @property
+    def branches(self) -> tuple:
+        """Every residual branch found (frozen ones too), see :mod:`fxprune.passes.depth`."""
+        return self.depth.branches
+
+    @property
+    def blocks(self) -> tuple:
+        """The blocks groups (kind ``blocks``): their units are the removable branches."""
+        return self.depth.groups
+
+    @functools.cached_property
+    def block_by_id(self) -> dict[str, Any]:
+        return {g.id: g for g in self.depth.groups}
 
     @functools.cached_property
     def class_to_group(self) -> dict[int, str]:
@@ -230,6 +248,7 @@ def analyze(graph: PrunableGraph, ignore: Iterable[str] | str = (), *, annotate:
             rule = _visit_call(ctx, node, defects)
             if rule is not None:
                 rules_used[node.name] = rule
+            propagate_values(ctx, node)  # routing indices: follow or freeze the space they index
         elif node.op == "output":
             ctx.store.site = Site(node.name, "output", "graph output (the model's return value)")
             for a in flat_args(node):
@@ -245,6 +264,8 @@ def analyze(graph: PrunableGraph, ignore: Iterable[str] | str = (), *, annotate:
     _tie_unread_tensors(ctx, graph)
     ctx.store.site = None
     result = _finalize(ctx, graph, param_of, buffer_of, ignore, defects)
+    result = dataclasses.replace(result, depth=detect_branches(ctx, graph, ignore),
+                                 experts=detect_experts(ctx, result))
     if annotate:
         _annotate(g, ctx, result, rules_used)
     return result
@@ -724,6 +745,8 @@ def _kind_of(store: AtomStore, c: int, value_zero: frozenset[int] = frozenset())
         if Tag.HEADS in anc_tags:
             static = [leaf for leaf in store.leaves(anc) if isinstance(store.size[leaf], int) and store.size[leaf] > 1]
             head_products = head_products or len(static) > 1
+    if Tag.EXPERTS in tags:
+        return "experts"
     if Tag.HEADS in tags or Tag.HEADS in parent_tags:
         if Tag.BROADCAST in tags and c not in value_zero:
             return "head_repeat"
@@ -737,7 +760,8 @@ def _kind_of(store: AtomStore, c: int, value_zero: frozenset[int] = frozenset())
     return "channels"
 
 
-_KIND_ORDER: dict[str, int] = {"heads": 0, "kv_heads": 1, "head_repeat": 2, "head_dim": 3, "channels": 4, "hidden": 6}
+_KIND_ORDER: dict[str, int] = {"heads": 0, "kv_heads": 1, "head_repeat": 2, "head_dim": 3, "channels": 4,
+                               "experts": 5, "hidden": 6}
 
 
 def _ids(drafts: Sequence[tuple]) -> list[str]:

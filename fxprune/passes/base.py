@@ -29,6 +29,24 @@ PASSES: dict[str, Callable[..., Any]] = {}
 """Every registered pass by name (``trace``, ``analyze``, ``score``, ``make_plan``, ...)."""
 
 
+def class_registrar(registry: dict[str, type], base: Callable[[], type], decorator: str
+                    ) -> Callable[[str], Callable[[type], type]]:
+    """A ``@register_x(name)`` class decorator for ``registry``: it checks that the class derives
+    from ``base()`` (a thunk, so the base may be defined after the registrar) and sets ``cls.name``."""
+
+    def register(name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            if not (isinstance(cls, type) and issubclass(cls, base())):
+                raise TypeError(f"@{decorator}({name!r}) needs a {base().__name__} subclass")
+            cls.name = name
+            registry[name] = cls
+            return cls
+
+        return deco
+
+    return register
+
+
 def check(condition: bool, error: type[Exception], message: str) -> None:
     """Raise ``error(message)`` unless ``condition``: the building block of contracts."""
     if not condition:

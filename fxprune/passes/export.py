@@ -249,6 +249,9 @@ def _probe_kv_layout(model: nn.Module) -> list[tuple[int, int, int]] | None:
         with torch.no_grad(), eval_mode(model):
             cache = model(input_ids=ids, use_cache=True).past_key_values
         layers = getattr(cache, "layers", None)
+        # slots no attention wrote are not cache layers (a depth-pruned model whose attentions
+        # were removed keeps its remaining ones in the first slots)
+        layers = [l for l in layers or () if getattr(l, "keys", None) is not None and l.keys.numel()]
         if not layers:
             return None
         return [(int(l.keys.shape[1]), int(l.keys.shape[-1]), int(l.values.shape[-1])) for l in layers]

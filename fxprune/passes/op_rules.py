@@ -11,12 +11,14 @@ To support a new op, register a function ``rule(ctx, node)`` with ``@register_ru
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Any, Sequence
 
 import sympy
 import torch
 import torch.fx as fx
 
+from fxprune.graph import source_location
 from fxprune.passes.rules import (
     AnalysisContext,
     arg,
@@ -922,7 +924,12 @@ def grouped_mm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.tie(x, 0, out, 0)
     ctx.tie(x, 1, w, 1)
     ctx.tie(w, 2, out, 1)
-    ctx.freeze_dim(w, 0, f"experts selected by offsets at {node.name}")
+    offs = ctx.ref(arg(node, 2, "offs"))
+    if offs is not None and ctx.rank(offs) == 1 and _routed(ctx, offs, 0) and ctx.shape(offs)[0] == ctx.shape(w)[0]:
+        ctx.tie(w, 0, offs, 0)  # offsets count the rows routed to each expert: removing one drops its rows
+        ctx.routing.append(("grouped_mm", (node.name, offs.node)))
+    else:
+        ctx.freeze_dim(w, 0, f"experts selected by offsets at {node.name}")
     ctx.contraction(w, 1, [x, w], f"grouped matmul at {node.name}")
     ctx.zero_contract(out, [x, w])
 
@@ -1131,8 +1138,9 @@ def index_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     rank = ctx.rank(src)
     used = [i for i, t in enumerate(indices) if t is not None]
     idx_refs = [ctx.ref(indices[i]) for i in used]
-    for i in used:
-        ctx.freeze_dim(src, i, f"indexed by values at {node.name}")
+    for i, r in zip(used, idx_refs):
+        if not _follow_values(ctx, node, r, src, i):  # routing: param[expert_ids] (see below)
+            ctx.freeze_dim(src, i, f"indexed by values at {node.name}")
     contiguous = used == list(range(used[0], used[-1] + 1)) if used else True
     bshape_rank = max((ctx.rank(r) for r in idx_refs if r is not None), default=0)
     if not contiguous:
@@ -1163,7 +1171,8 @@ def index_select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     idx = ctx.ref(node.args[2])
     for i in range(ctx.rank(src)):
         if i == dim:
-            ctx.freeze_dim(src, i, f"indexed by values at {node.name}")
+            if not _follow_values(ctx, node, idx, src, i):
+                ctx.freeze_dim(src, i, f"indexed by values at {node.name}")
             if idx is not None and ctx.rank(idx) == 1:
                 ctx.tie(idx, 0, out, i)
         else:
@@ -1177,7 +1186,8 @@ def gather_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     dim = norm_dim(node.args[1], ctx.rank(src))
     idx = ctx.ref(node.args[2])
     ctx.tie_all(out, idx)
-    ctx.freeze_dim(src, dim, f"gathered by values at {node.name}")
+    if not _follow_values(ctx, node, idx, src, dim):  # scores.gather(1, topk_indices)
+        ctx.freeze_dim(src, dim, f"gathered by values at {node.name}")
     for i in range(ctx.rank(src)):
         if i != dim and ctx.shape(src)[i] == ctx.shape(idx)[i]:
             ctx.tie(src, i, out, i)
@@ -1186,20 +1196,21 @@ def gather_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_pass(out, [src])
 
 
-@register_rule(aten.index_add, aten.index_copy)
+@register_rule(aten.index_add, aten.index_copy, aten.index_add_, aten.index_copy_)
 def index_add_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     dim = norm_dim(node.args[1], ctx.rank(src))
     values = ctx.ref(node.args[3])
     ctx.tie_all(out, src)
-    ctx.freeze_dim(src, dim, f"written at index values at {node.name}")
+    if not _follow_values(ctx, node, ctx.ref(node.args[2]), src, dim):
+        ctx.freeze_dim(src, dim, f"written at index values at {node.name}")
     for i in range(ctx.rank(src)):
         if i != dim:
             ctx.tie(values, i, src, i)
     ctx.zero_pass(out, [src, values])
 
 
-@register_rule(aten.index_put)
+@register_rule(aten.index_put, aten.index_put_)
 def index_put_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     indices = list(node.args[1])
@@ -1207,7 +1218,8 @@ def index_put_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.tie_all(out, src)
     used = [i for i, t in enumerate(indices) if t is not None]
     for i in used:
-        ctx.freeze_dim(src, i, f"written at index values at {node.name}")
+        if not _follow_values(ctx, node, ctx.ref(indices[i]), src, i):
+            ctx.freeze_dim(src, i, f"written at index values at {node.name}")
     trailing = [i for i in range(ctx.rank(src)) if i > (used[-1] if used else -1)]
     rv = ctx.rank(values)
     for k, i in enumerate(reversed(trailing)):
@@ -1218,10 +1230,26 @@ def index_put_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 
 @register_rule(aten.one_hot)
 def one_hot_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """one_hot(ids, C): the class dim is the space the ids' values index (C = E, or E + 1 with a
+    sentinel class for dropped tokens); otherwise it is frozen."""
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     for i in range(ctx.rank(src)):
         ctx.tie(src, i, out, i)
-    ctx.freeze_dim(out, ctx.rank(out) - 1, f"one-hot classes at {node.name}")
+    last = ctx.rank(out) - 1
+    atoms = ctx.values_of(src)
+    classes = int_size(ctx, out, last)
+    size = _atoms_size(ctx, atoms)
+    path = ArgPath("args", 1) if len(node.args) > 1 else ArgPath("kwargs", "num_classes")
+    if atoms and size is not None and classes in (size, size + 1):
+        space = ctx.store.make("prod", atoms)
+        if classes == size + 1:
+            sentinel = ctx.store.new(1, frozen=f"sentinel one-hot class at {node.name}")
+            space = ctx.store.make("sum", [space, sentinel])
+        ctx.store.unify_prod(ctx.d(out)[last], [space])
+        ctx.size_arg(node, path, out, last)
+        ctx.use_values(node, src)
+    else:
+        ctx.freeze_dim(out, last, f"one-hot classes at {node.name}")
     ctx.zero_never(out)
 
 
@@ -1335,6 +1363,11 @@ def cumulative_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 
 @register_rule(aten.topk, aten.sort, aten.argsort, aten.kthvalue)
 def topk_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """Selection along a dim.  ``topk`` of a float tensor is a router: its indices are a *value
+    space* of the selected dim (the experts), which stays prunable as long as every consumer of
+    the indices is followed (``param[ids]``, ``one_hot``, ``gather``, ``histc``...); removing a
+    unit re-routes the tokens that chose it, so the space is marked inexact.  ``sort`` of such
+    indices keeps their values.  Anything else freezes the selected dim, as positions."""
     src = ctx.ref(node.args[0])
     rank = ctx.rank(src)
     schema = [a.name for a in node.target._schema.arguments]
@@ -1343,8 +1376,24 @@ def topk_rule(ctx: AnalysisContext, node: fx.Node) -> None:
         i = schema.index("dim")
         dim = node.args[i] if i < len(node.args) else node.kwargs.get("dim", -1)
     dim = norm_dim(dim, rank)
-    ctx.freeze_dim(src, dim, f"{node.target.overloadpacket.__name__} picks positions along this dim at {node.name}")
-    for out in ctx.output_refs(node):
+    packet = node.target.overloadpacket
+    outs = ctx.output_refs(node)
+    src_val = ctx.val(src)
+    routed = (packet is aten.topk and len(outs) == 2 and src_val is not None and src_val.is_floating_point()
+              and int_size(ctx, src, dim) is not None and ctx.d(src)[dim])
+    carried = ctx.values_of(src) if packet is aten.sort else None
+    if routed:
+        ctx.inexact(src, dim, f"top-k routing at {node.name}: removing a unit re-routes the tokens that chose it "
+                              "(equal to the original with its router logit masked)")
+        ctx.tag(src, dim, Tag.EXPERTS)
+        ctx.set_values(outs[1], ctx.d(src)[dim], node.name)
+        ctx.routing.append(("topk", (node.name, dim, int(arg(node, 1, "k")))))
+    elif carried is not None:
+        ctx.use_values(node, src)
+        ctx.set_values(outs[0], carried, node.name)
+    else:
+        ctx.freeze_dim(src, dim, f"{packet.__name__} picks positions along this dim at {node.name}")
+    for out in outs:
         for i in range(rank):
             if i != dim:
                 ctx.tie(src, i, out, i)
@@ -1425,6 +1474,128 @@ def spatial_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 def scalar_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src = ctx.ref(node.args[0])
     ctx.freeze_ref(src, f"value read into Python at {node.name}")
+
+
+# ------------------------------------------------------------------------------------------
+# Routing: value spaces (MoE expert indices) through topk, one_hot, gather, scatter, histc...
+# ------------------------------------------------------------------------------------------
+def _atoms_size(ctx: AnalysisContext, atoms: Sequence[int] | None) -> int | None:
+    """Number of positions a value space spans (None when symbolic or absent)."""
+    if not atoms:
+        return None
+    n = 1
+    for a in atoms:
+        s = ctx.store.size[ctx.store.find(a)]
+        if not isinstance(s, int):
+            return None
+        n *= s
+    return n
+
+
+def _routed(ctx: AnalysisContext, ref: TRef, dim: int) -> bool:
+    """Whether (ref, dim) is a space a top-k router picks among (tagged by ``topk_rule``)."""
+    return any(Tag.EXPERTS in ctx.store.all_tags(a) for a in ctx.d(ref)[dim])
+
+
+def _follow_values(ctx: AnalysisContext, node: fx.Node, idx: TRef | None, src: TRef, dim: int) -> bool:
+    """``node`` indexes dim ``dim`` of ``src`` with the values of ``idx``: when those values are
+    positions of a known space (the experts), that space *is* the indexed dim.  True when tied."""
+    atoms = ctx.values_of(idx)
+    size = _atoms_size(ctx, atoms)
+    if atoms is None or size is None or int_size(ctx, src, dim) != size:
+        return False
+    ctx.store.unify_prod(ctx.d(src)[dim], list(atoms))
+    ctx.use_values(node, idx)
+    ctx.routing.append(("indexed", (node.name, src.node, dim, idx)))
+    return True
+
+
+@register_rule(aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.scatter_, aten.scatter_add_, aten.scatter_reduce_)
+def scatter_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """scatter(self, dim, index, src|value): writes along ``dim`` at the index values (expert
+    counts ``zeros(E).scatter_add_(0, ids, ones)``, DeepSeek's group masks)."""
+    dst, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(dst)
+    dim = norm_dim(node.args[1], rank)
+    idx = ctx.ref(node.args[2])
+    src = ctx.ref(node.args[3]) if len(node.args) > 3 else None
+    ctx.tie_all(out, dst)
+    if idx is not None:
+        if src is not None:
+            ctx.tie_all(src, idx)
+        for i in range(min(rank, ctx.rank(idx))):
+            if i == dim:
+                continue
+            if ctx.shape(idx)[i] == ctx.shape(dst)[i]:
+                ctx.tie(idx, i, dst, i)
+            else:
+                ctx.freeze_dim(dst, i, f"partial scatter at {node.name}")
+    if not _follow_values(ctx, node, idx, dst, dim):
+        ctx.freeze_dim(dst, dim, f"written at index values at {node.name}")
+    if src is not None:
+        ctx.zero_pass(out, [dst, src])
+    elif len(node.args) > 3 and node.args[3] == 0:
+        ctx.zero_pass(out, [dst])
+    else:
+        ctx.zero_never(out)
+
+
+@register_rule(aten.histc)
+def histc_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """histc(ids, bins=E, min=0, max=E-1) counts the rows routed to each expert: its bins are
+    the expert space (``grouped_mm`` offsets); any other histogram's bins are frozen."""
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    bins, lo, hi = arg(node, 1, "bins", 100), arg(node, 2, "min", 0), arg(node, 3, "max", 0)
+    atoms = ctx.values_of(src)
+    size = _atoms_size(ctx, atoms)
+    if atoms and size == bins and lo == 0 and hi == size - 1 and ctx.d(out)[0]:
+        ctx.store.unify_prod(ctx.d(out)[0], list(atoms))
+        ctx.size_arg(node, ArgPath("args", 1) if len(node.args) > 1 else ArgPath("kwargs", "bins"), out, 0)
+        ctx.value_arg(node, ArgPath("args", 3) if len(node.args) > 3 else ArgPath("kwargs", "max"), out, 0, -1)
+        ctx.use_values(node, src)
+    else:
+        ctx.fresh(out)
+        ctx.freeze_ref(out, f"histogram bins at {node.name}")
+    ctx.zero_never(out)
+
+
+# Ops whose output holds the values of their first input, rearranged (value spaces pass through)
+_VALUE_KEEPING = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze,
+    aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.alias, aten.detach, aten.lift_fresh_copy,
+    aten.permute, aten.transpose, aten.t, aten.expand, aten.slice, aten.select, aten.narrow, aten.repeat,
+    aten.repeat_interleave, aten.index, aten.index_select, aten.split, aten.split_with_sizes, aten.chunk,
+    aten.unbind, aten._assert_tensor_metadata, aten.view_as, aten.reshape_as, aten.expand_as,
+}
+
+
+def propagate_values(ctx: AnalysisContext, node: fx.Node) -> None:
+    """After ``node``'s rule: carry value spaces through layout ops, freeze them anywhere else.
+
+    A value space stays prunable only while fxprune knows every use of the values: a rule that
+    follows them (``param[ids]``, ``one_hot``, ``histc``) says so with ``ctx.use_values``; a
+    layout op passes them on; any other use (arithmetic on expert ids, a comparison with a
+    constant) freezes the space they index, with the op named.
+    """
+    if node.op != "call_function" or not ctx.values:
+        return
+    carriers = [r for r in (ctx.ref(a) for a in flat_args(node)) if r is not None and r in ctx.values]
+    if not carriers:
+        return
+    used = ctx.values_used.get(node.name, set())
+    packet = getattr(node.target, "overloadpacket", None)
+    first = ctx.ref(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    for ref in carriers:
+        if ref in used:
+            continue
+        if ref == first and (packet in _VALUE_KEEPING or node.target is operator.getitem):
+            atoms, origin = ctx.values[ref]
+            for out in ctx.output_refs(node):
+                ctx.values.setdefault(out, (atoms, origin))
+            continue
+        atoms, origin = ctx.values[ref]
+        ctx.store.freeze(atoms, f"the indices {origin} returns are used by {node.target} at {node.name} "
+                                f"({source_location(node)}), which fxprune does not follow")
 
 
 # ------------------------------------------------------------------------------------------

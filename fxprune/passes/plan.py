@@ -39,7 +39,8 @@ from fxprune.graph import Group, Member, kept_size
 from fxprune.passes.base import fxpass
 from fxprune.util.names import edge_blocks, matches_prefix
 
-__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "make_plan", "make_uniform"]
+__all__ = ["DEFAULT_KINDS", "ALLOCATIONS", "Plan", "as_plan", "count_params_after", "kind_enabled", "make_plan",
+           "make_uniform"]
 
 DEFAULT_KINDS: dict[str, bool] = {
     "channels": True,
@@ -48,6 +49,8 @@ DEFAULT_KINDS: dict[str, bool] = {
     "head_dim": False,
     "head_repeat": False,
     "hidden": False,
+    "experts": False,
+    "blocks": False,
 }
 """Which group kinds are pruned when ``kinds`` does not mention them (unknown kinds: not pruned)."""
 
@@ -70,7 +73,10 @@ graph rather than the user's class.  A criterion may also name kinds it cannot c
 
 
 def _groups_of(groups: Any) -> list[Group]:
-    return list(groups.groups) if hasattr(groups, "groups") and not isinstance(groups, (list, tuple)) else list(groups)
+    """Width groups and blocks groups of an Analysis (or the given sequence as it is)."""
+    if hasattr(groups, "groups") and not isinstance(groups, (list, tuple)):
+        return list(groups.groups) + list(getattr(groups, "blocks", ()))
+    return list(groups)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,7 +112,7 @@ class Plan(Mapping[str, tuple[int, ...]]):
             bad = [u for u in us if u < 0 or u >= group.size]
             if bad:
                 raise PlanError(f"plan for group {gid!r} has units {bad} out of range [0, {group.size}).")
-            if len(us) >= group.size:
+            if len(us) >= group.size and group.kind != "blocks":  # every branch may go: x stays
                 raise PlanError(f"plan removes all {group.size} units of group {gid!r}; keep at least one.")
             if us:
                 clean[gid] = tuple(us)
@@ -198,7 +204,12 @@ class ParamCounter:
         self.dims: dict[str, dict[int, _Dim]] = {}
         self.touches: dict[str, set[str]] = {}  # group id -> parameter names
         self.unknown: set[str] = set()
+        self.blocks: dict[str, Any] = {}  # blocks groups: a unit removes whole tensors
         for g in groups:
+            if g.kind == "blocks":
+                self.blocks[g.id] = g
+                self.touches[g.id] = {p for p in g.param_names if p in self.numel}
+                continue
             for m in g.params:
                 if m.name not in self.numel:
                     self.unknown.add(m.name)
@@ -235,9 +246,19 @@ class ParamCounter:
         return n // covered
 
     def removed_counts(self, counts: Mapping[str, int], units_of: UnitsOf) -> int:
-        """Parameters removed when ``counts[gid]`` units of each group go (exact)."""
-        names = set().union(*(self.touches.get(gid, set()) for gid, n in counts.items() if n))
-        total = 0
+        """Parameters removed when ``counts[gid]`` units of each group go (exact).
+
+        A removed branch (blocks group) removes all of its tensors; width groups shrinking
+        those tensors count nothing more for them.
+        """
+        gone: set[str] = set()
+        for gid, n in counts.items():
+            if n and gid in self.blocks:
+                for u in units_of(gid):
+                    gone.update(p for p in self.blocks[gid].unit_params(u) if p in self.numel)
+        names = set().union(*(self.touches.get(gid, set()) for gid, n in counts.items()
+                              if n and gid not in self.blocks)) - gone
+        total = sum(self.numel[name] for name in gone)
         for name in names:
             kept = self.rest[name] * math.prod(d.kept(counts, units_of) for d in self.dims[name].values())
             total += self.numel[name] - kept
@@ -325,9 +346,24 @@ def _kind_setting(kind: str, kinds: Mapping[str, Any] | None) -> float | bool:
     return False if f == 0.0 else f
 
 
+def _min_kept(source: Any) -> dict[str, int]:
+    from fxprune.passes.experts import min_kept_experts
+
+    return min_kept_experts(source)
+
+
+def kind_enabled(kind: str, kinds: Mapping[str, Any] | None) -> bool:
+    """Whether the planner may prune groups of ``kind`` under ``kinds`` (merged over the defaults)."""
+    return _kind_setting(kind, kinds) is not False
+
+
 def _blocks_kept(groups: Sequence[Group], first: int, last: int) -> set[str]:
     """Blocks among the first/last N of their family (``model.layers.<i>``), by numeric index."""
-    return edge_blocks([g.block for g in groups], first, last)
+    from fxprune.passes.depth import block_of
+
+    names = [g.block for g in groups if g.kind != "blocks"]
+    names += [block_of(b) for g in groups if g.kind == "blocks" for b in g.branches]
+    return edge_blocks(names, first, last)
 
 
 def round_for(kind: str, round_to: int | Mapping[str, int]) -> int:
@@ -348,8 +384,10 @@ def _candidates(
     kept_blocks: set[str],
     ignore: Sequence[str],
     round_to: int | Mapping[str, int],
+    min_kept: Mapping[str, int] | None = None,
 ) -> tuple[list[_Candidate], dict[str, str]]:
     """The prunable groups, and why every other group is skipped."""
+    min_kept = min_kept or {}
     cands: list[_Candidate] = []
     skipped: dict[str, str] = {}
     for i, g in enumerate(groups):
@@ -360,6 +398,10 @@ def _candidates(
             continue
         s = _group_scores(g, scores)
         steps = allowed_removals(g.size, round_for(g.kind, round_to), max_group_ratio)
+        if g.kind == "blocks":
+            s, steps = _block_units(g, s, steps, kept_blocks, ignore, skipped)
+        if g.id in min_kept:  # a router picking top-k needs k experts
+            steps = [k for k in steps if g.size - k >= min_kept[g.id]]
         if len(steps) == 1:
             skipped[g.id] = f"size {g.size} leaves no removable multiple of round_to within the cap"
             continue
@@ -369,13 +411,29 @@ def _candidates(
     return cands, skipped
 
 
+def _block_units(g: Any, s: np.ndarray, steps: list[int], kept_blocks: set[str], ignore: Sequence[str],
+                 skipped: dict[str, str]) -> tuple[np.ndarray, list[int]]:
+    """Branches in kept blocks or with ignored parameters sort last and are never reached."""
+    from fxprune.passes.depth import block_of
+
+    held = [u for u, b in enumerate(g.branches)
+            if block_of(b) in kept_blocks or any(matches_prefix(p, ignore) for p in b.params)]
+    for u in held:
+        skipped[f"{g.id}[{u}] {g.branches[u].id}"] = "kept (keep_blocks_first/last or ignore)"
+    if not held:
+        return s, steps
+    s = s.copy()
+    s[held] = (s.max() if len(s) else 0.0) + 1.0
+    return s, [k for k in steps if k <= g.size - len(held)]
+
+
 def _skip_reason(g: Group, setting: float | bool, counter: ParamCounter,
                  kept_blocks: set[str], ignore: Sequence[str]) -> str | None:
     if setting is False:
         return f"kind {g.kind!r} is not pruned (enable it with kinds={{{g.kind!r}: True}})"
     if g.block is not None and g.block in kept_blocks:
         return f"block {g.block!r} is kept (keep_blocks_first/last)"
-    if any(matches_prefix(n, ignore) for n in g.param_names):
+    if g.kind != "blocks" and any(matches_prefix(n, ignore) for n in g.param_names):
         return "a parameter matches `ignore`"
     if g.id not in counter.touches:
         return "no counted parameter members (nothing to save)"
@@ -666,7 +724,7 @@ def make_plan(
     kept_blocks = _blocks_kept(groups, keep_blocks_first, keep_blocks_last)
     cands, skipped = _candidates(
         groups, scores, counter, kinds=kinds, max_group_ratio=max_group_ratio,
-        kept_blocks=kept_blocks, ignore=ignore, round_to=round_to,
+        kept_blocks=kept_blocks, ignore=ignore, round_to=round_to, min_kept=_min_kept(source),
     )
     target = ratio * counter.total
     fixed = {c.index: c.nearest_step(c.fixed * c.group.size) for c in cands if c.fixed is not None}
@@ -686,6 +744,7 @@ def make_plan(
     info = _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
     info.update(round_to=dict(round_to) if isinstance(round_to, Mapping) else round_to,
                 max_group_ratio=max_group_ratio)
+    info["removed_blocks"] = [g.branches[u].id for g in groups if g.kind == "blocks" for u in plan.get(g.id, ())]
     info["by_kind"] = by_kind(plan, groups, counter, getattr(scores, "raw", scores), kind_notes)
     return Plan.of(groups, plan, info)
 
@@ -825,6 +884,9 @@ def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter, allocat
     """
     def step(c: _Candidate) -> int:
         chunk = max(b - a for a, b in zip(c.steps, c.steps[1:]))
+        if c.group.kind == "blocks":
+            per_branch = [sum(counter.numel.get(p, 0) for p in b.params) for b in c.group.branches]
+            return max(per_branch, default=0) * chunk
         known = [m for m in c.group.params if m.name in counter.numel]
         return sum(counter.numel[m.name] // m.dim_size * m.unit_width for m in known) * chunk
 

@@ -35,6 +35,8 @@ import torch.fx as fx
 from fxprune.errors import BadInputError, VerificationError
 from fxprune.graph import PrunableGraph, kept_indices, kept_size, layout_size
 from fxprune.passes.base import check, fxpass
+from fxprune.passes.depth import DepthRewrite, bypass_branches, removed_branches, rewrite_depth
+from fxprune.passes.experts import masked_reference, oracle_applies, set_value_args
 from fxprune.passes.plan import Plan, as_plan
 from fxprune.passes.update import IDENTITY, WeightUpdate
 from fxprune.types import ArgPath, TensorRef
@@ -198,7 +200,12 @@ def rewrite_graph(analysis: Any, plan: Any, weights: WeightUpdate | None = None,
                 u.replace_input_with(last, sel)
             last = sel
             changed.setdefault(name, {})[ArgPath("args", "index_select", d)] = (layout_size(lay), len(kept))
-    # 6. a view that was legal on the original strides may not be after pruning (a kernel can
+    # 6. constants counting experts with an offset (histc max = E - 1)
+    for name, paths in set_value_args(nodes, analysis, removed, _set_path).items():
+        changed.setdefault(name, {}).update(paths)
+    # 7. removed residual branches: x + f(x) becomes x, the branch's nodes and tensors go
+    bypass_branches(gm, analysis, plan)
+    # 8. a view that was legal on the original strides may not be after pruning (a kernel can
     #    pick another output layout for the new head_dim), so views become reshapes.
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
@@ -382,6 +389,7 @@ class ModuleRewrite:
     problems: list[str]
     config_updated: bool
     conflicts: list[tuple[str, str, int, list[int]]] = dataclasses.field(default_factory=list)
+    depth: DepthRewrite | None = None
 
 
 def apply_shapes_to_module(
@@ -414,8 +422,12 @@ def apply_shapes_to_module(
 
 
 def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: RewrittenProgram,
-                   weights: WeightUpdate | None = None) -> ModuleRewrite:
-    """A smaller copy of ``model``: updated and sliced tensors, refreshed size attributes, int attrs."""
+                   weights: WeightUpdate | None = None, *, delete_layers: bool = True) -> ModuleRewrite:
+    """A smaller copy of ``model``: updated and sliced tensors, refreshed size attributes, int attrs.
+
+    Removed residual branches are deleted with their layer when it has no other work
+    (``delete_layers``), else replaced by modules returning zeros.
+    """
     new_model = copy.deepcopy(model)
     if weights is not None and not weights.is_identity:
         weights.apply_to(new_model)
@@ -424,7 +436,33 @@ def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: R
         shapes = {**shapes, **{f: d for f in weights.added if (d := added_dims(f, shapes))}}
     apply_shapes_to_module(new_model, shapes, analysis.graph.aliases)
     changes, problems, conflicts = _fix_int_attributes(new_model, analysis, program)
-    return ModuleRewrite(new_model, changes, problems, False, conflicts)
+    depth = None
+    if removed_branches(analysis, plan):
+        changes, problems, conflicts, depth = _rewrite_module_depth(new_model, model, analysis, plan, changes,
+                                                                    problems, conflicts, delete_layers)
+    return ModuleRewrite(new_model, changes, problems, False, conflicts, depth)
+
+
+def _rewrite_module_depth(new_model: torch.nn.Module, original: torch.nn.Module, analysis: Any, plan: Plan,
+                          changes: dict, problems: list[str], conflicts: list, delete_layers: bool) -> tuple:
+    """Removed branches in the module (see :func:`fxprune.passes.depth.rewrite_depth`); the
+    attribute records move to the module paths the model has after layers were deleted."""
+    depth = rewrite_depth(new_model, analysis, plan, original, delete_layers=delete_layers)
+
+    def where(path: str) -> str | None:  # None: the module is gone (deleted layer, zeroed branch)
+        new_path = depth.remap(path)
+        if new_path is None or any(new_path == z or new_path.startswith(z + ".") for z in depth.zeroed):
+            return None
+        return new_path
+
+    moved: dict[str, dict[str, tuple[int, int]]] = {}
+    for path, attrs in changes.items():
+        if where(path) is not None:
+            moved.setdefault(where(path), {}).update(attrs)
+    for path, attrs in depth.layer_attrs.items():
+        moved.setdefault(path, {}).update(attrs)
+    conflicts = [(where(o), a, old, vals) for o, a, old, vals in conflicts if where(o) is not None]
+    return moved, problems + depth.problems, conflicts, depth
 
 
 _SKIP_ATTR = re.compile(r"(idx|index|layer|seed|id$|_id$|vocab|position|max_|rank)", re.I)
@@ -634,6 +672,17 @@ def describable_kinds(model: torch.nn.Module, analysis: Any, kinds: Any, round_t
     return out
 
 
+def _config_describes(model: torch.nn.Module) -> bool:
+    """Whether the model's own config rebuilds exactly its tensors (after depth changes)."""
+    cfg = hf.config_of(model)
+    if cfg is None or not hasattr(type(model), "_from_config"):
+        return False
+    try:
+        return hf.state_shapes(hf.skeleton(model, cfg)) == hf.state_shapes(model)
+    except Exception:  # noqa: BLE001 - the class refuses the config: it does not describe the model
+        return False
+
+
 def _int_attr_snapshot(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     return {
         name: {k: v for k, v in vars(m).items() if type(v) is int and not k.startswith("_")}
@@ -656,9 +705,12 @@ class VerifyReport:
     max_abs_diff: float
     output_shapes_ok: bool
     finite: bool
+    oracle: str = "zeroed"  # "zeroed", or "masked-router" when experts were removed
 
     def __str__(self) -> str:
         what = "outputs equal the zeroed original" if self.exact_checked else "shapes and finiteness"
+        if self.exact_checked and self.oracle == "masked-router":
+            what += " with the removed experts masked in the router"
         return f"verified {what} (max |diff| {self.max_abs_diff:.2e})"
 
 
@@ -672,7 +724,13 @@ def zeroed_copy(model: torch.nn.Module, analysis: Any, plan: Any, weights: Weigh
         weights.apply_to(z)
     params = dict(z.named_parameters(remove_duplicate=False))
     with torch.no_grad():
+        for br in removed_branches(analysis, plan):  # a removed branch: its output is zero
+            for name in br.zero_params:
+                if name in params:
+                    params[name].zero_()
         for gid, units in plan.items():
+            if gid not in groups:
+                continue
             for m in groups[gid].params:
                 for name in graph.aliases.get(m.name, [m.name]):
                     if name in params:
@@ -728,14 +786,17 @@ def verify(
     """
     plan = as_plan(analysis, plan)
     graph = analysis.graph
-    groups = analysis.by_id
-    exact = all(groups[g].exact for g in plan)
+    exact = _plan_is_exact(analysis, plan)
+    masked = not exact and _plan_is_exact(analysis, plan, but_experts=True) and oracle_applies(analysis, plan)
     kwargs = {**(inputs if inputs is not None else graph.example_kwargs), **graph.constant_kwargs}
     args = graph.example_args if inputs is None else ()
     with torch.no_grad():
         out_p = _call(pruned, args, kwargs)
         if exact:
             out_o = _call(zeroed_copy(original, analysis, plan, weights), args, kwargs)
+        elif masked:  # removed experts: the original with their router logits at -inf
+            out_o = masked_reference(original, analysis, plan, weights, args, kwargs)
+            exact = True
         else:
             out_o = _call(original, args, kwargs)
     finite = all(bool(torch.isfinite(t).all()) for t in tensor_leaves(out_p, floating=True))
@@ -755,7 +816,21 @@ def verify(
                 f"pruned model differs from the original with the removed units zeroed: {why}. "
                 "This is a bug in fxprune's analysis or rewrite; please report it with the model."
             )
-    return VerifyReport(exact, worst, shapes_ok, finite)
+    return VerifyReport(exact, worst, shapes_ok, finite, "masked-router" if masked else "zeroed")
+
+
+def _plan_is_exact(analysis: Any, plan: Plan, but_experts: bool = False) -> bool:
+    """Every planned width group is exact and every removed branch has a zeroing set
+    (``but_experts``: experts groups aside, they have the masked-router oracle)."""
+    groups = analysis.by_id
+    blocks = getattr(analysis, "block_by_id", {})
+    for gid, units in plan.items():
+        if gid in blocks:
+            if not blocks[gid].exact_for(units):
+                return False
+        elif not groups[gid].exact and not (but_experts and groups[gid].kind == "experts"):
+            return False
+    return True
 
 
 def _call(model: Any, args: tuple, kwargs: dict) -> Any:
@@ -785,6 +860,7 @@ class RewriteResult:
     notes: tuple[str, ...]
     shapes: Mapping[str, list[int]]
     weights: WeightUpdate = IDENTITY
+    depth: DepthRewrite | None = None  # layers deleted / branches zeroed (recorded by save)
 
     def __repr__(self) -> str:
         return (f"RewriteResult(model={type(self.model).__name__}, returned={self.returned!r}, "
@@ -843,8 +919,17 @@ def rewrite(
     ok, why = _matches_graph(mod.module, graph_out, args, kwargs)
     if not ok and mod.conflicts:
         ok = _resolve_conflicts(mod, graph_out, args, kwargs)
+    if not ok and mod.depth is not None and mod.depth.deleted:  # the forward indexes its layers:
+        mod = rewrite_module(model, analysis, plan, program, weights, delete_layers=False)  # zero them
+        ok, why = _matches_graph(mod.module, graph_out, args, kwargs)
+        if not ok and mod.conflicts:
+            ok = _resolve_conflicts(mod, graph_out, args, kwargs)
+    if ok and mod.depth is not None and mod.depth.problems:  # a branch module that could not go
+        ok, why = False, "; ".join(mod.depth.problems)
+        mod.problems.extend(p for p in mod.depth.problems if p not in mod.problems)
+    depth_problems = bool(mod.depth is not None and mod.depth.problems)
     search = hf.ConfigSearch(model, skip=_SKIP_ATTR) if hf.config_of(model) is not None else None
-    if search is not None and search.usable:
+    if search is not None and search.usable and not depth_problems:
         def matches() -> bool:
             return _matches_graph(mod.module, graph_out, args, kwargs)[0]
 
@@ -854,6 +939,10 @@ def rewrite(
         if mod.config_updated and not ok:
             ok = True
             mod.problems.clear()
+    if ok and not mod.config_updated and mod.depth is not None and mod.depth.changed:
+        mod.config_updated = _config_describes(mod.module)
+    if mod.depth is not None:
+        notes.extend(mod.depth.notes)
     returned = "module"
     if not ok:
         reason = "; ".join(mod.problems) or why
@@ -876,7 +965,7 @@ def _result(module: Any, program: RewrittenProgram, plan: Plan, mod: ModuleRewri
     shapes = {n: list(t.shape) for n, t in module.state_dict().items()} if returned == "module" else {}
     return RewriteResult(module, program, plan, returned, report,
                          {k: dict(v) for k, v in mod.attribute_changes.items()}, mod.config_updated,
-                         tuple(mod.problems), tuple(notes), shapes, weights)
+                         tuple(mod.problems), tuple(notes), shapes, weights, mod.depth)
 
 
 def _matches_graph(module: torch.nn.Module, graph_out: Any, args: tuple, kwargs: dict) -> tuple[bool, str]:

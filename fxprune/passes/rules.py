@@ -306,6 +306,12 @@ class AnalysisContext:
         self.attention_nodes: list[str] = []
         self.attention_values: list[TensorRef] = []  # the value operands of sdpa and attention matmuls
         self.fresh_atoms: set[int] = set()
+        # value spaces: integer tensors whose *values* are positions in an index space (the
+        # indices topk returns index the experts of a router); see op_rules' routing rules
+        self.values: dict[TensorRef, tuple[list[int], str]] = {}
+        self.values_used: dict[str, set[TensorRef]] = collections.defaultdict(set)
+        self.value_args: dict[str, dict[ArgPath, tuple[TensorRef, int, int]]] = collections.defaultdict(dict)
+        self.routing: list[tuple[str, Any]] = []  # (fact, details) recorded by routing rules
         self.current: str | None = None  # the node whose rule runs
         self.view_of: dict[TensorRef, TensorRef] = {}  # a view -> the tensor it views
         self.writes: dict[str, list[TensorRef]] = {}  # node -> the inputs it writes in place
@@ -454,6 +460,24 @@ class AnalysisContext:
     def offset_arg(self, node: fx.Node, path: ArgPath, ref: TensorRef, dim: int, offset: int) -> None:
         """``node``'s argument at ``path`` is an offset into (ref, dim)."""
         self.offset_args[node.name][path] = (ref, dim, offset)
+
+    # ---------------------------------------------------------------- value spaces
+    def set_values(self, ref: TensorRef, atoms: Sequence[int], origin: str) -> None:
+        """The values of integer tensor ``ref`` are positions in the space of ``atoms``."""
+        self.values[ref] = (list(atoms), origin)
+
+    def values_of(self, ref: TensorRef | None) -> list[int] | None:
+        """The atoms whose positions the values of ``ref`` are, or None."""
+        entry = self.values.get(ref) if ref is not None else None
+        return entry[0] if entry is not None else None
+
+    def use_values(self, node: fx.Node, ref: TensorRef) -> None:
+        """``node``'s rule followed the values of input ``ref`` (tied the space they index)."""
+        self.values_used[node.name].add(ref)
+
+    def value_arg(self, node: fx.Node, path: ArgPath, ref: TensorRef, dim: int, delta: int) -> None:
+        """``node``'s argument at ``path`` is the size of (ref, dim) plus ``delta`` (``histc``'s max)."""
+        self.value_args[node.name][path] = (ref, dim, delta)
 
     # ---------------------------------------------------------------- zero specs
     def zero_pass(self, out: TensorRef, inputs: Sequence[TensorRef]) -> None:

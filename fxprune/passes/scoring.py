@@ -47,7 +47,7 @@ from torch import nn
 from fxprune.errors import BadInputError, DataError, ScoringError
 from fxprune.graph import Group, Member, layout_coords
 from fxprune.passes import curvature
-from fxprune.passes.base import check, fxpass
+from fxprune.passes.base import check, class_registrar, fxpass
 from fxprune.passes.stats import Collector, StatSpec
 from fxprune.util.hf import linear_input_dim
 from fxprune.util.loss import Batch, LossFn, count_tokens, default_loss, model_loss  # noqa: F401 - default_loss re-exported
@@ -85,17 +85,8 @@ NORMALIZERS: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {}
 """How one group's scores are rescaled so that groups can be ranked against each other."""
 
 
-def register_importance(name: str) -> Callable[[type["Importance"]], type["Importance"]]:
-    """Class decorator: make an :class:`Importance` subclass available as ``importance=name``."""
-
-    def deco(cls: type[Importance]) -> type[Importance]:
-        if not (isinstance(cls, type) and issubclass(cls, Importance)):
-            raise TypeError(f"@register_importance({name!r}) needs an Importance subclass")
-        cls.name = name
-        IMPORTANCE[name] = cls
-        return cls
-
-    return deco
+register_importance = class_registrar(IMPORTANCE, lambda: Importance, "register_importance")
+"""Class decorator: make an :class:`Importance` subclass available as ``importance=name``."""
 
 
 def register_aggregate(name: str) -> Callable:
