@@ -22,7 +22,7 @@ from fxprune.calib import load_calibration
 from fxprune.errors import DataError, PlanError
 from fxprune.graph import PrunableGraph
 from fxprune.passes.analysis import Analysis, analyze
-from fxprune.passes.capture import trace
+from fxprune.passes.capture import as_keyword_inputs, split_example_inputs, trace
 from fxprune.passes.plan import Plan, make_plan
 from fxprune.passes.rewrite import RewriteResult, rewrite
 from fxprune.passes.scoring import IMPORTANCE, Scores, score
@@ -115,7 +115,7 @@ def prune(
     model_or_graph: torch.nn.Module | PrunableGraph | Analysis,
     ratio: float,
     *,
-    example_inputs: Mapping[str, torch.Tensor] | None = None,
+    example_inputs: Any = None,
     calib: Any = None,
     tokenizer: Any = None,
     importance: str = "taylor",
@@ -153,8 +153,9 @@ def prune(
         model_or_graph: an ``nn.Module`` (left untouched), a graph from ``fxprune.trace``, or an
             ``Analysis`` from ``fxprune.analyze`` (then neither capture nor analysis runs again).
         ratio: fraction of all parameters to remove, in [0, 1).
-        example_inputs: kwargs used for tracing and verification (default: the first
-            calibration batch, or token ids built from the model config).
+        example_inputs: inputs used for tracing and verification, in torch.export's conventions:
+            a tuple of positional args, a dict of keyword args, or ``(args, kwargs)`` (default:
+            the first calibration batch, or token ids built from the model config).
         calib: calibration data for data-driven criteria: a list of strings (with
             ``tokenizer``), a ``datasets.Dataset``, a local txt/json/jsonl/parquet path, or an
             iterable of ready batches.
@@ -166,10 +167,9 @@ def prune(
             built-in loss (encoders); HF causal LMs use their LM loss by default.
         update_method: a weight-update method from ``fxprune.passes.update.UPDATES``.
     """
-    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
-    if importance not in IMPORTANCE:
-        raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    check_prune_arguments(ratio=ratio, importance=importance, allocation=allocation, round_to=round_to,
+                          n_samples=n_samples, seq_len=seq_len, batch_size=batch_size, aggregate=aggregate,
+                          update_method=update_method, max_group_ratio=max_group_ratio)
     timings: dict[str, float] = {}
     notes: list[str] = []
     clock = _Clock(timings)
@@ -188,15 +188,18 @@ def prune(
         elif isinstance(model_or_graph, PrunableGraph):
             graph = model_or_graph
         else:
-            inputs = dict(example_inputs) if example_inputs is not None else _default_inputs(model_or_graph, batches)
-            graph = trace(model_or_graph, kwargs=inputs)
+            if example_inputs is not None:
+                ex_args, ex_kwargs = split_example_inputs(example_inputs)
+            else:
+                ex_args, ex_kwargs = (), _default_inputs(model_or_graph, batches)
+            graph = trace(model_or_graph, ex_args, ex_kwargs)
         model = graph.module
     with clock("analyze"):
         if analysis is None or tuple(ignore) != analysis.ignore:
             analysis = analyze(graph, ignore=ignore)
     if IMPORTANCE[importance].needs_grad or IMPORTANCE[importance].needs_inputs:
         if batches is None:
-            batches = [dict(graph.example_kwargs)]
+            batches = [_example_batch(graph)]
             notes.append(
                 f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
             )
@@ -239,6 +242,51 @@ class _Clock:
 
 
 # ------------------------------------------------------------------------------------------
+def check_prune_arguments(*, ratio: Any, importance: str, allocation: str = "uniform", round_to: Any = 1,
+                          n_samples: int = 32, seq_len: int = 128, batch_size: int = 1, aggregate: str = "sum",
+                          update_method: str = "none", max_group_ratio: float = 0.9) -> None:
+    """Every argument of :func:`prune` that can be checked before any work (the CLI calls it too)."""
+    import math
+
+    from fxprune.passes.plan import ALLOCATIONS
+    from fxprune.passes.scoring import AGGREGATES
+    from fxprune.passes.update import UPDATES
+
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+            or not 0.0 <= float(ratio) < 1.0:
+        raise PlanError(f"ratio must be a fraction in [0, 1) of the parameters to remove, got {ratio!r}")
+    if importance not in IMPORTANCE:
+        raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    if allocation not in ALLOCATIONS:
+        raise PlanError(f"unknown allocation {allocation!r}; choose one of {list(ALLOCATIONS)}")
+    if aggregate not in AGGREGATES:
+        raise PlanError(f"unknown aggregate {aggregate!r}; choose one of {sorted(AGGREGATES)}")
+    if update_method not in UPDATES:
+        raise PlanError(f"unknown update_method {update_method!r}; choose one of {sorted(UPDATES)}")
+    values = round_to.values() if isinstance(round_to, Mapping) else [round_to]
+    for r in values:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise PlanError(f"round_to must be a positive integer (or a dict of them per kind), got {round_to!r}")
+    for name, v in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DataError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(max_group_ratio, (int, float)) or not 0.0 < float(max_group_ratio) <= 1.0:
+        raise PlanError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
+
+
+def _example_batch(graph: PrunableGraph) -> Any:
+    """The example inputs as one scoring batch: keyword args, else positional args."""
+    kwargs = dict(graph.example_kwargs)
+    if not graph.example_args:
+        return kwargs
+    bound = as_keyword_inputs(graph.module, graph.example_args, kwargs)
+    if bound is not None:
+        return bound
+    if kwargs:
+        raise DataError("pass calib=... batches: the example inputs mix *args and keyword inputs")
+    return tuple(graph.example_args)
+
+
 def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
     if batches:
         first = batches[0]
@@ -249,13 +297,14 @@ def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
     return default_example_inputs(model)
 
 
-def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs: Mapping | None = None) -> float | None:
+def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs: Mapping | None = None,
+                args: tuple = ()) -> float | None:
     """FLOPs of one forward pass on ``inputs`` (torch's FlopCounterMode), or None if it fails."""
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(**inputs, **(constant_kwargs or {}))
+            model(*args, **inputs, **(constant_kwargs or {}))
         return float(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - FLOPs are informative only
         return None
@@ -266,8 +315,8 @@ def _report(model, pruned, graph, groups, plan, scores, ratio, importance, alloc
     on_meta = graph.on_meta
     flops_before = flops_after = None
     if not on_meta:
-        flops_before = count_flops(model, graph.example_kwargs, graph.constant_kwargs)
-        flops_after = count_flops(pruned, graph.example_kwargs, graph.constant_kwargs)
+        flops_before = count_flops(model, graph.example_kwargs, graph.constant_kwargs, graph.example_args)
+        flops_after = count_flops(pruned, graph.example_kwargs, graph.constant_kwargs, graph.example_args)
     kept: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     rows = []
     for g in groups:

@@ -39,8 +39,9 @@ __all__ = [
 Case = tuple[tuple, dict]  # (positional args, keyword args) of one forward call
 Runner = Callable[[tuple, dict], Any]
 
-SURE_EQUAL_EPS = 128
-"""Differences up to ``SURE_EQUAL_EPS * eps(dtype)`` of an output's scale are rounding noise."""
+SURE_EQUAL_EPS = 8
+"""Differences up to ``SURE_EQUAL_EPS * eps(dtype)`` of an output's scale are rounding noise;
+anything larger is judged again in float64 when the models fit :data:`FLOAT64_BUDGET_BYTES`."""
 
 FLOAT64_TOLERANCE = 1e-9
 """In float64 (eps 2.2e-16) a relative difference above this is a real difference."""
@@ -50,7 +51,7 @@ FLOAT64_BUDGET_BYTES = 2 << 30
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """Relative differences up to this are rounding noise in ``dtype`` (float32: 1.5e-5)."""
+    """Relative differences up to this are rounding noise in ``dtype`` (float32: 9.5e-7)."""
     return SURE_EQUAL_EPS * torch.finfo(dtype).eps
 
 
@@ -140,13 +141,16 @@ def describe_case(case: Case) -> str:
 
 
 def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
-          float64: Callable[[], tuple[Runner, Runner] | None] | None = None) -> Verdict:
+          float64: Callable[[], tuple[Runner, Runner] | None] | None = None,
+          force_float64: bool = False) -> Verdict:
     """Whether ``candidate`` computes what ``reference`` computes on every case.
 
     A case the *reference* cannot run (a shape the model does not accept) is skipped, except the
     first (the example inputs), whose failure propagates.  A candidate that fails where the
     reference runs differs.  Differences between noise and clearly wrong are rejudged in float64
-    when ``float64()`` returns runners for float64 copies (None: no judge, a looser bound).
+    when ``float64()`` returns runners for float64 copies (None: no judge, a looser bound);
+    ``force_float64`` rejudges every difference that is not exactly zero, and refuses when no
+    float64 judge is available (for changes known to be able to hide below float32 noise).
     """
     worst = Difference(0.0, 0.0, torch.float32)
     ambiguous = False
@@ -174,7 +178,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
         if d.rel > _sure_different(d.dtype):
             return Verdict(False, d.rel, d.max_abs, str(d.dtype).replace("torch.", ""), tuple(shapes),
                            f"relative difference {d.rel:.2e} (max |diff| {d.max_abs:.2e}) at input shapes {where}")
-        if d.rel > tolerance(d.dtype):
+        if d.rel > tolerance(d.dtype) or (force_float64 and d.max_abs > 0):
             ambiguous = True
         if d.rel >= worst.rel:
             worst = d
@@ -182,6 +186,10 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
     if not ambiguous:
         return Verdict(True, worst.rel, worst.max_abs, name, tuple(shapes))
     pair = float64() if float64 is not None else None
+    if pair is None and force_float64:
+        return Verdict(False, worst.rel, worst.max_abs, name, tuple(shapes),
+                       f"a relative difference of {worst.rel:.2e} in {name} needs a float64 judge, which is "
+                       "not available for this model (too large, or not castable to float64)")
     if pair is None:
         ok = worst.rel <= _loose(worst.dtype)
         note = (f"a relative difference of {worst.rel:.2e} in {name} could not be judged in float64 "
@@ -195,7 +203,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
         try:
             d = output_difference(ref64(*c64), cand64(*c64))
         except Exception as exc:  # noqa: BLE001 - the float64 copies do not run: fall back
-            ok = worst.rel <= _loose(worst.dtype)
+            ok = worst.rel <= _loose(worst.dtype) and not force_float64
             note = f"the float64 judge could not run ({type(exc).__name__}); accepted {name} difference {worst.rel:.2e}"
             return Verdict(ok, worst.rel, worst.max_abs, name, tuple(shapes),
                            "" if ok else f"relative difference {worst.rel:.2e} in {name}", (note,) if ok else ())
@@ -211,10 +219,12 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
 # ------------------------------------------------------------------------------------------
 # Inputs at other shapes
 # ------------------------------------------------------------------------------------------
-def check_cases(args: tuple, kwargs: dict, constants: dict, dynamic_shapes: Any, *, seed: int = 0) -> list[Case]:
+def check_cases(args: tuple, kwargs: dict, constants: dict, dynamic_shapes: Any, *, seed: int = 0,
+                arg_names: Sequence[str] = ()) -> list[Case]:
     """The example call, then the same call at one more batch row and three more positions.
 
-    Only dims the trace made dynamic change (``dynamic_shapes`` as given to torch.export); sizes
+    Only dims the trace made dynamic change (``dynamic_shapes`` as given to torch.export, whose
+    dict form names positional inputs by ``arg_names``); sizes
     stay consistent across inputs that share a dim (ids and mask).  Values are drawn like the
     examples' (ids from their range, masks all ones).
     """
@@ -223,8 +233,8 @@ def check_cases(args: tuple, kwargs: dict, constants: dict, dynamic_shapes: Any,
         return [base]
     from fxprune.passes.export import _fresh_like  # the one home of "inputs like these"
 
-    if isinstance(dynamic_shapes, dict):
-        arg_specs: Sequence[Any] = ()
+    if isinstance(dynamic_shapes, dict):  # keyed by forward parameter names, positional ones too
+        arg_specs: Sequence[Any] = [dynamic_shapes.get(n) for n in arg_names]
         kw_specs = dynamic_shapes
     elif isinstance(dynamic_shapes, (tuple, list)):
         arg_specs, kw_specs = dynamic_shapes, {}
