@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -29,6 +30,8 @@ from fxprune.passes.scoring import IMPORTANCE, Scores, score
 from fxprune.passes.update import WeightUpdate, update
 from fxprune.util.hf import default_example_inputs
 from fxprune.util.modules import count_params, numel_by_name
+
+_log = logging.getLogger("fxprune")
 
 
 @dataclasses.dataclass
@@ -234,6 +237,7 @@ class _Clock:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        _log.info("%s...", name)  # the CLI shows these steps (fxprune.cli, logger "fxprune")
         t0 = time.perf_counter()
         try:
             yield

@@ -329,7 +329,7 @@ def _export_failure_message(model: torch.nn.Module, exc: Exception) -> str:
     """One line naming the model, the user's source line and the reason; then what to try."""
     reason = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     first = reason[0].strip() if reason else ""
-    where = user_source_line(exc)
+    where = user_source_line(exc, model)
     at = f" at {where}" if where else ""
     data_dependent = "data-dependent" in str(exc) or "GuardOnDataDependent" in type(exc).__name__
     advice = (
@@ -345,31 +345,47 @@ def _export_failure_message(model: torch.nn.Module, exc: Exception) -> str:
             + (f"  {more}\n" if more and not data_dependent else "") + advice)
 
 
-def user_source_line(exc: BaseException) -> str | None:
-    """``file:line in fn: code`` of the deepest frame of the user's own code in ``exc``'s traceback.
+def user_source_line(exc: BaseException, model: Any = None) -> str | None:
+    """``file:line in fn (`code`)`` of the deepest frame of the user's own code in ``exc``'s traceback.
 
-    Frames of torch, of fxprune and of the standard library are skipped, so an export failure
-    points at the model's ``forward``, not at a torch-internal line (see ``graph.source_location``
-    for the same rule on graph nodes).
+    The user's code is the files that define the model's module classes; without a model (or
+    when none of them is on the traceback), any frame outside torch, fxprune, the standard
+    library and installed packages.  So an export failure points at the model's ``forward``, not
+    at a torch-internal line (``graph.source_location`` follows the same rule for graph nodes).
     """
+    import inspect
     import os
     import sysconfig
     import traceback
 
     from fxprune.graph import _torch_dir
 
+    model_files: set[str] = set()
+    if isinstance(model, torch.nn.Module):
+        for m in model.modules():
+            for cls in type(m).__mro__:
+                if cls.__module__.startswith(("torch.", "builtins")):
+                    continue
+                try:
+                    model_files.add(os.path.abspath(inspect.getsourcefile(cls) or ""))
+                except TypeError:
+                    pass
+    paths = sysconfig.get_paths()
     skip = (_torch_dir(), os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-            sysconfig.get_paths()["stdlib"] + os.sep)
-    best = None
+            paths["stdlib"] + os.sep, paths["purelib"] + os.sep, paths["platlib"] + os.sep)
+    frames = []
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        for fr in traceback.extract_tb(e.__traceback__):
-            path = os.path.abspath(fr.filename)
-            if not path.startswith(skip) and not fr.filename.startswith("<"):
-                best = fr
+        frames.extend(traceback.extract_tb(e.__traceback__))
         e = e.__cause__ or e.__context__
+    ours = [fr for fr in frames if os.path.abspath(fr.filename) in model_files]
+    best = ours[-1] if ours else None
+    if best is None:
+        others = [fr for fr in frames if not os.path.abspath(fr.filename).startswith(skip)
+                  and not fr.filename.startswith("<")]
+        best = others[-1] if others else None
     if best is None:
         marker = "The following call raised this error:"
         text = str(exc)

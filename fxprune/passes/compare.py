@@ -73,6 +73,9 @@ class Difference:
     max_abs: float
     dtype: torch.dtype
     why: str = ""  # set when the outputs cannot be compared at all (structure, shape, dtype)
+    # the worst leaf difference relative to the largest output of the call: an output that is
+    # zero up to cancellation (the mean of a normalised tensor) has no scale of its own
+    rel_global: float = 0.0
 
     @property
     def structural(self) -> bool:
@@ -87,7 +90,7 @@ def output_difference(a: Any, b: Any) -> Difference:
     la, lb = tensor_leaves(a), tensor_leaves(b)
     if len(la) != len(lb):
         return Difference(math.inf, math.inf, torch.float32, f"{len(la)} outputs vs {len(lb)}")
-    worst_rel, worst_abs, dtype, floats = 0.0, 0.0, torch.float32, 0
+    worst_rel, worst_abs, dtype, floats, top = 0.0, 0.0, torch.float32, 0, 0.0
     for i, (x, y) in enumerate(zip(la, lb)):
         if x.shape != y.shape:
             return Difference(math.inf, math.inf, dtype, f"output {i} shape {tuple(x.shape)} vs {tuple(y.shape)}")
@@ -109,11 +112,22 @@ def output_difference(a: Any, b: Any) -> Difference:
         max_abs = float(diff.max()) if diff.numel() else 0.0
         scale = float(xd.abs()[finite].max()) if finite.any() else 0.0
         rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-        worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, max_abs)
+        worst_rel, worst_abs, top = max(worst_rel, rel), max(worst_abs, max_abs), max(top, scale)
         if floats == 0 or torch.finfo(x.dtype).eps > torch.finfo(dtype).eps:
             dtype = x.dtype  # the noisiest dtype among the outputs decides the tolerance
         floats += 1
-    return Difference(worst_rel, worst_abs, dtype)
+    rel_global = worst_abs / top if top > 0 else (0.0 if worst_abs == 0 else math.inf)
+    return Difference(worst_rel, worst_abs, dtype, rel_global=rel_global)
+
+
+FLOAT64_GLOBAL_TOLERANCE = 1e-12
+"""In float64, differences below this fraction of the largest output are cancellation noise."""
+
+
+def _equal_in_float64(d: Difference) -> bool:
+    """Each output within :data:`FLOAT64_TOLERANCE` of its own scale, or every difference
+    negligible next to the largest output (an output that is ~0 by cancellation has no scale)."""
+    return d.rel <= FLOAT64_TOLERANCE or d.rel_global <= FLOAT64_GLOBAL_TOLERANCE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +189,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
         if d.structural:
             return Verdict(False, math.inf, math.inf, str(d.dtype).replace("torch.", ""), tuple(shapes),
                            f"{d.why} at input shapes {where}")
-        if d.rel > _sure_different(d.dtype):
+        if d.rel > _sure_different(d.dtype) and d.rel_global > _sure_different(d.dtype):
             return Verdict(False, d.rel, d.max_abs, str(d.dtype).replace("torch.", ""), tuple(shapes),
                            f"relative difference {d.rel:.2e} (max |diff| {d.max_abs:.2e}) at input shapes {where}")
         if d.rel > tolerance(d.dtype) or (force_float64 and d.max_abs > 0):
@@ -191,7 +205,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
                        f"a relative difference of {worst.rel:.2e} in {name} needs a float64 judge, which is "
                        "not available for this model (too large, or not castable to float64)")
     if pair is None:
-        ok = worst.rel <= _loose(worst.dtype)
+        ok = worst.rel <= _loose(worst.dtype) or worst.rel_global <= tolerance(worst.dtype)
         note = (f"a relative difference of {worst.rel:.2e} in {name} could not be judged in float64 "
                 f"(model too large or not castable); accepted below {_loose(worst.dtype):.0e}")
         return Verdict(ok, worst.rel, worst.max_abs, name, tuple(shapes),
@@ -207,7 +221,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
             note = f"the float64 judge could not run ({type(exc).__name__}); accepted {name} difference {worst.rel:.2e}"
             return Verdict(ok, worst.rel, worst.max_abs, name, tuple(shapes),
                            "" if ok else f"relative difference {worst.rel:.2e} in {name}", (note,) if ok else ())
-        if d.structural or d.rel > FLOAT64_TOLERANCE:
+        if d.structural or not _equal_in_float64(d):
             return Verdict(False, d.rel, d.max_abs, "float64", tuple(shapes),
                            f"relative difference {d.rel:.2e} in float64 ({worst.rel:.2e} in {name}) "
                            f"at input shapes {describe_case(case)}")
@@ -250,7 +264,7 @@ def check_cases(args: tuple, kwargs: dict, constants: dict, dynamic_shapes: Any,
         for d, dim in spec.items():
             if not isinstance(d, int) or d >= len(shape):
                 continue
-            key = getattr(dim, "__name__", None) or f"auto{d}"
+            key = dim if isinstance(dim, str) else (getattr(dim, "__name__", None) or f"auto{d}")
             if key not in sizes:
                 grow = 1 if d == 0 else 3
                 new = shape[d] + grow

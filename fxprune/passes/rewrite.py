@@ -648,14 +648,44 @@ def _cases(graph: PrunableGraph, inputs: dict | None) -> list:
     args = graph.example_args if inputs is None else ()
     kwargs = dict(inputs if inputs is not None else graph.example_kwargs)
     names: list[str] = []
-    if args and isinstance(graph.dynamic_shapes, dict):
+    if args:
         import inspect
 
         try:
             names = list(inspect.signature(graph.module.forward).parameters)[: len(args)]
         except (TypeError, ValueError):
             names = []
-    return check_cases(args, kwargs, dict(graph.constant_kwargs), graph.dynamic_shapes, arg_names=names)
+    cases = check_cases(args, kwargs, dict(graph.constant_kwargs), _traced_dynamic_dims(graph), arg_names=names)
+    if len(cases) > 1 and not graph.on_meta:  # keep the shapes the original program itself takes
+        original = graph.exported_program.module()
+        run = runner(original)
+        kept = [cases[0]]
+        for case in cases[1:]:
+            try:
+                run(*case)
+            except Exception:  # noqa: BLE001 - a guard of the trace (a specialised size): not a check
+                continue
+            kept.append(case)
+        cases = kept
+    return cases
+
+
+def _traced_dynamic_dims(graph: PrunableGraph) -> dict[str, dict[int, str] | None]:
+    """Input name -> {dim: symbol} for the dims the exported program really kept dynamic.
+
+    Not the spec passed to torch.export: with ``Dim.AUTO`` a dim may have been specialised
+    (a pooling that needs a fixed length, say), and the program then only takes that size.
+    """
+    ep = graph.exported_program
+    user = set(ep.graph_signature.user_inputs)
+    spec: dict[str, dict[int, str] | None] = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                dims = {d: str(s) for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
+                spec[node.name] = dims or None
+    return spec
 
 
 def verify(

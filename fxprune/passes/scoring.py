@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.errors import BadInputError, DataError, ScoringError
+from fxprune.errors import BadInputError, BadWeightsError, DataError, ScoringError
 from fxprune.graph import Group, Member, layout_coords
 from fxprune.passes.base import check, fxpass
 from fxprune.util.hf import linear_input_dim, with_labels
@@ -950,6 +950,7 @@ def score(
     crit = crit_cls(seed=seed)
     groups = _groups_of(groups)
     targets = _collect_targets(model, groups)
+    _check_finite_weights(targets)
     ctx = ScoringContext(targets)
     if crit.needs_data and batches is None:
         raise DataError(
@@ -980,6 +981,22 @@ def score(
         scores = _all_group_scores(groups, crit, ctx, agg, norm)
         means, counts = {}, {}
     return Scores(scores, importance, aggregate, normalize, ctx.n_batches, tokens, means, counts)
+
+
+def _check_finite_weights(targets: dict[int, Target]) -> None:
+    """A NaN or inf weight makes every criterion meaningless: name the parameter up front."""
+    for t in targets.values():
+        p = t.param
+        if p.device.type == "meta" or not p.dtype.is_floating_point:
+            continue
+        bad = ~torch.isfinite(p.detach())
+        if bool(bad.any()):
+            first = [int(i) for i in bad.nonzero()[0].tolist()]
+            kinds = [k for k, f in (("NaN", torch.isnan), ("inf", torch.isinf)) if bool(f(p.detach()).any())]
+            raise BadWeightsError(
+                f"parameter {t.name} holds {int(bad.sum())} {'/'.join(kinds)} value(s) (first at index {first}); "
+                "the checkpoint is corrupt or its training diverged"
+            )
 
 
 def _all_group_scores(

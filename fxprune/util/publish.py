@@ -120,11 +120,15 @@ def _check_writable(path: Path, dest: str | os.PathLike, what: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputPermissionError(f"{what} {os.fspath(dest)}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    try:  # a real probe: permission bits say nothing for root or a read-only filesystem
+        fd, probe = tempfile.mkstemp(prefix=".fxprune-probe-", dir=parent)
+    except OSError as exc:
         raise OutputPermissionError(
-            f"{what} {os.fspath(dest)} cannot be written: {parent} is not writable (permissions); "
-            "choose another --out"
-        )
+            f"{what} {os.fspath(dest)} cannot be written: {parent} is not writable "
+            f"({exc.strerror or exc}); choose another --out"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 class _Lock:
@@ -194,23 +198,38 @@ class Publication:
         self.tmp: Path | None = None
         self.committed = False
         self._lock = _Lock(self.dest)
+        self._depth = 0
 
     def __enter__(self) -> "Publication":
+        """Lock the destination and make the temporary directory (re-entrant: a CLI command
+        reserves its output before loading the model, and the writer enters it again)."""
+        self._depth += 1
+        if self._depth > 1:
+            return self
         parent = self.dest.parent
         with deferred():
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except PermissionError:
+                self._depth = 0
                 raise OutputPermissionError(f"{self.what} {self.dest_arg}: cannot create {parent} (permissions)") from None
-            self._lock.acquire()
+            try:
+                self._lock.acquire()
+            except BaseException:
+                self._depth = 0
+                raise
             try:
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".fxprune-tmp", dir=parent))
             except BaseException:
+                self._depth = 0
                 self._lock.release()
                 raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
         with deferred():
             try:
                 if self.tmp is not None and self.tmp.exists():
