@@ -1,0 +1,212 @@
+"""Never lose a user's data, stop when asked: output safety and interrupts, with real processes.
+
+* ``--overwrite`` never replaces or deletes an input, nor a directory holding one (CLI and API);
+* a destination that appeared during the run is refused; concurrent runs into one ``--out`` fail
+  clearly; modes follow the umask;
+* SIGINT / SIGTERM at any stage of a real ``fxprune prune`` process stop it within seconds with
+  exit code 130, leaving no output and no temporary directory -- also when the process was
+  started with SIGINT ignored, as a non-interactive shell starts background jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxprune
+from fxprune import cli
+from fxprune.errors import OutputExistsError, UnsafeOutputError
+from fxprune.util.publish import Publication
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny Llama with a tokenizer, a calibration text, inside a folder with sibling folders."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers_text import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    LlamaForCausalLM(cfg).save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    for sib in ("sib1", "sib2"):
+        (root / sib).mkdir()
+        (root / sib / "keep.txt").write_text(sib)
+    (root / "calib.txt").write_text("the quick brown fox jumps over the lazy dog . " * 400)
+    return root
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if "fxprune" in p.name)
+
+
+# ------------------------------------------------------------------------------------------
+# --out IN / --out PARENT_OF_IN / inside IN, with --overwrite
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["input", "parent", "inside"])
+def test_overwrite_never_touches_an_input(ckpt, capsys, where):
+    before = _tree(ckpt)
+    out = {"input": ckpt / "llama", "parent": ckpt, "inside": ckpt / "llama" / "sub"}[where]
+    code = cli.main(["prune", str(ckpt / "llama"), "--ratio", "0.2", "--out", str(out), "--overwrite", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT
+    assert "input" in err and str(ckpt / "llama") in err and len(err.strip().splitlines()) == 1
+    assert _tree(ckpt) == before  # the model, the calibration file and both siblings untouched
+    assert not _leftovers(ckpt) and not _leftovers(ckpt / "llama")
+
+
+def test_calibration_file_is_an_input_too(ckpt, capsys):
+    code = cli.main(["prune", str(ckpt / "llama"), "--ratio", "0.2", "--calib", str(ckpt / "calib.txt"),
+                     "--out", str(ckpt / "calib.txt"), "--overwrite", "--quiet"])
+    assert code == cli.EXIT_BAD_INPUT and "calib.txt" in capsys.readouterr().err
+    assert (ckpt / "calib.txt").read_text().startswith("the quick")
+
+
+def test_python_api_protects_the_checkpoint_a_model_came_from(ckpt, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(ckpt / "llama")
+    before = _tree(ckpt / "llama")
+    for target in (ckpt / "llama", ckpt):
+        with pytest.raises(UnsafeOutputError, match="input"):
+            fxprune.save(model, str(target), overwrite=True)
+    assert _tree(ckpt / "llama") == before
+    # a directory fxprune.load read is protected as well
+    fxprune.save(model, str(tmp_path / "saved"))
+    fxprune.load(str(tmp_path / "saved"))
+    with pytest.raises(UnsafeOutputError):
+        fxprune.save(model, str(tmp_path / "saved"), overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------
+# appeared during the run, concurrency, umask
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dir", "files"])
+def test_a_destination_that_appeared_during_the_run_is_refused(tmp_path, kind):
+    dest = tmp_path / ("out" if kind == "dir" else "m.onnx")
+    with Publication(dest, kind=kind) as pub:
+        (pub.tmp / ("weights.bin" if kind == "dir" else dest.name)).write_text("ours")
+        if kind == "dir":
+            dest.mkdir()
+            (dest / "theirs.txt").write_text("theirs")
+        else:
+            dest.write_text("theirs")
+        with pytest.raises(OutputExistsError, match="appeared during the run"):
+            pub.commit()
+    assert (dest / "theirs.txt" if kind == "dir" else dest).read_text() == "theirs"
+    assert not _leftovers(tmp_path)
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fxprune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT), **kw)
+
+
+def test_two_runs_into_one_out_do_not_race(ckpt, tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", str(ckpt / "llama"), "--ratio", "0.2", "--importance", "l2", "--out", str(out), "--quiet"]
+    procs = [_cli(*args) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, cli.EXIT_BAD_INPUT], results
+    loser = next(text for c, text in results if c != 0)
+    assert "another fxprune run is writing" in loser or "appeared during the run" in loser
+    assert (out / "model.safetensors").exists() and (out / "fxprune.json").exists()
+    fxprune.load(str(out))  # the winner's output is whole
+    assert not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_modes_follow_the_umask(ckpt, tmp_path, mask):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(ckpt / "llama")
+    old = os.umask(mask)
+    try:
+        fxprune.save(model, str(tmp_path / "m"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o777 & ~mask
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
+
+
+# ------------------------------------------------------------------------------------------
+# interrupts
+# ------------------------------------------------------------------------------------------
+def _ignore_sigint() -> None:  # how `fxprune prune ... &` starts in a non-interactive shell
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupt_at(ckpt: Path, out: Path, marker: str, sig: int, *, ignore_sigint: bool = False):
+    """Run a real `fxprune prune`, send ``sig`` once ``marker`` is printed; (code, seconds, log)."""
+    proc = _cli("prune", str(ckpt / "llama"), "--ratio", "0.2", "--calib", str(ckpt / "calib.txt"),
+                "--n-samples", "96", "--seq-len", "32", "--out", str(out),
+                preexec_fn=_ignore_sigint if ignore_sigint else None)
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def pump() -> None:
+        for line in iter(proc.stdout.readline, ""):
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    assert seen.wait(timeout=600), "".join(lines)[-2000:]
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    elapsed = time.monotonic() - t0
+    reader.join(timeout=10)
+    return code, elapsed, "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marker, sig, ignored", [
+    ("fxprune: loading", signal.SIGTERM, False),
+    ("fxprune: capture...", signal.SIGINT, True),
+    ("scoring (taylor)", signal.SIGINT, True),  # the Ctrl-C that used to be ignored
+    ("fxprune: score...", signal.SIGTERM, False),
+    ("fxprune: rewrite+verify...", signal.SIGINT, False),
+], ids=["loading-TERM", "capture-INT", "scoring-INT-ignored-at-start", "scoring-TERM", "rewrite-verify-INT"])
+def test_a_signal_at_any_stage_stops_with_130_and_leaves_nothing(ckpt, tmp_path, marker, sig, ignored):
+    out = tmp_path / "out"
+    code, elapsed, log = _interrupt_at(ckpt, out, marker, sig, ignore_sigint=ignored)
+    assert code == cli.EXIT_INTERRUPTED, log[-2000:]
+    assert elapsed < 20, f"took {elapsed:.1f} s to stop"
+    assert f"interrupted by {signal.Signals(sig).name}" in log and "nothing was written" in log
+    assert not out.exists()
+    assert not _leftovers(tmp_path), _leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_signal_while_writing_publishes_all_or_nothing(ckpt, tmp_path):
+    out = tmp_path / "out"
+    code, _, log = _interrupt_at(ckpt, out, "fxprune: writing", signal.SIGTERM)
+    assert code in (0, cli.EXIT_INTERRUPTED), log[-2000:]
+    if out.exists():  # the signal came after the output was published: it is whole
+        fxprune.load(str(out))
+    assert not _leftovers(tmp_path)
