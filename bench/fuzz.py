@@ -1140,12 +1140,34 @@ def spec_size(spec: dict) -> int:
 # ============================================================================================
 # The campaign
 # ============================================================================================
+def _run_index(job: tuple[int, int, int, float, bool]) -> tuple[dict, dict | None]:
+    """Model ``i`` of campaign ``seed``: its record, and its (minimised) failure if it failed."""
+    seed, i, max_blocks, timeout, minimise_failures = job
+    torch.set_num_threads(1)
+    spec = random_spec(seed * 1_000_003 + i, max_blocks)
+    rec = run_one(spec, timeout=timeout)
+    rec["index"] = i
+    failure = None
+    if is_failure(rec["outcome"]):
+        small, small_rec = minimise(spec, rec) if minimise_failures else (spec, rec)
+        failure = {"index": i, "outcome": rec["outcome"], "error": rec.get("error"), "at": rec.get("at"),
+                   "spec": spec, "minimised": small, "minimised_blocks": spec_size(small),
+                   "minimised_record": small_rec}
+    return rec, failure
+
+
 def run_campaign(n: int, seed: int, *, chunk: int, max_blocks: int, out_dir: str | None, minimise_failures: bool,
-                 timeout: float, quiet: bool = False) -> dict:
+                 timeout: float, quiet: bool = False, workers: int = 1) -> dict:
     counts: collections.Counter = collections.Counter()
     failures: list[dict] = []
     records: list[dict] = []
     t0 = time.perf_counter()
+    pool = None
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         path = os.path.join(out_dir, f"chunk_{seed}_{start:06d}_{stop:06d}.json") if out_dir else None
@@ -1154,19 +1176,15 @@ def run_campaign(n: int, seed: int, *, chunk: int, max_blocks: int, out_dir: str
                 data = json.load(f)
         else:
             data = {"records": [], "failures": []}
-            for i in range(start, stop):
-                spec = random_spec(seed * 1_000_003 + i, max_blocks)
-                rec = run_one(spec, timeout=timeout)
-                rec["index"] = i
+            jobs = [(seed, i, max_blocks, timeout, minimise_failures) for i in range(start, stop)]
+            results = pool.map(_run_index, jobs) if pool is not None else map(_run_index, jobs)
+            for rec, failure in results:
                 data["records"].append(rec)
-                if is_failure(rec["outcome"]):
-                    small, small_rec = minimise(spec, rec) if minimise_failures else (spec, rec)
-                    data["failures"].append({"index": i, "outcome": rec["outcome"], "error": rec.get("error"),
-                                             "at": rec.get("at"), "spec": spec, "minimised": small,
-                                             "minimised_blocks": spec_size(small), "minimised_record": small_rec})
+                if failure is not None:
+                    data["failures"].append(failure)
                 if not quiet:
-                    print(f"[{i + 1}/{n}] {rec['outcome']:<28} {rec.get('seconds', 0):>6.2f}s  "
-                          f"{spec['family']:<5} {'+'.join(rec['blocks'])}", flush=True)
+                    print(f"[{rec['index'] + 1}/{n}] {rec['outcome']:<28} {rec.get('seconds', 0):>6.2f}s  "
+                          f"{rec['family']:<5} {'+'.join(rec['blocks'])}", flush=True)
             if path:
                 os.makedirs(out_dir, exist_ok=True)
                 tmp = path + ".tmp"
@@ -1175,6 +1193,8 @@ def run_campaign(n: int, seed: int, *, chunk: int, max_blocks: int, out_dir: str
                 os.replace(tmp, path)
         records.extend(data["records"])
         failures.extend(data["failures"])
+    if pool is not None:
+        pool.shutdown()
     for r in records:
         counts[r["outcome"]] += 1
     return {"n": len(records), "seed": seed, "max_blocks": max_blocks, "counts": dict(sorted(counts.items())),
@@ -1205,6 +1225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-blocks", type=int, default=5)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per model")
     p.add_argument("--no-minimise", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="processes (each model runs in one)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=os.path.join(RESULTS, "fuzz.json"))
     p.add_argument("--chunks-dir", default=os.path.join(RESULTS, "fuzz"))
@@ -1225,7 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     summary = run_campaign(args.n, args.seed, chunk=args.chunk, max_blocks=args.max_blocks,
                            out_dir=args.chunks_dir or None, minimise_failures=not args.no_minimise,
-                           timeout=args.timeout, quiet=args.quiet)
+                           timeout=args.timeout, quiet=args.quiet, workers=args.workers)
     print_table(summary)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
