@@ -75,7 +75,8 @@ class PruneReport:
             ))
         return rows
 
-    def table(self) -> str:
+    def table(self, timings: bool = True) -> str:
+        """The printed summary; ``timings=False`` for files, which must not vary run to run."""
         rows = self.headline()
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -86,12 +87,16 @@ class PruneReport:
             f"importance={self.importance}, allocation={self.allocation}"
         )
         lines.append(f"verification: {self.verification}; returned: {self.returned}")
-        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        if timings:
+            lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, timings: bool = True) -> dict[str, Any]:
+        """Everything as plain data; ``timings=False`` leaves out what varies run to run."""
         d = dataclasses.asdict(self)
+        if not timings:
+            d.pop("timings")
         d["ratio_achieved"] = self.ratio_achieved
         d["flop_ratio"] = self.flop_ratio
         return d

@@ -369,10 +369,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "prune_report.json"), "w") as f:
-            json.dump(result.report.to_dict(), f, indent=1, default=str)
+            json.dump(result.report.to_dict(timings=False), f, indent=1, default=str)  # byte-identical reruns
         write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
                      result.report.headline(), prune_report=result.report,
-                     sections={"Details": result.report.table()})
+                     sections={"Details": result.report.table(timings=False)})
         pub.commit()
     print(f"pruned model, report.md and report.html written to {out_dir}")
     return EXIT_OK

@@ -210,3 +210,19 @@ def test_a_signal_while_writing_publishes_all_or_nothing(ckpt, tmp_path):
     if out.exists():  # the signal came after the output was published: it is whole
         fxprune.load(str(out))
     assert not _leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# determinism
+# ------------------------------------------------------------------------------------------
+def test_same_inputs_and_seed_give_byte_identical_outputs(ckpt, tmp_path):
+    """Two separate processes (own hash seeds) write the same bytes: weights, JSON, reports, plots."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    procs = [_cli("prune", str(ckpt / "llama"), "--ratio", "0.25", "--calib", str(ckpt / "calib.txt"),
+                  "--n-samples", "4", "--seq-len", "16", "--seed", "3", "--out", str(o), "--quiet") for o in outs]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stdout.read()[-2000:]
+    a, b = _tree(outs[0]), _tree(outs[1])
+    assert sorted(a) == sorted(b)
+    assert {"model.safetensors", "fxprune.json", "prune_report.json", "report.md", "report.html"} <= set(a)
+    assert [f for f in a if a[f] != b[f]] == []
