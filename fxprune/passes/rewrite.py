@@ -1029,7 +1029,7 @@ def register_scale_pinner(*types: type) -> Callable[[ScalePinner], ScalePinner]:
 def _pin_scales(model: torch.nn.Module, program: RewrittenProgram) -> list[str]:
     """Apply registered scale pinners to modules whose attention head_dim changed."""
     notes = []
-    for node_name, (old_e, new_e, mod_path) in program.pinned_scales.items():
+    for old_e, new_e, mod_path in program.pinned_scales.values():
         try:
             owner = model.get_submodule(mod_path) if mod_path else model
         except AttributeError:
