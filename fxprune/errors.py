@@ -68,8 +68,12 @@ class OutputPermissionError(BadInputError, PermissionError):
     """An output path cannot be written (a read-only parent directory, say)."""
 
 
-class UnsafeOutputError(BadInputError):
-    """An output path is, contains, or lies inside an input: fxprune never writes over its inputs."""
+class UnsafeOutputError(OutputExistsError):
+    """An output path is, contains, or lies inside an input: fxprune never writes over its inputs.
+
+    A kind of :class:`OutputExistsError` (code that handles "the output exists" refuses it too),
+    but ``overwrite=True`` does not lift it.
+    """
 
 
 class RecoveryError(FxpruneError):

@@ -334,7 +334,8 @@ def _export_failure_message(model: torch.nn.Module, exc: Exception) -> str:
     data_dependent = "data-dependent" in str(exc) or "GuardOnDataDependent" in type(exc).__name__
     advice = (
         "The forward branches on tensor values (data-dependent control flow), which a graph cannot "
-        "capture: compute the condition from shapes or constants, or use torch.cond / torch.where."
+        "capture: compute the condition from shapes or constants, or use torch.cond / torch.where "
+        "(other example inputs will not help)."
         if data_dependent else
         "Try other example inputs or kwargs (tensors of size >= 2 on batch/sequence dims, the "
         "kwargs your forward really uses, e.g. use_cache=False), dynamic=False, or an explicit "

@@ -156,15 +156,16 @@ def describe_case(case: Case) -> str:
 
 def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
           float64: Callable[[], tuple[Runner, Runner] | None] | None = None,
-          force_float64: bool = False) -> Verdict:
+          force_float64: bool = False, require_float64: bool = False) -> Verdict:
     """Whether ``candidate`` computes what ``reference`` computes on every case.
 
     A case the *reference* cannot run (a shape the model does not accept) is skipped, except the
     first (the example inputs), whose failure propagates.  A candidate that fails where the
     reference runs differs.  Differences between noise and clearly wrong are rejudged in float64
     when ``float64()`` returns runners for float64 copies (None: no judge, a looser bound);
-    ``force_float64`` rejudges every difference that is not exactly zero, and refuses when no
-    float64 judge is available (for changes known to be able to hide below float32 noise).
+    ``force_float64`` rejudges every difference that is not exactly zero; ``require_float64``
+    also refuses when no float64 judge is available (for changes known to be able to hide below
+    float32 noise).
     """
     worst = Difference(0.0, 0.0, torch.float32)
     ambiguous = False
@@ -192,7 +193,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
         if d.rel > _sure_different(d.dtype) and d.rel_global > _sure_different(d.dtype):
             return Verdict(False, d.rel, d.max_abs, str(d.dtype).replace("torch.", ""), tuple(shapes),
                            f"relative difference {d.rel:.2e} (max |diff| {d.max_abs:.2e}) at input shapes {where}")
-        if d.rel > tolerance(d.dtype) or (force_float64 and d.max_abs > 0):
+        if d.rel > tolerance(d.dtype) or ((force_float64 or require_float64) and d.max_abs > 0):
             ambiguous = True
         if d.rel >= worst.rel:
             worst = d
@@ -200,7 +201,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
     if not ambiguous:
         return Verdict(True, worst.rel, worst.max_abs, name, tuple(shapes))
     pair = float64() if float64 is not None else None
-    if pair is None and force_float64:
+    if pair is None and require_float64:
         return Verdict(False, worst.rel, worst.max_abs, name, tuple(shapes),
                        f"a relative difference of {worst.rel:.2e} in {name} needs a float64 judge, which is "
                        "not available for this model (too large, or not castable to float64)")
@@ -217,7 +218,7 @@ def judge(reference: Runner, candidate: Runner, cases: Sequence[Case], *,
         try:
             d = output_difference(ref64(*c64), cand64(*c64))
         except Exception as exc:  # noqa: BLE001 - the float64 copies do not run: fall back
-            ok = worst.rel <= _loose(worst.dtype) and not force_float64
+            ok = worst.rel <= _loose(worst.dtype) and not require_float64
             note = f"the float64 judge could not run ({type(exc).__name__}); accepted {name} difference {worst.rel:.2e}"
             return Verdict(ok, worst.rel, worst.max_abs, name, tuple(shapes),
                            "" if ok else f"relative difference {worst.rel:.2e} in {name}", (note,) if ok else ())

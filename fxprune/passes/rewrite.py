@@ -698,6 +698,7 @@ def verify(
     weights: WeightUpdate | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    cases: list | None = None,
 ) -> VerifyReport:
     """Check a pruned model: shapes, finiteness and, when every pruned group is exact, equality
     with the original (``weights`` applied) whose removed units are zeroed.
@@ -705,13 +706,14 @@ def verify(
     Outputs are compared relative to their own scale, at the example inputs and at another batch
     size and sequence length (the dims the trace made dynamic), and judged again in float64 when
     float32 rounding cannot tell (see :mod:`fxprune.passes.compare`).  ``rtol`` overrides the
-    float32 tolerance.  Raises VerificationError on mismatch.
+    float32 tolerance; ``cases`` (``[(args, kwargs), ...]``) the inputs compared.  Raises
+    VerificationError on mismatch.
     """
     plan = as_plan(analysis, plan)
     graph = analysis.graph
     groups = analysis.by_id
     exact = all(groups[g].exact for g in plan)
-    cases = _cases(graph, inputs)
+    cases = cases or _cases(graph, inputs)
     with torch.no_grad():
         out_p = _model_runner(pruned)(*cases[0])
         reference = zeroed_copy(original, analysis, plan, weights) if exact else original
@@ -827,10 +829,13 @@ def rewrite(
     mod = rewrite_module(model, analysis, plan, program, weights)
     result_model: Any = mod.module
     pin_notes = _pin_scales(mod.module, program)
-    # A forward may derive its attention scale from the pruned head_dim at run time; the error
-    # can hide below float32 noise, so such modules are accepted only on a float64 judgement.
-    head_dims = bool(program.pinned_scales) or any(analysis.by_id[g].kind == "head_dim" for g in plan)
-    matches = _GraphCheck(program, _cases(graph, inputs), force_float64=head_dims)
+    # A forward may derive its attention scale from the pruned head_dim at run time, an error that
+    # can hide below float32 noise: with a pruned head_dim the module is judged in float64 when it
+    # fits, and where the graph had to pin an SDPA default scale it is accepted on nothing less.
+    head_dims = any(analysis.by_id[g].kind == "head_dim" for g in plan)
+    cases = _cases(graph, inputs)
+    matches = _GraphCheck(program, cases, force_float64=head_dims,
+                          require_float64=bool(program.pinned_scales) and not pin_notes)
     verdict = matches(mod.module)
     if not verdict and mod.conflicts:
         verdict = _resolve_conflicts(mod, matches) or verdict
@@ -855,7 +860,7 @@ def rewrite(
     report = None
     if verify_outputs:
         report = verify(model, result_model if returned == "module" else program, plan, analysis, inputs,
-                        weights=weights)
+                        weights=weights, cases=cases)
         notes.extend(n for n in report.notes if n not in notes)
     return _result(result_model, program, plan, mod, report, weights, notes, returned)
 
@@ -876,9 +881,10 @@ class _GraphCheck:
     float32 difference is ambiguous (see :func:`~fxprune.passes.compare.judge`).
     """
 
-    def __init__(self, program: RewrittenProgram, cases: list, force_float64: bool = False) -> None:
+    def __init__(self, program: RewrittenProgram, cases: list, force_float64: bool = False,
+                 require_float64: bool = False) -> None:
         self.program = program
-        self.force_float64 = force_float64
+        self.force_float64, self.require_float64 = force_float64, require_float64
         run = _model_runner(program)
         self.cases, self.outputs = [], {}
         for i, case in enumerate(cases):
@@ -912,7 +918,7 @@ class _GraphCheck:
     def __call__(self, module: torch.nn.Module) -> Verdict:
         try:
             return judge(self._reference, runner(module), self.cases, float64=self._float64(module),
-                         force_float64=self.force_float64)
+                         force_float64=self.force_float64, require_float64=self.require_float64)
         except Exception as exc:  # noqa: BLE001 - a failing forward is a mismatch
             return Verdict(False, math.inf, math.inf, "-", (), f"{type(exc).__name__}: {exc}")
 
