@@ -93,6 +93,26 @@ def _randomize_bn(m: nn.Module, gen: torch.Generator) -> None:
             m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
 
 
+def _make_norm(kind: str, c: int, spatial: int, spec: dict, gen: torch.Generator, affine: bool) -> nn.Module:
+    """Every norm over ``c`` channels of a 1-D (sequence) or 2-D (image) model."""
+    if kind == "layer":
+        return nn.LayerNorm(c, elementwise_affine=affine)
+    if kind == "rms":
+        return nn.RMSNorm(c)
+    if kind == "batch":
+        norm = (nn.BatchNorm1d if spatial == 1 else nn.BatchNorm2d)(c)
+        _randomize_bn(norm, gen)
+        return norm
+    if kind == "group":
+        g = [x for x in _divisors(c) if x > 1] or [1]
+        return nn.GroupNorm(g[spec.get("g", 0) % len(g)], c)
+    if kind == "instance":
+        return (nn.InstanceNorm1d if spatial == 1 else nn.InstanceNorm2d)(c, affine=True)
+    if kind == "lrn":
+        return nn.LocalResponseNorm(2)
+    raise InvalidSpec(kind)
+
+
 class Linear(nn.Module):
     def __init__(self, spec: dict, d: int) -> None:
         super().__init__()
@@ -123,24 +143,7 @@ class SeqNorm(nn.Module):
         super().__init__()
         self.kind = spec["norm"]
         self.out_dim = d
-        if self.kind == "layer":
-            self.norm = nn.LayerNorm(d, elementwise_affine=spec.get("affine", True))
-        elif self.kind == "rms":
-            self.norm = nn.RMSNorm(d)
-        elif self.kind == "batch":
-            self.norm = nn.BatchNorm1d(d)
-            _randomize_bn(self.norm, gen)
-        elif self.kind == "group":
-            g = [x for x in _divisors(d) if x > 1] or [1]
-            self.norm = nn.GroupNorm(g[spec.get("g", 0) % len(g)], d)
-        elif self.kind == "instance":
-            self.norm = nn.InstanceNorm1d(d, affine=True)
-        elif self.kind == "lrn":
-            self.norm = nn.LocalResponseNorm(2)
-        elif self.kind == "l2":
-            self.norm = None
-        else:
-            raise InvalidSpec(self.kind)
+        self.norm = None if self.kind == "l2" else _make_norm(self.kind, d, 1, spec, gen, spec.get("affine", True))
 
     def forward(self, x):
         if self.kind in ("layer", "rms"):
@@ -476,24 +479,8 @@ class Conv2d(nn.Module):
 class Norm2d(nn.Module):
     def __init__(self, spec: dict, shape: tuple, gen: torch.Generator) -> None:
         super().__init__()
-        c = shape[0]
         self.kind = spec["norm"]
-        if self.kind == "batch":
-            self.norm = nn.BatchNorm2d(c)
-            _randomize_bn(self.norm, gen)
-        elif self.kind == "group":
-            g = [x for x in _divisors(c) if x > 1] or [1]
-            self.norm = nn.GroupNorm(g[spec.get("g", 0) % len(g)], c)
-        elif self.kind == "instance":
-            self.norm = nn.InstanceNorm2d(c, affine=True)
-        elif self.kind == "layer":
-            self.norm = nn.LayerNorm(c)
-        elif self.kind == "rms":
-            self.norm = nn.RMSNorm(c)
-        elif self.kind == "lrn":
-            self.norm = nn.LocalResponseNorm(2)
-        else:
-            raise InvalidSpec(self.kind)
+        self.norm = _make_norm(self.kind, shape[0], 2, spec, gen, True)
         self.out_shape = shape
 
     def forward(self, x):
