@@ -209,7 +209,7 @@ def test_a_signal_at_any_stage_stops_with_130_and_leaves_nothing(ckpt, tmp_path)
         t.start()
     for t in threads:
         t.join()
-    for stage, (marker, sig, _) in STAGES.items():
+    for stage, (_marker, sig, _) in STAGES.items():
         code, elapsed, log = results[stage]
         out = tmp_path / stage / "out"
         assert not _leftovers(tmp_path / stage), (stage, _leftovers(tmp_path / stage))

@@ -41,6 +41,29 @@ def model_device(model: nn.Module) -> torch.device | None:
     return devices.pop() if len(devices) == 1 else None
 
 
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
+    """Run a pass with ``model`` on ``device``: move it there and back afterwards (also on error).
+
+    A model spread over several devices (``device_map="auto"``) is used where it is, with a warning.
+    """
+    import warnings
+
+    home = model_device(model)
+    if home is None:
+        warnings.warn("fxprune: the model spans several devices; running it where it is", stacklevel=4)
+        yield next(model.parameters()).device
+        return
+    if home == device or (home.type == device.type and device.index is None):
+        yield home
+        return
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(home)
+
+
 def first_device(model: nn.Module) -> torch.device:
     """The device of the first parameter or buffer (CPU for a module without any)."""
     for t in list(model.parameters()) + list(model.buffers()):

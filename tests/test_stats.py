@@ -1,0 +1,92 @@
+"""The statistics pass sums exactly what curvature criteria need, and leaves the model untouched."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxprune.passes.stats import Collector, StatSpec, gather_stats
+
+
+class TwoHead(nn.Module):
+    """q and k read the same input (one shared slot); o reads their product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(6, 5)
+        self.k = nn.Linear(6, 5, bias=False)
+        self.o = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.q(x)) * self.k(x))
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 4, 6, generator=g) for _ in range(n)]
+
+
+def test_input_moments_and_covariance_are_exact_sums_with_shared_slots():
+    model = TwoHead().eval()
+    batches = _batches()
+    stats = gather_stats(model, batches, StatSpec(input_moments=True, input_cov=True, bias_column=True),
+                         progress=False, dtype=torch.float64)
+    X = torch.cat([b.reshape(-1, 6) for b in batches]).double()
+    q, k = stats["q"], stats["k"]
+    assert q.slot == k.slot == "q" and q.xxT is k.xxT  # stored once
+    assert q.count == X.shape[0] == 24
+    torch.testing.assert_close(q.x_sum, X.sum(0))
+    torch.testing.assert_close(q.x_sq, (X * X).sum(0))
+    Xb = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)  # q has a bias: the 1 column
+    torch.testing.assert_close(q.xxT, Xb.t() @ Xb)
+    assert q.bias_column and not k.bias_column
+
+
+def test_output_gradient_covariance_is_the_per_token_fisher():
+    model = TwoHead().eval()
+    batches = _batches(2)
+    stats = gather_stats(model, batches, StatSpec(grad_cov=True), loss_fn=lambda out, b: out.pow(2).mean(),
+                         progress=False, dtype=torch.float64)
+    want = torch.zeros(3, 3, dtype=torch.float64)
+    for b in batches:
+        y = model(b).detach().requires_grad_(True)
+        loss = y.pow(2).mean()
+        (g,) = torch.autograd.grad(loss, y)
+        rows = g.reshape(-1, 3).double() * b.shape[0]  # scaled by the batch's count (rows of a float input)
+        want += rows.t() @ rows
+    torch.testing.assert_close(stats["o"].ggT, want)
+    assert stats["o"].grad_count == 2 * 8
+    assert all(p.grad is None and p.requires_grad for p in model.parameters()), "the model must be left as it was"
+
+
+def test_conv_columns_follow_the_weight_layout():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with Collector({"0": model[0]}, StatSpec(input_cov=True, input_moments=True), dtype=torch.float64) as col:
+        col.next_batch()
+        with torch.no_grad():
+            model(x)
+    st = col.result()["0"]
+    cols = torch.nn.functional.unfold(x.double(), 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    torch.testing.assert_close(st.xxT, cols.t() @ cols)
+    # the weight as [out, C*k*k] times a column reproduces the conv output at that position
+    w = model[0].weight.reshape(4, -1).double()
+    y = model[0](x).double()
+    torch.testing.assert_close((cols @ w.t() + model[0].bias.double()).reshape(2, 25, 4).transpose(1, 2).reshape(2, 4, 5, 5), y)
+    torch.testing.assert_close(st.x_sum, x.double().sum(dim=(0, 2, 3)))  # moments are per channel
+
+
+def test_shards_merge_to_the_whole():
+    model = TwoHead().eval()
+    batches = _batches(4)
+    spec = StatSpec(input_moments=True, input_cov=True)
+    whole = gather_stats(model, batches, spec, progress=False, dtype=torch.float64)
+    a = gather_stats(model, batches[:2], spec, progress=False, dtype=torch.float64)
+    b = gather_stats(model, batches[2:], spec, progress=False, dtype=torch.float64)
+    merged = a.merge(b)
+    for name in whole:
+        torch.testing.assert_close(merged[name].xxT, whole[name].xxT)
+        assert merged[name].count == whole[name].count
+    assert merged["q"].xxT is merged["k"].xxT
+    assert whole.nbytes == (6 + 6 + 36 + 5 + 5 + 25) * 8  # q and k share one slot: counted once
