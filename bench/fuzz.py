@@ -232,23 +232,27 @@ class Attention(nn.Module):
         return self.o(y)
 
 
+def _conv_options(spec: dict, c: int) -> tuple[int, int, int, int]:
+    """(out channels, groups, dilation, stride) of a conv block's kind over ``c`` input channels."""
+    kind, out = spec["conv"], spec["out"]
+    groups = 1
+    if kind == "grouped":
+        common = [g for g in _divisors(math.gcd(c, out)) if g > 1]
+        if not common:
+            raise InvalidSpec("no common group count")
+        groups = common[spec.get("g", 0) % len(common)]
+    elif kind == "depthwise":
+        groups, out = c, c * spec.get("mult", 1)
+    return out, groups, 2 if kind == "dilated" else 1, 2 if kind == "strided" else 1
+
+
 class SeqConv(nn.Module):
     """Conv1d / ConvTranspose1d over the sequence: plain, grouped, depthwise, dilated, strided."""
 
     def __init__(self, spec: dict, d: int) -> None:
         super().__init__()
-        kind, out = spec["conv"], spec["out"]
-        k = spec.get("k", 3)
-        groups = 1
-        if kind == "grouped":
-            common = [g for g in _divisors(math.gcd(d, out)) if g > 1]
-            if not common:
-                raise InvalidSpec("no common group count")
-            groups = common[spec.get("g", 0) % len(common)]
-        elif kind == "depthwise":
-            groups, out = d, d * spec.get("mult", 1)
-        dil = 2 if kind == "dilated" else 1
-        stride = 2 if kind == "strided" else 1
+        kind, k = spec["conv"], spec.get("k", 3)
+        out, groups, dil, stride = _conv_options(spec, d)
         pad = dil * (k - 1) // 2
         if kind == "transposed":
             self.conv = nn.ConvTranspose1d(d, out, k, stride=spec.get("stride", 1), padding=(k - 1) // 2,
@@ -316,7 +320,7 @@ class Branches(nn.Module):
             parts = (x.narrow(-1, 0, self.sizes[0]), x.narrow(-1, self.sizes[0], self.sizes[1]))
         else:
             parts = (x[..., : self.sizes[0]], x[..., self.sizes[0]:])
-        return torch.cat([fc(p) for fc, p in zip(self.fcs, parts)], dim=-1)
+        return torch.cat([fc(p) for fc, p in zip(self.fcs, parts, strict=True)], dim=-1)
 
 
 class Select(nn.Module):
@@ -442,19 +446,8 @@ class Conv2d(nn.Module):
     def __init__(self, spec: dict, shape: tuple) -> None:
         super().__init__()
         c, h, w = shape
-        kind, out, k = spec["conv"], spec["out"], spec.get("k", 3)
-        groups, dil, stride = 1, 1, 1
-        if kind == "grouped":
-            common = [g for g in _divisors(math.gcd(c, out)) if g > 1]
-            if not common:
-                raise InvalidSpec("no common group count")
-            groups = common[spec.get("g", 0) % len(common)]
-        elif kind == "depthwise":
-            groups, out = c, c * spec.get("mult", 1)
-        elif kind == "dilated":
-            dil = 2
-        elif kind == "strided":
-            stride = 2
+        kind, k = spec["conv"], spec.get("k", 3)
+        out, groups, dil, stride = _conv_options(spec, c)
         pad = dil * (k - 1) // 2
         if kind == "transposed":
             st = spec.get("stride", 1)
@@ -554,7 +547,7 @@ class Branches2d(nn.Module):
             parts = (x.narrow(1, 0, self.sizes[0]), x.narrow(1, self.sizes[0], self.sizes[1]))
         else:
             parts = (x[:, : self.sizes[0]], x[:, self.sizes[0]:])
-        return torch.cat([conv(p) for conv, p in zip(self.convs, parts)], dim=1)
+        return torch.cat([conv(p) for conv, p in zip(self.convs, parts, strict=True)], dim=1)
 
 
 class SpatialAttention(nn.Module):
@@ -842,11 +835,11 @@ def rel_diff(ref: Any, got: Any, global_floor: float = 0.0) -> float:
     has no scale of its own to be relative to.
     """
     a, b = _leaves(ref), _leaves(got)
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         return math.inf
     top = max((float(x.detach().abs().max()) for x in a if x.numel()), default=0.0)
     worst = 0.0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         x, y = x.detach().double(), y.detach().double()
         if not torch.isfinite(y).all() and torch.isfinite(x).all():
             return math.inf
@@ -871,15 +864,6 @@ def _zeroed(model: nn.Module, analysis: Any, plan: dict) -> nn.Module:
                         params[name].index_fill_(m.dim, idx, 0.0)
                         break
     return z
-
-
-def _double(model: Any) -> Any:
-    m = copy.deepcopy(model)
-    m.double()
-    for k, v in list(vars(m).items()):
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            setattr(m, k, v.double())
-    return m
 
 
 def _call(model: Any, inputs: dict) -> Any:
@@ -932,7 +916,9 @@ def judge_equal(zeroed: nn.Module, pruned: Any, spec: dict, traced: Any = None,
             ambiguous = True
     if not ambiguous:
         return "equal", worst, "float32"
-    z64, p64 = _double(zeroed), _double(pruned)
+    from fxprune.passes.compare import float64_copy
+
+    z64, p64 = float64_copy(zeroed), float64_copy(pruned)
     worst64 = 0.0
     for inputs in ran:
         i64 = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}

@@ -91,7 +91,7 @@ def output_difference(a: Any, b: Any) -> Difference:
     if len(la) != len(lb):
         return Difference(math.inf, math.inf, torch.float32, f"{len(la)} outputs vs {len(lb)}")
     worst_rel, worst_abs, dtype, floats, top = 0.0, 0.0, torch.float32, 0, 0.0
-    for i, (x, y) in enumerate(zip(la, lb)):
+    for i, (x, y) in enumerate(zip(la, lb, strict=True)):
         if x.shape != y.shape:
             return Difference(math.inf, math.inf, dtype, f"output {i} shape {tuple(x.shape)} vs {tuple(y.shape)}")
         if not x.is_floating_point() or not y.is_floating_point():

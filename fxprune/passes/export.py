@@ -235,7 +235,7 @@ def example_dict(model_or_ep: Any, example_inputs: Any) -> dict[str, Any]:
         return kwargs
     if isinstance(model_or_ep, torch.export.ExportedProgram):
         names = [n for n in model_or_ep.graph_signature.user_inputs if n not in kwargs]
-        return {**dict(zip(names, args)), **kwargs}
+        return {**dict(zip(names, args, strict=False)), **kwargs}
     bound = as_keyword_inputs(model_or_ep, args, kwargs)
     if bound is None:
         raise ExportError(f"{type(model_or_ep).__name__}.forward takes *args: pass example_inputs as a dict")

@@ -981,7 +981,7 @@ def _resolve_conflicts(mod: ModuleRewrite, matches: _GraphCheck) -> Verdict | No
         return None
     combo, verdict = chosen[0]
     apply(combo)
-    for name, choice in zip(names, combo):
+    for name, choice in zip(names, combo, strict=True):
         for owner, old, vals in by_name[name]:
             target = old if choice is None or choice not in vals else choice
             if target != old:

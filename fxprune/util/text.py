@@ -154,7 +154,7 @@ def _check_contents(p: Path, suffix: str, what: str) -> None:
         row = next(rows, None)
         if not header or row is None:
             raise DataError(f"{what} {p} has no records (a header and at least one row are needed)")
-        first = dict(zip(header, row))
+        first = dict(zip(header, row, strict=False))
     if not isinstance(first, dict):
         raise DataError(f"{what} {p}: records must be JSON objects with a text field, got {type(first).__name__}")
     if not any(isinstance(v, str) for v in first.values()):
