@@ -158,10 +158,11 @@ def _ignore_sigint() -> None:  # how `fxprune prune ... &` starts in a non-inter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _interrupt_at(ckpt: Path, out: Path, marker: str, sig: int, *, ignore_sigint: bool = False):
+def _interrupt_at(ckpt: Path, out: Path, marker: str, sig: int, *, ignore_sigint: bool = False,
+                  extra: tuple[str, ...] = ()):
     """Run a real `fxprune prune`, send ``sig`` once ``marker`` is printed; (code, seconds, log)."""
     proc = _cli("prune", str(ckpt / "llama"), "--ratio", "0.2", "--calib", str(ckpt / "calib.txt"),
-                "--n-samples", "96", "--seq-len", "32", "--out", str(out),
+                "--n-samples", "96", "--seq-len", "32", "--out", str(out), *extra,
                 preexec_fn=_ignore_sigint if ignore_sigint else None)
     lines: list[str] = []
     seen = threading.Event()
@@ -184,12 +185,13 @@ def _interrupt_at(ckpt: Path, out: Path, marker: str, sig: int, *, ignore_sigint
     return code, elapsed, "".join(lines)
 
 
-STAGES = {  # stage -> (the line that announces it, the signal, SIGINT ignored at start)
-    "loading": ("fxprune: loading", signal.SIGTERM, False),
-    "capture": ("fxprune: capture...", signal.SIGINT, True),
-    "scoring": ("scoring (taylor)", signal.SIGINT, True),  # the Ctrl-C that used to be ignored
-    "rewrite+verify": ("fxprune: rewrite+verify...", signal.SIGTERM, False),
-    "writing": ("fxprune: writing", signal.SIGINT, False),
+STAGES = {  # stage -> (the line that announces it, the signal, SIGINT ignored at start, extra arguments)
+    "loading": ("fxprune: loading", signal.SIGTERM, False, ()),
+    "capture": ("fxprune: capture...", signal.SIGINT, True, ()),
+    "scoring": ("scoring (taylor)", signal.SIGINT, True, ("--importance", "taylor")),  # the Ctrl-C once ignored
+    "statistics": ("statistics", signal.SIGINT, True, ()),  # the default criterion's (surgeon) pass
+    "rewrite+verify": ("fxprune: rewrite+verify...", signal.SIGTERM, False, ()),
+    "writing": ("fxprune: writing", signal.SIGINT, False, ()),
 }
 
 
@@ -199,8 +201,9 @@ def test_a_signal_at_any_stage_stops_with_130_and_leaves_nothing(ckpt, tmp_path)
     results: dict[str, tuple] = {}
 
     def run(stage: str) -> None:
-        marker, sig, ignored = STAGES[stage]
-        results[stage] = _interrupt_at(ckpt, tmp_path / stage / "out", marker, sig, ignore_sigint=ignored)
+        marker, sig, ignored, extra = STAGES[stage]
+        results[stage] = _interrupt_at(ckpt, tmp_path / stage / "out", marker, sig, ignore_sigint=ignored,
+                                       extra=extra)
 
     for stage in STAGES:
         (tmp_path / stage).mkdir()
@@ -209,7 +212,7 @@ def test_a_signal_at_any_stage_stops_with_130_and_leaves_nothing(ckpt, tmp_path)
         t.start()
     for t in threads:
         t.join()
-    for stage, (_marker, sig, _) in STAGES.items():
+    for stage, (_marker, sig, _, _extra) in STAGES.items():
         code, elapsed, log = results[stage]
         out = tmp_path / stage / "out"
         assert not _leftovers(tmp_path / stage), (stage, _leftovers(tmp_path / stage))
