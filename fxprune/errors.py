@@ -84,8 +84,9 @@ class ExportError(FxpruneError):
     """A model could not be exported to a deployment target, or its runtime is missing."""
 
 
-class BadWeightsError(ModelLoadError):
-    """A model's weights hold NaN or infinite values (the message names the parameter)."""
+class BadWeightsError(ModelLoadError, ScoringError):
+    """A model's weights hold NaN or infinite values (the message names the parameter); raised by
+    scoring too, so it is also a :class:`ScoringError`."""
 
 
 class Interrupted(KeyboardInterrupt):
