@@ -16,6 +16,7 @@ from fxprune.calib import load_calibration
 from fxprune.errors import (
     AnalysisError,
     BadInputError,
+    BadWeightsError,
     CaptureError,
     DataError,
     ExportError,
@@ -23,6 +24,7 @@ from fxprune.errors import (
     Interrupted,
     ModelLoadError,
     OutputExistsError,
+    OutputPermissionError,
     PlanError,
     RecoveryError,
     ScoringError,
@@ -45,8 +47,8 @@ from fxprune.runtime import benchmark_latency, onnx_generate
 __version__ = "0.1.0"
 
 __all__ = [
-    "PASSES", "Analysis", "AnalysisError", "BadInputError", "CaptureError", "DataError", "ExportError",
-    "FrozenClass", "FxpruneError", "Group", "Interrupted", "Member", "ModelLoadError", "OutputExistsError",
+    "PASSES", "Analysis", "AnalysisError", "BadInputError", "BadWeightsError", "CaptureError", "DataError", "ExportError",
+    "FrozenClass", "FxpruneError", "Group", "Interrupted", "Member", "ModelLoadError", "OutputExistsError", "OutputPermissionError",
     "Plan", "PlanError", "PrunableGraph", "PruneReport", "PruneResult", "RecoveryError", "RecoveryResult",
     "RewriteResult", "ScoringError", "Scores", "UnsafeOutputError", "Unsupported", "VerificationError",
     "WeightUpdate", "analyze", "benchmark_latency", "count_flops", "count_params_after", "export_onnx",

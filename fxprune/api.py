@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from typing import Any, Iterator, Mapping, Sequence
@@ -30,8 +31,8 @@ from fxprune.calib import load_calibration
 from fxprune.errors import DataError, PlanError
 from fxprune.graph import PrunableGraph
 from fxprune.passes.analysis import Analysis, analyze
-from fxprune.passes.capture import trace
 from fxprune.passes.block_scoring import BLOCK_IMPORTANCE, score_blocks
+from fxprune.passes.capture import as_keyword_inputs, split_example_inputs, trace
 from fxprune.passes.experts import EXPERT_IMPORTANCE, score_experts
 from fxprune.passes.plan import DEFAULT_KINDS, Plan, kind_enabled, make_plan, make_uniform
 from fxprune.passes.rewrite import RewriteResult, describable_kinds, rewrite
@@ -85,6 +86,8 @@ def device_round_to(analysis: Any, device: str | torch.device = "auto") -> dict[
         widths[g.kind] = math.gcd(widths.get(g.kind, 0), w or 1)
     out = {kind: multiple // math.gcd(multiple, w) for kind, w in sorted(widths.items())}
     return {**out, **{kind: 1 for kind in WHOLE_UNIT_KINDS if any(g.kind == kind for g in analysis.groups)}}
+
+_log = logging.getLogger("fxprune")
 
 
 DEFAULT_IMPORTANCE = "surgeon"
@@ -178,7 +181,8 @@ class PruneReport:
             ))
         return rows
 
-    def table(self) -> str:
+    def table(self, timings: bool = True) -> str:
+        """The printed summary; ``timings=False`` for files, which must not vary run to run."""
         rows = self.headline()
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -194,12 +198,17 @@ class PruneReport:
         lines.extend(kind_lines(self.by_kind))
         lines.append(f"verification: {self.verification}; returned: {self.returned}")
         lines.append("checkpoint: " + LOADS_WITH_TEXT[self.loads_with])
-        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        if timings:
+            lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, timings: bool = True) -> dict[str, Any]:
+        """Everything as plain data; ``timings=False`` leaves out what varies run to run."""
         d = dataclasses.asdict(self)
+        if not timings:
+            d.pop("timings")
+            d["shots"] = [{k: v for k, v in s.items() if k != "timings"} for s in d.get("shots") or []]
         d["ratio_achieved"] = self.ratio_achieved
         d["flop_ratio"] = self.flop_ratio
         d["loads_with"] = self.loads_with
@@ -272,6 +281,9 @@ def prune(
             (the LLM Surgeon's masked LoRA).  Needs a model that returns logits.
         **kwargs: the one-shot options, see :func:`prune_once`.
     """
+    check_prune_arguments(ratio=ratio, **{k: kwargs[k] for k in (
+        "importance", "allocation", "round_to", "n_samples", "seq_len", "batch_size", "aggregate", "update_method",
+        "max_group_ratio") if k in kwargs}, **({} if "importance" in kwargs else {"importance": None}))
     if shots == "auto":
         target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
             model_or_graph, "module", model_or_graph)
@@ -351,7 +363,7 @@ def prune_once(
     model_or_graph: torch.nn.Module | PrunableGraph | Analysis,
     ratio: float,
     *,
-    example_inputs: Mapping[str, torch.Tensor] | None = None,
+    example_inputs: Any = None,
     calib: Any = None,
     tokenizer: Any = None,
     importance: str | None = None,
@@ -382,8 +394,9 @@ def prune_once(
     """One shot of :func:`prune`: every pass once (``model_or_graph`` and ``ratio`` as there).
 
     Args:
-        example_inputs: kwargs used for tracing and verification (default: the first
-            calibration batch, or token ids built from the model config).
+        example_inputs: inputs used for tracing and verification, in torch.export's conventions:
+            a tuple of positional args, a dict of keyword args, or ``(args, kwargs)`` (default:
+            the first calibration batch, or token ids built from the model config).
         calib: calibration data for data-driven criteria: a list of strings (with
             ``tokenizer``), a ``datasets.Dataset``, a local txt/json/jsonl/parquet path, or an
             iterable of ready batches.
@@ -419,8 +432,6 @@ def prune_once(
             (default) uses the criterion's own (surgeon, obs and flap update; the rest none).
         importance_options: options of the criterion (``score(importance_options=...)``).
     """
-    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
     if importance is None:
         target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
             model_or_graph, "module", model_or_graph)
@@ -429,14 +440,10 @@ def prune_once(
         allocation = "cost" if importance in IMPORTANCE and IMPORTANCE[importance].costs else "uniform"
         if allocation == "cost" and any(kind_enabled(k, kinds) for k in ("blocks", "experts")):
             allocation = "uniform"  # block and expert criteria do not score in the width criterion's loss units
-    if update_method != "auto" and update_method not in UPDATES:
-        raise PlanError(f"unknown update method {update_method!r}; choose from {sorted(UPDATES)} or 'auto'")
-    if importance not in IMPORTANCE:
-        raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
-    if expert_importance not in EXPERT_IMPORTANCE:
-        raise PlanError(f"unknown expert importance {expert_importance!r}; choose from {sorted(EXPERT_IMPORTANCE)}")
-    if block_importance not in BLOCK_IMPORTANCE:
-        raise PlanError(f"unknown block importance {block_importance!r}; choose from {sorted(BLOCK_IMPORTANCE)}")
+    check_prune_arguments(ratio=ratio, importance=importance, allocation=allocation, round_to=round_to,
+                          n_samples=n_samples, seq_len=seq_len, batch_size=batch_size, aggregate=aggregate,
+                          update_method=update_method, max_group_ratio=max_group_ratio,
+                          block_importance=block_importance, expert_importance=expert_importance)
     timings: dict[str, float] = {}
     notes: list[str] = []
     clock = _Clock(timings)
@@ -455,15 +462,18 @@ def prune_once(
         elif isinstance(model_or_graph, PrunableGraph):
             graph = model_or_graph
         else:
-            inputs = dict(example_inputs) if example_inputs is not None else _default_inputs(model_or_graph, batches)
-            graph = trace(model_or_graph, kwargs=inputs)
+            if example_inputs is not None:
+                ex_args, ex_kwargs = split_example_inputs(example_inputs)
+            else:
+                ex_args, ex_kwargs = (), _default_inputs(model_or_graph, batches)
+            graph = trace(model_or_graph, ex_args, ex_kwargs)
         model = graph.module
     with clock("analyze"):
         if analysis is None or tuple(ignore) != analysis.ignore:
             analysis = analyze(graph, ignore=ignore)
     if IMPORTANCE[importance].needs_grad or IMPORTANCE[importance].needs_inputs:
         if batches is None:
-            batches = [dict(graph.example_kwargs)]
+            batches = [_example_batch(graph)]
             notes.append(
                 f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
             )
@@ -550,6 +560,7 @@ class _Clock:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        _log.info("%s...", name)  # the CLI shows these steps (fxprune.cli, logger "fxprune")
         t0 = time.perf_counter()
         try:
             yield
@@ -585,6 +596,55 @@ def _config_state(pruned: Any, result: RewriteResult | None) -> str:
         return "standard"
     # the modeling file subclasses transformers' own classes; other classes load with fxprune.load
     return "per-layer" if type(pruned).__module__.startswith("transformers.") else "none"
+def check_prune_arguments(*, ratio: Any, importance: str | None, allocation: str | None = "uniform",
+                          round_to: Any = 1, n_samples: int = 32, seq_len: int = 128, batch_size: int = 1,
+                          aggregate: str = "sum", update_method: str = "auto", max_group_ratio: float = 0.9,
+                          block_importance: str = "shortgpt", expert_importance: str = "reap") -> None:
+    """Every argument of :func:`prune` that can be checked before any work (the CLI calls it too);
+    ``importance=None`` / ``allocation=None`` (the defaults chosen from the model) pass."""
+    import math
+
+    from fxprune.passes.plan import ALLOCATIONS
+    from fxprune.passes.scoring import AGGREGATES
+
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+            or not 0.0 <= float(ratio) < 1.0:
+        raise PlanError(f"ratio must be a fraction in [0, 1) of the parameters to remove, got {ratio!r}")
+    if importance is not None and importance not in IMPORTANCE:
+        raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise PlanError(f"unknown allocation {allocation!r}; choose one of {list(ALLOCATIONS)}")
+    if aggregate not in AGGREGATES:
+        raise PlanError(f"unknown aggregate {aggregate!r}; choose one of {sorted(AGGREGATES)}")
+    if update_method != "auto" and update_method not in UPDATES:
+        raise PlanError(f"unknown update method {update_method!r}; choose from {sorted(UPDATES)} or 'auto'")
+    if block_importance not in BLOCK_IMPORTANCE:
+        raise PlanError(f"unknown block importance {block_importance!r}; choose from {sorted(BLOCK_IMPORTANCE)}")
+    if expert_importance not in EXPERT_IMPORTANCE:
+        raise PlanError(f"unknown expert importance {expert_importance!r}; choose from {sorted(EXPERT_IMPORTANCE)}")
+    values = round_to.values() if isinstance(round_to, Mapping) else [] if round_to == "auto" else [round_to]
+    for r in values:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise PlanError(f"round_to must be a positive integer (or a dict of them per kind, or 'auto'), "
+                            f"got {round_to!r}")
+    for name, v in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DataError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(max_group_ratio, (int, float)) or not 0.0 < float(max_group_ratio) <= 1.0:
+        raise PlanError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
+
+
+def _example_batch(graph: PrunableGraph) -> Any:
+    """The example inputs as one scoring batch: keyword args, else positional args."""
+    kwargs = dict(graph.example_kwargs)
+    if not graph.example_args:
+        return kwargs
+    bound = as_keyword_inputs(graph.module, graph.example_args, kwargs)
+    if bound is not None:
+        return bound
+    if kwargs:
+        raise DataError("pass calib=... batches: the example inputs mix *args and keyword inputs")
+    return tuple(graph.example_args)
 
 
 def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
@@ -597,13 +657,14 @@ def _default_inputs(model: torch.nn.Module, batches: list | None) -> dict:
     return default_example_inputs(model)
 
 
-def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs: Mapping | None = None) -> float | None:
+def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs: Mapping | None = None,
+                args: tuple = ()) -> float | None:
     """FLOPs of one forward pass on ``inputs`` (torch's FlopCounterMode), or None if it fails."""
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(**inputs, **(constant_kwargs or {}))
+            model(*args, **inputs, **(constant_kwargs or {}))
         return float(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - FLOPs are informative only
         return None
@@ -614,8 +675,8 @@ def _report(model, pruned, graph, groups, plan, scores, ratio, importance, alloc
     on_meta = graph.on_meta
     flops_before = flops_after = None
     if not on_meta:
-        flops_before = count_flops(model, graph.example_kwargs, graph.constant_kwargs)
-        flops_after = count_flops(pruned, graph.example_kwargs, graph.constant_kwargs)
+        flops_before = count_flops(model, graph.example_kwargs, graph.constant_kwargs, graph.example_args)
+        flops_after = count_flops(pruned, graph.example_kwargs, graph.constant_kwargs, graph.example_args)
     kept: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     rows = []
     for g in groups:

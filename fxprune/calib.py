@@ -152,7 +152,7 @@ def _token_stream(texts: Sequence[str], tokenizer: Any, *, needed: int, seed: in
     sep = getattr(tokenizer, "eos_token_id", None)
     parts: list[np.ndarray] = []
     total = 0
-    for chunk in _chunks(order, 64):
+    for chunk in _chunks_by_size(order, texts):
         encoded = [_encode(texts[i], tokenizer) for i in chunk] if len(chunk) == 1 else \
             tokenizer([texts[i] for i in chunk], add_special_tokens=False)["input_ids"]
         for ids in encoded:
@@ -169,7 +169,22 @@ def _token_stream(texts: Sequence[str], tokenizer: Any, *, needed: int, seed: in
     return np.concatenate(parts)
 
 
-_PIECE = 1 << 16  # characters per tokenizer call for a long document
+_PIECE = 1 << 16  # characters per piece of a long document
+_CALL = 1 << 20  # characters per tokenizer call: a Rust call cannot be interrupted, so keep each short
+
+
+def _chunks_by_size(order: Sequence[int], texts: Sequence[str], n: int = 64) -> Iterator[list[int]]:
+    """Documents in ``order``, in groups of at most ``n`` and about ``_CALL`` characters."""
+    group: list[int] = []
+    size = 0
+    for i in order:
+        if group and (len(group) >= n or size + len(texts[i]) > _CALL):
+            yield group
+            group, size = [], 0
+        group.append(int(i))
+        size += len(texts[i])
+    if group:
+        yield group
 
 
 def _encode(text: str, tokenizer: Any) -> list[int]:
@@ -184,14 +199,11 @@ def _encode(text: str, tokenizer: Any) -> list[int]:
         pieces.append(text[start:end])
         start = end
     ids: list[int] = []
-    for enc in tokenizer(pieces, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
+    step = max(1, _CALL // _PIECE)  # a few pieces per call, so Ctrl-C is seen between calls
+    for k in range(0, len(pieces), step):
+        for enc in tokenizer(pieces[k:k + step], add_special_tokens=False)["input_ids"]:
+            ids.extend(enc)
     return ids
-
-
-def _chunks(seq: Sequence[int], n: int) -> Iterator[Sequence[int]]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
 
 
 def _sample_windows(ids: np.ndarray, n_samples: int, seq_len: int, seed: int) -> np.ndarray:

@@ -64,8 +64,16 @@ class OutputExistsError(BadInputError, FileExistsError):
     """An output path exists (or another run is writing it) and overwrite was not requested."""
 
 
-class UnsafeOutputError(BadInputError):
-    """An output path is, contains, or lies inside an input: fxprune never writes over its inputs."""
+class OutputPermissionError(BadInputError, PermissionError):
+    """An output path cannot be written (a read-only parent directory, say)."""
+
+
+class UnsafeOutputError(OutputExistsError):
+    """An output path is, contains, or lies inside an input: fxprune never writes over its inputs.
+
+    A kind of :class:`OutputExistsError` (code that handles "the output exists" refuses it too),
+    but ``overwrite=True`` does not lift it.
+    """
 
 
 class RecoveryError(FxpruneError):
@@ -76,7 +84,24 @@ class ExportError(FxpruneError):
     """A model could not be exported to a deployment target, or its runtime is missing."""
 
 
-class Interrupted(FxpruneError):
-    """The run was stopped by SIGINT or SIGTERM; nothing was published."""
+class BadWeightsError(ModelLoadError, ScoringError):
+    """A model's weights hold NaN or infinite values (the message names the parameter); raised by
+    scoring too, so it is also a :class:`ScoringError`."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM; nothing was published.
+
+    A ``KeyboardInterrupt``, not an ``Exception``: the ``except Exception`` blocks in fxprune,
+    torch and transformers (which turn a failing step into a clearer error) must never swallow
+    a stop request.  The CLI raises it from its signal handlers and exits with 130.
+    """
 
     exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, signum: int | None = None) -> None:
+        import signal
+
+        self.signum = signum
+        name = signal.Signals(signum).name if signum is not None else "SIGINT"
+        super().__init__(f"interrupted by {name}")

@@ -31,9 +31,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from fxprune.errors import FxpruneError
+from fxprune.errors import FxpruneError, ModelLoadError
 from fxprune.util import hf
-from fxprune.util.publish import publish_dir
+from fxprune.util.publish import note_input, publish_dir
 
 FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
@@ -62,10 +62,15 @@ def save(model_or_result: Any, directory: str, *, overwrite: bool = False, prote
     directory the model came from: its tokenizer, ``generation_config.json`` and
     sentence-transformers files are carried over (see :func:`fxprune.checkpoint.write_checkpoint`).
     ``source`` is always protected from being written over.
+
+    ``directory`` may never be, contain or lie inside an input, even with ``overwrite=True``:
+    the ``protect`` paths, ``source``, the local checkpoint the model was loaded from (its HF
+    ``name_or_path``) and every file fxprune read in this process.
     """
     from fxprune.checkpoint import write_checkpoint
 
-    protect = [*protect, *([source] if source else [])]
+    model, _ = _unpack(model_or_result)
+    protect = [*protect, *([source] if source else []), *_sources_of(model)]
     with publish_dir(directory, overwrite=overwrite, protect=protect) as tmp:
         write_checkpoint(model_or_result, str(tmp), source=source, tokenizer=tokenizer, quality=quality)
     return os.path.abspath(directory)
@@ -80,6 +85,15 @@ class SavedModel:
     extra_buffers: tuple[str, ...]  # non-persistent buffers the class would not rebuild as they are
     changed_shapes: dict[str, list[int]]  # state-dict shapes that differ from the config's skeleton
     depth_code: bool = False  # recorded depth pruning the config's skeleton does not have by itself
+
+
+def _sources_of(model: Any) -> list[str]:
+    """Local paths a model was loaded from (HF ``name_or_path``), to be protected from outputs."""
+    out = []
+    for cand in (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)):
+        if isinstance(cand, str) and cand and os.path.exists(cand):
+            out.append(cand)
+    return out
 
 
 def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> SavedModel:
@@ -140,12 +154,16 @@ def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> Save
 
 
 def read_record(directory: str) -> dict[str, Any]:
-    """The ``fxprune.json`` of a saved directory."""
+    """The ``fxprune.json`` of a saved directory (ModelLoadError naming what is missing or malformed)."""
     path = os.path.join(directory, RECORD)
+    if not os.path.isdir(directory):
+        raise ModelLoadError(f"model directory {directory} does not exist")
     if not os.path.exists(path):
-        raise FxpruneError(f"{directory} has no {RECORD}; was it written by fxprune.save?")
-    with open(path) as f:
-        return json.load(f)
+        raise ModelLoadError(f"{directory} has no {RECORD}; was it written by fxprune.save?")
+    record = _read_json(path)
+    if not isinstance(record, dict) or "class" not in record or "shapes" not in record:
+        raise ModelLoadError(f"{path} is not an fxprune record (no 'class'/'shapes'); was it written by fxprune.save?")
+    return record
 
 
 def load(directory: str, model_class: Any = None, *, config: Any = None, device: str = "cpu") -> torch.nn.Module:
@@ -153,14 +171,22 @@ def load(directory: str, model_class: Any = None, *, config: Any = None, device:
 
     ``model_class`` is the class (or a zero-argument factory) to rebuild; for HF models it can be
     omitted (the class recorded at save time is imported).  ``config`` overrides the recorded
-    original config.
+    original config.  A missing, truncated or malformed file raises
+    :class:`~fxprune.errors.ModelLoadError` naming it; the directory is recorded as an input
+    (no later output of this process may replace it).
     """
     from safetensors.torch import load_file
 
     record = read_record(directory)
+    weights = os.path.join(directory, WEIGHTS)
+    check_safetensors(weights)
+    note_input(directory)
     cls = model_class or _import(record["class"])
     skeleton = rebuild(cls, record, config)
-    state = load_file(os.path.join(directory, WEIGHTS), device=device)
+    try:
+        state = load_file(weights, device=device)
+    except Exception as exc:  # noqa: BLE001 - named, one line
+        raise ModelLoadError(f"{weights} cannot be read: {exc}") from None
     for key in [k for k in state if k.startswith(_BUFFER_PREFIX)]:  # format 1 saved them with the weights
         _set_buffer(skeleton, key[len(_BUFFER_PREFIX):], state.pop(key))
     if record.get("buffers"):
@@ -242,6 +268,117 @@ def _params_on_meta() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------------------------------
+# Checking model files before loading them
+# ------------------------------------------------------------------------------------------
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def check_safetensors(path: str) -> None:
+    """A safetensors file whose header parses and whose tensors all lie inside the file.
+
+    Reads only the header: a truncated download or a partly copied file is caught by name
+    before any weight is loaded.
+    """
+    if not os.path.exists(path):
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"weights file {path} is not readable (permissions)")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"weights file {path} is truncated or empty ({size} bytes): not a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n <= 1 or 8 + n > size:
+            raise ModelLoadError(
+                f"weights file {path} is truncated or not a safetensors file (its header claims {n} bytes, "
+                f"the file has {size})")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelLoadError(f"weights file {path} is corrupt: its safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"weights file {path} is corrupt: its safetensors header is not a JSON object")
+    data = size - 8 - n
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if end > data:
+        raise ModelLoadError(
+            f"weights file {path} is truncated: its tensors need {end:,} bytes of data, the file holds {data:,} "
+            "(an interrupted download or copy?)")
+
+
+def _check_torch_bin(path: str) -> None:
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ModelLoadError(f"weights file {path} is empty")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+        if magic == b"PK":  # torch.save's zip format: the end-of-central-directory record must be there
+            f.seek(max(0, size - 65557))
+            if b"PK\x05\x06" not in f.read():
+                raise ModelLoadError(f"weights file {path} is truncated (its zip directory is missing)")
+
+
+def check_model_dir(path: str) -> str:
+    """Everything about a model directory that can be checked without loading it.
+
+    Returns ``"fxprune"`` (written by fxprune.save) or ``"hf"`` (a Hugging Face checkpoint).
+    Raises ModelLoadError naming the missing or malformed file.
+    """
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path {path} does not exist")
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"model path {path} is a file; pass the model directory (with config.json)")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ModelLoadError(f"model directory {path} is not readable (permissions)")
+    record = os.path.join(path, "fxprune.json")
+    config = os.path.join(path, "config.json")
+    if os.path.exists(record):
+        _read_json(record)
+        check_safetensors(os.path.join(path, "model.safetensors"))
+        return "fxprune"
+    if not os.path.exists(config):
+        raise ModelLoadError(
+            f"{path} has no config.json: not a Hugging Face model directory (expected config.json and "
+            "model.safetensors, or a directory written by fxprune)")
+    cfg = _read_json(config)
+    if not isinstance(cfg, dict) or not (cfg.get("model_type") or cfg.get("architectures")):
+        raise ModelLoadError(f"{config} has neither 'model_type' nor 'architectures': not a transformers config")
+    present = [f for f in WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
+    if not present:
+        raise ModelLoadError(f"{path} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])})")
+    for name in present:
+        full = os.path.join(path, name)
+        if name.endswith(".index.json"):
+            index = _read_json(full)
+            shards = sorted(set((index or {}).get("weight_map", {}).values())) if isinstance(index, dict) else []
+            if not shards:
+                raise ModelLoadError(f"{full} has no weight_map")
+            for shard in shards:
+                sp = os.path.join(path, shard)
+                if not os.path.exists(sp):
+                    raise ModelLoadError(f"weights shard {sp} (listed in {name}) does not exist")
+                check_safetensors(sp) if shard.endswith(".safetensors") else _check_torch_bin(sp)
+        elif name.endswith(".safetensors"):
+            check_safetensors(full)
+        else:
+            _check_torch_bin(full)
+    return "hf"
 
 
 def _build_skeleton(cls: Any, record: Mapping[str, Any], config: Any) -> torch.nn.Module:

@@ -229,6 +229,7 @@ def onnx_generate(
 def benchmark_latency(
     session_or_path: Any,
     *,
+    example_inputs: Any = None,
     batch_size: int = 1,
     prompt_len: int = 128,
     decode_tokens: int = 32,
@@ -246,7 +247,22 @@ def benchmark_latency(
     divided by ``decode_tokens``.  ``warmup`` untimed runs of each come first (allocator and
     kernel selection), then the median of ``repeats`` timed runs is reported.  ``io_binding``
     ``"auto"`` uses IOBinding on CUDA only, where it keeps the cache on the GPU.
+
+    ``session_or_path`` may also be the PyTorch decoder itself: it is exported first
+    (``export_onnx(kv_cache=True)`` into a temporary directory) from ``example_inputs`` in
+    torch.export's conventions, or, for an HF model, from inputs built from its config.
     """
+    if isinstance(session_or_path, torch.nn.Module):
+        import tempfile
+
+        from fxprune.passes.export import export_onnx
+
+        with tempfile.TemporaryDirectory(prefix="fxprune-bench-") as tmp:
+            exported = export_onnx(session_or_path, os.path.join(tmp, "decoder.onnx"), example_inputs=example_inputs,
+                                   kv_cache=True, optimize=False)
+            return benchmark_latency(
+                exported, batch_size=batch_size, prompt_len=prompt_len, decode_tokens=decode_tokens, warmup=warmup,
+                repeats=repeats, vocab_size=vocab_size, providers=providers, io_binding=io_binding, seed=seed)
     sess = ort_session(session_or_path, providers)
     spec = _kv_spec(sess)
     vocab = vocab_size or spec.vocab

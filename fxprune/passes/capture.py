@@ -12,7 +12,7 @@ import copy
 import inspect
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -38,19 +38,63 @@ def meta_model(factory: Callable[..., torch.nn.Module], *args: Any, **kwargs: An
     return model.eval()
 
 
+def split_example_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple[tuple, dict]:
+    """torch.export's conventions for example inputs, as ``(args, kwargs)``.
+
+    Accepted: a tuple (or list) of positional args, ``(x,)``; a dict of keyword args,
+    ``{"input_ids": ids}``; both, ``((x,), {"mask": m})``; or a single tensor, ``x``.
+    """
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        if (len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list))
+                and isinstance(example_inputs[1], Mapping)):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise BadInputError(
+        f"{what} must be a tuple of positional args, a dict of keyword args, or (args, kwargs) "
+        f"(torch.export's conventions); got {type(example_inputs).__name__}"
+    )
+
+
+def as_keyword_inputs(model: Any, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``args`` bound to the names of ``model.forward``'s parameters, merged with ``kwargs``.
+
+    None when the forward takes ``*args`` (positional inputs have no names to bind to).
+    """
+    import inspect
+
+    if not args:
+        return dict(kwargs)
+    fn = getattr(model, "forward", model)
+    try:
+        sig = inspect.signature(fn)
+        if any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()):
+            return None
+        bound = sig.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"example inputs do not fit {type(model).__name__}.forward{sig}: {exc}") from None
+    return dict(bound.arguments)
+
+
 def _requires(model: Any, *args: Any, **kwargs: Any) -> None:
     check(isinstance(model, torch.nn.Module), CaptureError, f"trace() needs an nn.Module, got {type(model).__name__}")
     kw = kwargs.get("kwargs")
-    check(kw is None or isinstance(kw, dict), BadInputError,
+    check(kw is None or isinstance(kw, Mapping), BadInputError,
           f"trace(kwargs=...) must be a dict of keyword inputs, got {type(kw).__name__}")
 
 
 @fxpass("trace", requires=_requires)
 def trace(
     model: torch.nn.Module,
-    args: tuple = (),
+    args: Any = (),
     kwargs: dict | None = None,
     *,
+    example_inputs: Any = None,
     dynamic: bool = True,
     dynamic_shapes: Any = None,
     strict: bool = False,
@@ -59,12 +103,24 @@ def trace(
 
     Args:
         model: any exportable module (Hugging Face models first). It is not modified.
-        args, kwargs: example inputs. Tensors only, plus constants such as ``use_cache``.
+        args, kwargs: example inputs, as for ``torch.export.export``. Tensors only, plus
+            constants such as ``use_cache``.  ``args`` may also be given in any of the forms of
+            ``example_inputs``.
+        example_inputs: a tuple of positional args, a dict of keyword args, or ``(args,
+            kwargs)`` (see :func:`split_example_inputs`); an alternative to ``args``/``kwargs``.
         dynamic: make batch (dim 0 of every tensor) and sequence (dim 1 of integer/bool
             tensors of rank >= 2) dynamic. Ignored when ``dynamic_shapes`` is given.
         dynamic_shapes: an explicit torch.export ``dynamic_shapes`` spec.
         strict: passed to torch.export (non-strict tracing handles more Python).
     """
+    if example_inputs is not None:
+        if args != () or kwargs:
+            raise BadInputError("pass example inputs either as example_inputs= or as args/kwargs, not both")
+        args, kwargs = split_example_inputs(example_inputs)
+    elif not isinstance(args, tuple) or (len(args) == 2 and isinstance(args[0], (tuple, list))
+                                         and isinstance(args[1], Mapping) and not kwargs):
+        more_args, more_kwargs = split_example_inputs(args, "trace(args=...)")
+        args, kwargs = more_args, {**more_kwargs, **(kwargs or {})}
     kwargs = dict(kwargs or {})
     args = tuple(args)
     on_meta = _on_meta(model)
@@ -348,14 +404,79 @@ def _as_auto(spec: Any) -> Any:
 
 
 def _export_failure_message(model: torch.nn.Module, exc: Exception) -> str:
-    reason = str(exc).strip().splitlines()
-    head = "\n  ".join(reason[:6]) if reason else type(exc).__name__
-    return (
-        f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {head}\n"
+    """One line naming the model, the user's source line and the reason; then what to try."""
+    reason = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    first = reason[0].strip() if reason else ""
+    where = user_source_line(exc, model)
+    at = f" at {where}" if where else ""
+    data_dependent = "data-dependent" in str(exc) or "GuardOnDataDependent" in type(exc).__name__
+    advice = (
+        "The forward branches on tensor values (data-dependent control flow), which a graph cannot "
+        "capture: compute the condition from shapes or constants, or use torch.cond / torch.where "
+        "(other example inputs will not help)."
+        if data_dependent else
         "Try other example inputs or kwargs (tensors of size >= 2 on batch/sequence dims, the "
         "kwargs your forward really uses, e.g. use_cache=False), dynamic=False, or an explicit "
         "dynamic_shapes spec."
     )
+    more = "\n  ".join(r.strip() for r in reason[1:4])
+    return (f"torch.export could not trace {type(model).__name__}{at}: {type(exc).__name__}: {first}\n"
+            + (f"  {more}\n" if more and not data_dependent else "") + advice)
+
+
+def user_source_line(exc: BaseException, model: Any = None) -> str | None:
+    """``file:line in fn (`code`)`` of the deepest frame of the user's own code in ``exc``'s traceback.
+
+    The user's code is the files that define the model's module classes; without a model (or
+    when none of them is on the traceback), any frame outside torch, fxprune, the standard
+    library and installed packages.  So an export failure points at the model's ``forward``, not
+    at a torch-internal line (``graph.source_location`` follows the same rule for graph nodes).
+    """
+    import inspect
+    import os
+    import sysconfig
+    import traceback
+
+    from fxprune.graph import _torch_dir
+
+    model_files: set[str] = set()
+    if isinstance(model, torch.nn.Module):
+        for m in model.modules():
+            for cls in type(m).__mro__:
+                if cls.__module__.startswith(("torch.", "builtins")):
+                    continue
+                try:
+                    model_files.add(os.path.abspath(inspect.getsourcefile(cls) or ""))
+                except TypeError:
+                    pass
+    paths = sysconfig.get_paths()
+    skip = (_torch_dir(), os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+            paths["stdlib"] + os.sep, paths["purelib"] + os.sep, paths["platlib"] + os.sep)
+    frames = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        frames.extend(traceback.extract_tb(e.__traceback__))
+        e = e.__cause__ or e.__context__
+    ours = [fr for fr in frames if os.path.abspath(fr.filename) in model_files]
+    best = ours[-1] if ours else None
+    if best is None:
+        others = [fr for fr in frames if not os.path.abspath(fr.filename).startswith(skip)
+                  and not fr.filename.startswith("<")]
+        best = others[-1] if others else None
+    if best is None:
+        marker = "The following call raised this error:"
+        text = str(exc)
+        if marker in text:  # torch's own pointer at the user's line
+            tail = text.split(marker, 1)[1].strip().splitlines()
+            return " ".join(t.strip() for t in tail[:2]) if tail else None
+        return None
+    path = best.filename
+    if "site-packages/" in path:
+        path = path.split("site-packages/", 1)[1]
+    code = f" (`{best.line.strip()}`)" if best.line else ""
+    return f"{path}:{best.lineno} in {best.name}{code}"
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:

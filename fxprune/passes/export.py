@@ -215,6 +215,33 @@ def _module_weights_bytes(model: nn.Module) -> int:
     return _weights_bytes(list(model.parameters()) + list(model.buffers()))
 
 
+def example_dict(model_or_ep: Any, example_inputs: Any) -> dict[str, Any]:
+    """Example inputs by name, from torch.export's conventions (or the HF defaults when None).
+
+    A tuple of positional args is bound to the forward's parameter names (to the program's input
+    names for an ExportedProgram); ``(args, kwargs)`` merges both; None builds token ids / pixel
+    values from an HF model's config, as ``prune`` does.
+    """
+    from fxprune.passes.capture import as_keyword_inputs, split_example_inputs
+    from fxprune.util.hf import default_example_inputs
+
+    if example_inputs is None:
+        module = model_or_ep if isinstance(model_or_ep, nn.Module) else None
+        if module is None or getattr(module, "config", None) is None:
+            raise ExportError("pass example_inputs=... (only Hugging Face models get default inputs from their config)")
+        return default_example_inputs(module)
+    args, kwargs = split_example_inputs(example_inputs)
+    if not args:
+        return kwargs
+    if isinstance(model_or_ep, torch.export.ExportedProgram):
+        names = [n for n in model_or_ep.graph_signature.user_inputs if n not in kwargs]
+        return {**dict(zip(names, args, strict=False)), **kwargs}
+    bound = as_keyword_inputs(model_or_ep, args, kwargs)
+    if bound is None:
+        raise ExportError(f"{type(model_or_ep).__name__}.forward takes *args: pass example_inputs as a dict")
+    return bound
+
+
 def _validate_examples(example_inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if not isinstance(example_inputs, Mapping) or not example_inputs:
         raise ExportError("example_inputs must be a non-empty dict of name -> tensor")
@@ -561,7 +588,7 @@ def _planner_for(model_or_ep: Any, kv_cache: bool) -> str:
 
 def build_recipe(
     model_or_ep: nn.Module | torch.export.ExportedProgram,
-    example_inputs: Mapping[str, torch.Tensor],
+    example_inputs: Any = None,
     *,
     dynamic: bool = True,
     kv_cache: bool = False,
@@ -574,7 +601,7 @@ def build_recipe(
     Run it with the model in eval mode (:func:`export` does); the recipe's reference and
     exportable share the user's module.
     """
-    examples = _validate_examples(example_inputs)
+    examples = _validate_examples(example_dict(model_or_ep, example_inputs))
     planner = PLANNERS[_planner_for(model_or_ep, kv_cache)]
     gen = torch.Generator().manual_seed(seed)
     return planner(model_or_ep, examples, _PlanOptions(dynamic, check_batch, check_seq), gen)
@@ -642,7 +669,7 @@ def export(
     path: str | os.PathLike,
     *,
     backend: str | ExportBackend = "onnx",
-    example_inputs: Mapping[str, torch.Tensor],
+    example_inputs: Any = None,
     dynamic: bool = True,
     kv_cache: bool = False,
     overwrite: bool = False,
@@ -666,7 +693,10 @@ def export(
     target = get_backend(backend, **backend_options)
     if not target.available():
         raise ExportError(f"export backend {target.name!r} is not available here: {target.requires or 'missing runtime'}")
-    publication = Publication(path, overwrite=overwrite, kind="files", what="export")
+    from fxprune.io import _sources_of
+
+    publication = Publication(path, overwrite=overwrite, kind="files", what="export",
+                              protect=_sources_of(model_or_ep))
     providers = target.providers(device)
 
     with eval_mode(model_or_ep):
@@ -696,7 +726,7 @@ def export_onnx(
     model_or_ep: nn.Module | torch.export.ExportedProgram,
     path: str | os.PathLike,
     *,
-    example_inputs: Mapping[str, torch.Tensor],
+    example_inputs: Any = None,
     dynamic: bool = True,
     kv_cache: bool = False,
     external_data: bool | None = None,
@@ -710,6 +740,9 @@ def export_onnx(
     optimize: bool = True,
 ) -> ExportResult:
     """Export to ONNX with the dynamo exporter, atomically, and verify in ONNX Runtime.
+
+    ``example_inputs`` follows torch.export's conventions (a tuple of positional args, a dict of
+    keyword args, or ``(args, kwargs)``); None builds them from an HF model's config.
 
     Dynamic axes: dim 0 of every input is ``batch``; dim 1 of 2-D integer inputs is ``seq``.
     Size-1 dynamic dims in ``example_inputs`` are enlarged to 2 (torch.export would specialise

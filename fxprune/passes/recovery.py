@@ -719,6 +719,7 @@ def recover(
     distill_target: str = "hidden",
     warmup_ratio: float = 0.05,
     max_grad_norm: float = 1.0,
+    example_inputs: Any = None,
 ) -> RecoveryResult:
     """Fine-tune a (pruned) model with LoRA and return the merged plain model.
 
@@ -737,6 +738,10 @@ def recover(
     The input ``model`` is deep-copied and never modified; the teacher runs in eval/no_grad mode
     and is returned to its original mode and device.  The returned model lives on ``device`` in
     eval mode.
+
+    ``example_inputs`` (torch.export's conventions: a tuple of positional args, a dict of keyword
+    args, or ``(args, kwargs)``) is the sample forward that finds the output head to leave out of
+    LoRA; by default the first training batch.
     """
     _validate(method, teacher, temperature, alpha, grad_accum, batch_size)
     dev = _resolve_device(device)
@@ -750,7 +755,7 @@ def recover(
         torch.manual_seed(seed)
         student = copy.deepcopy(model).to(dev)
         objective = _Objective(method, t_model, temperature, alpha, distill_loss, distill_target)
-        sample = _to(prepared.train[0], dev)
+        sample = _to(prepared.train[0] if example_inputs is None else _sample_kwargs(model, example_inputs), dev)
         before = _evaluate(student, prepared.eval, objective, dev, amp)
         peft_model, targets = _wrap_lora(
             student, sample, target_modules, modules_to_save, lora_r, lora_alpha, lora_dropout, gradient_checkpointing
@@ -769,6 +774,16 @@ def recover(
         history=history, distill_before=before.get("kd"), distill_after=after.get("kd"),
         merge_max_diff=merge_diff, target_modules=targets, eval_on_train=prepared.eval_on_train,
     )
+
+
+def _sample_kwargs(model: nn.Module, example_inputs: Any) -> dict:
+    from fxprune.passes.capture import as_keyword_inputs, split_example_inputs
+
+    args, kwargs = split_example_inputs(example_inputs)
+    bound = as_keyword_inputs(model, args, kwargs)
+    if bound is None:
+        raise DataError(f"{type(model).__name__}.forward takes *args: pass example_inputs as a dict")
+    return {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
 
 
 def _wrap_lora(

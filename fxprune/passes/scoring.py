@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.errors import BadInputError, DataError, ScoringError
+from fxprune.errors import BadInputError, BadWeightsError, DataError, ScoringError
 from fxprune.graph import Group, Member, layout_coords
 from fxprune.passes import curvature
 from fxprune.passes.base import check, class_registrar, fxpass
@@ -986,6 +986,7 @@ def score(
         raise ScoringError(f"importance {importance!r} does not take options {dict(importance_options or {})}: {exc}") from None
     groups = _groups_of(groups)
     targets = _collect_targets(model, groups)
+    _check_finite_weights(targets)
     ctx = ScoringContext(targets, model=model)
     if crit.needs_data and batches is None:
         raise DataError(
@@ -1021,6 +1022,22 @@ def score(
         means, counts = {}, {}
     return Scores(scores, importance, aggregate, normalize, ctx.n_batches, tokens, means, counts, raw,
                   getattr(crit, "source", None), getattr(crit, "how", {}), crit.costs, dict(crit.uncosted_kinds))
+
+
+def _check_finite_weights(targets: dict[int, Target]) -> None:
+    """A NaN or inf weight makes every criterion meaningless: name the parameter up front."""
+    for t in targets.values():
+        p = t.param
+        if p.device.type == "meta" or not p.dtype.is_floating_point:
+            continue
+        bad = ~torch.isfinite(p.detach())
+        if bool(bad.any()):
+            first = [int(i) for i in bad.nonzero()[0].tolist()]
+            kinds = [k for k, f in (("NaN", torch.isnan), ("inf", torch.isinf)) if bool(f(p.detach()).any())]
+            raise BadWeightsError(
+                f"parameter {t.name} holds {int(bad.sum())} {'/'.join(kinds)} value(s) (first at index {first}); "
+                "the checkpoint is corrupt or its training diverged"
+            )
 
 
 def _all_group_scores(

@@ -3,16 +3,21 @@
 Every writer in fxprune (``save``, the CLI's output directories, ONNX files, reports) goes through
 :class:`Publication`:
 
-1. **Checked before any work**: the destination must not exist (unless ``overwrite``), and must
-   not be, contain, or lie inside any *protected* path (the model directory, calibration and data
-   files the run reads) -- with or without ``overwrite``.
+1. **Checked before any work**: the destination must not exist (unless ``overwrite``), its
+   parent must be writable, and it must not be, contain, or lie inside any *protected* path --
+   with or without ``overwrite``.  Protected are the paths passed as ``protect`` and every input
+   fxprune itself has read in this process (:func:`note_input`: model directories, checkpoints,
+   calibration and data files), so the Python API is as safe as the CLI.
 2. **Locked**: one run at a time per destination (an ``flock`` on a lock file beside it), so two
    concurrent runs into one ``--out`` fail clearly instead of racing.
 3. **Filled in a temporary sibling** (same filesystem, so the final move is a rename).
 4. **Published atomically**: a directory is renamed into place; files are hard-linked into place
    (``link`` refuses to replace a file that appeared meanwhile), side files first, the main file
    last.  A destination that appeared during the run is refused unless ``overwrite``.
-5. **Cleaned up** on any error or interrupt: no temporary directory is left behind.
+5. **Cleaned up** on any error or interrupt: no temporary directory is left behind.  The steps
+   that must not be cut in half (the final renames, putting an old output back, removing the
+   temporary directory) hold SIGINT/SIGTERM until they are done
+   (:func:`fxprune.util.interrupts.deferred`).
 
 Modes follow the umask, as files written with ``open()`` do (``mkdtemp`` alone would give 0700).
 """
@@ -27,9 +32,24 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from fxprune.errors import OutputExistsError, UnsafeOutputError
+from fxprune.errors import OutputExistsError, OutputPermissionError, UnsafeOutputError
+from fxprune.util.interrupts import deferred
 
-__all__ = ["Publication", "atomic_write_text", "check_destination", "current_umask", "publish_dir"]
+__all__ = ["Publication", "atomic_write_text", "check_destination", "current_umask", "inputs_read",
+           "note_input", "publish_dir"]
+
+_INPUTS: set[str] = set()
+
+
+def note_input(path: str | os.PathLike | None) -> None:
+    """Record a file or directory fxprune read: no output of this process may replace it."""
+    if path is not None and os.path.lexists(os.fspath(path)):
+        _INPUTS.add(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def inputs_read() -> list[str]:
+    """Every input :func:`note_input` recorded in this process."""
+    return sorted(_INPUTS)
 
 
 def current_umask() -> int:
@@ -72,7 +92,7 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool, protect: Iter
     checkpoint).  Raises :class:`UnsafeOutputError` or :class:`OutputExistsError` naming both paths.
     """
     path = _real(dest)
-    for p in protect:
+    for p in [*protect, *_INPUTS]:
         if p is None:
             continue
         src = _real(p)
@@ -89,7 +109,26 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool, protect: Iter
             )
     if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(f"{what} {os.fspath(dest)} exists; pass --overwrite (overwrite=True) to replace it")
+    _check_writable(path, dest, what)
     return path
+
+
+def _check_writable(path: Path, dest: str | os.PathLike, what: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory (checked up front)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPermissionError(f"{what} {os.fspath(dest)}: {parent} is not a directory")
+    try:  # a real probe: permission bits say nothing for root or a read-only filesystem
+        fd, probe = tempfile.mkstemp(prefix=".fxprune-probe-", dir=parent)
+    except OSError as exc:
+        raise OutputPermissionError(
+            f"{what} {os.fspath(dest)} cannot be written: {parent} is not writable "
+            f"({exc.strerror or exc}); choose another --out"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 class _Lock:
@@ -159,35 +198,56 @@ class Publication:
         self.tmp: Path | None = None
         self.committed = False
         self._lock = _Lock(self.dest)
+        self._depth = 0
 
     def __enter__(self) -> "Publication":
+        """Lock the destination and make the temporary directory (re-entrant: a CLI command
+        reserves its output before loading the model, and the writer enters it again)."""
+        self._depth += 1
+        if self._depth > 1:
+            return self
         parent = self.dest.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
-        try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".fxprune-tmp", dir=parent))
-        except BaseException:
-            self._lock.release()
-            raise
+        with deferred():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except PermissionError:
+                self._depth = 0
+                raise OutputPermissionError(f"{self.what} {self.dest_arg}: cannot create {parent} (permissions)") from None
+            try:
+                self._lock.acquire()
+            except BaseException:
+                self._depth = 0
+                raise
+            try:
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".fxprune-tmp", dir=parent))
+            except BaseException:
+                self._depth = 0
+                self._lock.release()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            if self.tmp is not None and self.tmp.exists():
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        finally:
-            self._lock.release()
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        with deferred():
+            try:
+                if self.tmp is not None and self.tmp.exists():
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+            finally:
+                self._lock.release()
 
     def commit(self) -> Path:
         """Move the filled temporary into place; refuses a destination that appeared meanwhile."""
         assert self.tmp is not None, "commit() outside the with-block"
         # re-check: an input may have been created at the destination during the run
         check_destination(self.dest_arg, overwrite=True, protect=self.protect, what=self.what)
-        if self.kind == "dir":
-            self._commit_dir()
-        else:
-            self._commit_files()
-        self.committed = True
+        with deferred():
+            if self.kind == "dir":
+                self._commit_dir()
+            else:
+                self._commit_files()
+            self.committed = True
         return self.dest
 
     def _commit_dir(self) -> None:
@@ -271,13 +331,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename (modes follow the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _apply_umask(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with deferred():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            _apply_umask(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

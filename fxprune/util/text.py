@@ -39,12 +39,17 @@ DATA_FILE_HELP = (
 )
 
 
-def check_data_file(path: str | os.PathLike, what: str = "data file") -> Path:
-    """Everything about a data file that can be checked without reading it all.
+def check_data_file(path: str | os.PathLike, what: str = "data file", *, deep: bool = False) -> Path:
+    """Everything about a data file that can be checked before a model is loaded.
 
     Raises DataError naming the file: missing, a directory, unreadable, empty, an unsupported
-    suffix, or (for text files) not UTF-8 text in its first 64 KiB.
+    suffix, or (for text files) not UTF-8 text in its first 64 KiB.  ``deep=True`` (the CLI's
+    up-front check) also reads the whole file once: all of a text file must be UTF-8 without NUL
+    bytes, and a record file must parse and hold records with a string field.  The file is
+    recorded as an input (no output of this process may replace it).
     """
+    from fxprune.util.publish import note_input
+
     p = Path(path)
     if not p.exists():
         raise DataError(f"{what} {os.fspath(path)} does not exist")
@@ -66,7 +71,95 @@ def check_data_file(path: str | os.PathLike, what: str = "data file") -> Path:
         _check_utf8(head, p, what, complete=p.stat().st_size <= len(head))
     elif suffix == ".parquet" and not head.startswith(b"PAR1"):
         raise DataError(f"{what} {os.fspath(path)} is not a parquet file (no PAR1 magic bytes)")
+    note_input(p)
+    if deep:
+        _check_contents(p, suffix, what)
     return p
+
+
+def _check_contents(p: Path, suffix: str, what: str) -> None:
+    """Read the whole file once: UTF-8 text, or records that parse and carry a string field."""
+    import codecs
+    import json
+
+    if suffix == ".parquet":
+        with open(p, "rb") as f:
+            f.seek(max(0, p.stat().st_size - 4))
+            if f.read(4) != b"PAR1":
+                raise DataError(f"{what} {p} is a truncated parquet file (no PAR1 footer)")
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    chunks = []
+    with open(p, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            nul = block.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"{what} {p} looks binary (it contains NUL bytes at offset {offset + nul}), "
+                                "not UTF-8 text")
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{what} {p} is not UTF-8 text (invalid byte at offset {offset + exc.start})") from None
+            offset += len(block)
+            if suffix != ".txt" and suffix not in TEXT_SUFFIXES:
+                chunks.append(text)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{what} {p} is not UTF-8 text (it ends inside a character)") from None
+    if suffix in TEXT_SUFFIXES:
+        return
+    body = "".join(chunks)
+    first: Any = None
+    if suffix == ".jsonl" or (suffix == ".json" and not body.lstrip().startswith(("[", "{"))):
+        for n, line in enumerate(body.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{what} {p}: line {n} is not JSON ({exc.msg})") from None
+            first = rec if first is None else first
+        if first is None:
+            raise DataError(f"{what} {p} has no records")
+    elif suffix == ".json":
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as exc:
+            try:  # JSON lines in a .json file are read as such by the loader
+                first = json.loads(body.lstrip().splitlines()[0])
+            except (json.JSONDecodeError, IndexError):
+                raise DataError(f"{what} {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        else:
+            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+                data = next(iter(data.values()))  # {"data": [...]}, as datasets reads it
+            if isinstance(data, list):
+                if not data:
+                    raise DataError(f"{what} {p} has no records")
+                first = data[0]
+            elif isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+                first = {k: (v[0] if v else None) for k, v in data.items()}
+            else:
+                raise DataError(f"{what} {p} holds a JSON {type(data).__name__}, not records (a list of objects)")
+    elif suffix == ".csv":
+        import csv
+        import io
+
+        rows = csv.reader(io.StringIO(body))
+        header = next(rows, None)
+        row = next(rows, None)
+        if not header or row is None:
+            raise DataError(f"{what} {p} has no records (a header and at least one row are needed)")
+        first = dict(zip(header, row, strict=False))
+    if not isinstance(first, dict):
+        raise DataError(f"{what} {p}: records must be JSON objects with a text field, got {type(first).__name__}")
+    if not any(isinstance(v, str) for v in first.values()):
+        raise DataError(f"{what} {p}: its records have no string field to read text from "
+                        f"(fields: {sorted(first)}); expected one of {list(TEXT_FIELDS)}")
 
 
 def _check_utf8(data: bytes, path: Path, what: str, complete: bool) -> None:
