@@ -769,13 +769,19 @@ def _matches_graph(module: torch.nn.Module, graph_out: Any, args: tuple, kwargs:
             return False, f"{type(exc).__name__}: {exc}"
 
 
-def _resolve_conflicts(mod: ModuleRewrite, graph_out: Any, args: tuple, kwargs: dict) -> bool:
+def _resolve_conflicts(mod: ModuleRewrite, graph_out: Any, args: tuple, kwargs: dict,
+                       judge: Callable[[torch.nn.Module], bool] | None = None) -> bool:
     """Settle attributes whose old value several constants shared (kv heads == repeats, say).
 
     Values are tried jointly per attribute name (every layer's ``num_key_value_groups`` takes
-    the same choice), smallest search first; the rewritten graph is the judge.
+    the same choice), smallest search first; the rewritten graph is the judge (``judge(module)``
+    replaces the comparison of outputs, e.g. a shape check on meta).
     """
     import itertools
+
+    if judge is None:
+        def judge(module: torch.nn.Module) -> bool:
+            return _matches_graph(module, graph_out, args, kwargs)[0]
 
     by_name: dict[str, list[tuple[str, int, list[int]]]] = {}
     for owner, attr, old, vals in mod.conflicts:
@@ -789,7 +795,7 @@ def _resolve_conflicts(mod: ModuleRewrite, graph_out: Any, args: tuple, kwargs: 
             for owner, old, vals in by_name[name]:
                 target = old if choice is None or choice not in vals else choice
                 setattr(mod.module.get_submodule(owner) if owner else mod.module, name, target)
-        if _matches_graph(mod.module, graph_out, args, kwargs)[0]:
+        if judge(mod.module):
             for name, choice in zip(names, combo):
                 for owner, old, vals in by_name[name]:
                     target = old if choice is None or choice not in vals else choice

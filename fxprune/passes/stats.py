@@ -50,8 +50,8 @@ from fxprune.util.loss import Batch, LossFn, count_tokens, model_loss
 from fxprune.util.modules import call, eval_mode, on_device, resolve_device, to_device, unique_params
 
 __all__ = [
-    "LAYER_ADAPTERS", "LayerAdapter", "LayerStats", "StatSpec", "Stats", "Collector", "gather_stats",
-    "linear_layers", "register_adapter",
+    "LAYER_ADAPTERS", "LayerAdapter", "LayerStats", "StatSpec", "Stats", "Collector", "combine_stats",
+    "gather_stats", "linear_layers", "register_adapter",
 ]
 
 
@@ -303,6 +303,23 @@ class Stats(Mapping[str, LayerStats]):
 
     def __repr__(self) -> str:
         return f"Stats(layers={len(self.layers)}, batches={self.n_batches}, tokens={self.n_tokens}, MB={self.nbytes / 2**20:.1f})"
+
+
+def combine_stats(parts: Sequence[Stats], n_batches: int, n_tokens: int) -> Stats:
+    """One ``Stats`` from gatherings over *disjoint* layer sets on the same data (sequential mode
+    gathers one block at a time); ``n_batches``/``n_tokens`` describe that data."""
+    layers: dict[str, LayerStats] = {}
+    specs = {p.spec for p in parts}
+    if len(specs) > 1:
+        raise ScoringError("statistics to combine must share one spec")
+    for part in parts:
+        overlap = set(part.layers) & set(layers)
+        if overlap:
+            raise ScoringError(f"statistics to combine overlap on {sorted(overlap)[:3]}")
+        layers.update(part.layers)
+    spec = specs.pop() if specs else StatSpec()
+    fisher = parts[0].fisher if parts else "empirical"
+    return Stats(types.MappingProxyType(layers), spec, n_batches, n_tokens, fisher)
 
 
 # ------------------------------------------------------------------------------------------
