@@ -137,6 +137,7 @@ def prune(
     seed: int = 0,
     verify: bool = True,
     progress: bool = True,
+    distributed: Any = None,
 ) -> PruneResult:
     """Prune ``ratio`` of the model's parameters and return the smaller model with a report.
 
@@ -165,6 +166,9 @@ def prune(
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
             built-in loss (encoders); HF causal LMs use their LM loss by default.
         update_method: a weight-update method from ``fxprune.passes.update.UPDATES``.
+        distributed: a :class:`fxprune.distributed.DistContext` (``init_distributed()`` under
+            torchrun): each rank scores its shard of the calibration batches, the sums are
+            all-reduced, rank 0 plans and broadcasts the plan, every rank rewrites.
     """
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
@@ -200,13 +204,20 @@ def prune(
             notes.append(
                 f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
             )
+    if distributed is not None and batches is not None:
+        batches = distributed.shard(batches)
     with clock("score"):
         scores = score(model, analysis, batches, importance=importance, aggregate=aggregate, device=device,
-                       dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress)
+                       dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress,
+                       sync=distributed.reduce_scoring if distributed is not None else None)
     with clock("plan"):
-        plan = make_plan(analysis, scores, float(ratio), numel=numel_by_name(model), allocation=allocation,
-                         max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
-                         keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
+        plan = None
+        if distributed is None or distributed.is_main:
+            plan = make_plan(analysis, scores, float(ratio), numel=numel_by_name(model), allocation=allocation,
+                             max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
+                             keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
+        if distributed is not None:
+            plan = distributed.broadcast_plan(analysis, plan)
     with clock("update"):
         weights = update(model, analysis, plan, scores, method=update_method)
     with clock("rewrite+verify"):

@@ -2,6 +2,7 @@
 
     fxprune analyze MODEL [--meta] [--graphml deps.graphml] [--ignore NAME ...]
     fxprune explain MODEL PARAM_OR_GROUP [OTHER]     # why frozen / why coupled
+    fxprune prune MODEL --ratio 0.2 [--sequential]   # torchrun --nproc-per-node N -m fxprune prune ...
 
 MODEL is a local Hugging Face model directory (config.json + weights) or ``module:factory``, a
 Python callable that returns an ``nn.Module`` (and optionally example inputs, see
@@ -141,36 +142,92 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, inputs: dict) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import fxprune
-    from fxprune.io import save_into
-    from fxprune.report import write_report
+    """Prune in memory, or one block at a time (``--sequential``, or when the model would not fit);
+    under torchrun every rank scores its shard of the calibration data and rank 0 writes."""
+    from fxprune.distributed import init_distributed
     from fxprune.util.publish import Publication
 
     out_dir = args.out or (args.model.rstrip("/") + "-pruned")
     pub = Publication(out_dir, overwrite=args.overwrite, protect=[args.model, args.calib])
+    dist = init_distributed()
+    main_rank = dist is None or dist.is_main
+    try:
+        sequential = args.sequential
+        if sequential is None and os.path.isdir(args.model):
+            from fxprune.passes.sequential import needs_sequential
+
+            sequential, why = needs_sequential(args.model, args.device)
+            if sequential and main_rank:
+                print(f"fxprune: pruning one block at a time (--sequential): {why}")
+        if sequential and not os.path.isdir(args.model):
+            raise ValueError("--sequential streams a checkpoint: MODEL must be a local HF directory")
+        tokenizer = load_tokenizer(args.model)
+        if sequential:
+            result, save = _prune_sequential(args, tokenizer, dist)
+        else:
+            result, save = _prune_in_memory(args, tokenizer, dist)
+        if main_rank:
+            print(result.report.table())
+            with pub:
+                _write_pruned(pub, args, result.report, tokenizer, save)
+            print(f"pruned model, report.md and report.html written to {out_dir}")
+        if dist is not None:
+            dist.barrier()
+    finally:
+        if dist is not None:
+            dist.close()
+    return EXIT_OK
+
+
+def _prune_in_memory(args: argparse.Namespace, tokenizer: Any, dist: Any) -> tuple[Any, Any]:
+    import fxprune
+    from fxprune.io import save_into
+
     model, inputs = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
     calib = _calibration(args, tokenizer, inputs)
     result = fxprune.prune(
         model, args.ratio, example_inputs=inputs, calib=calib, tokenizer=tokenizer,
         importance=args.importance, allocation=args.allocation, round_to=args.round_to,
         n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
+        progress=not args.quiet, distributed=dist,
+    )
+    extra = {"source": os.path.abspath(args.model), "plan": result.plan.as_dict()}
+    return result, lambda tmp: save_into(result, tmp, extra=extra)
+
+
+def _prune_sequential(args: argparse.Namespace, tokenizer: Any, dist: Any) -> tuple[Any, Any]:
+    from fxprune.passes.sequential import prune_sequential, save_sequential_into
+
+    calib = _calibration(args, tokenizer, None)
+    result = prune_sequential(
+        args.model, args.ratio, calib=calib, tokenizer=tokenizer, importance=args.importance,
+        allocation=args.allocation, round_to=args.round_to, n_samples=args.n_samples, seq_len=args.seq_len,
+        device=args.device, seed=args.seed, distributed=dist, offload_dir=args.offload_dir,
         progress=not args.quiet,
     )
-    print(result.report.table())
-    with pub:
-        tmp = str(pub.tmp)
-        save_into(result, tmp, extra={"source": os.path.abspath(args.model), "plan": result.plan.as_dict()})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "prune_report.json"), "w") as f:
-            json.dump(result.report.to_dict(), f, indent=1, default=str)
-        write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
-                     result.report.headline(), prune_report=result.report,
-                     sections={"Details": result.report.table()})
-        pub.commit()
-    print(f"pruned model, report.md and report.html written to {out_dir}")
-    return EXIT_OK
+    if not args.quiet and (dist is None or dist.is_main):
+        blocks = [t for t in result.run.timings if t.block.startswith(tuple(result.cut.blocks))]
+        per = sum(t.total_s for t in blocks) / max(len(blocks), 1)
+        peak = result.run.activation_bytes
+        print(f"sequential: {len(result.cut.blocks)} blocks, {per:.1f} s per block pass, saved activations "
+              f"{peak['activations_ram_peak_bytes'] / 2**20:.0f} MiB in RAM, "
+              f"{peak['activations_disk_peak_bytes'] / 2**20:.0f} MiB on disk")
+    extra = {"source": os.path.abspath(args.model)}
+    return result, lambda tmp: save_sequential_into(result, tmp, progress=not args.quiet, extra=extra)
+
+
+def _write_pruned(pub: Any, args: argparse.Namespace, report: Any, tokenizer: Any, save: Any) -> None:
+    from fxprune.report import write_report
+
+    tmp = str(pub.tmp)
+    save(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "prune_report.json"), "w") as f:
+        json.dump(report.to_dict(), f, indent=1, default=str)
+    write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
+                 report.headline(), prune_report=report, sections={"Details": report.table()})
+    pub.commit()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -347,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default MODEL-pruned); refused if it exists")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="one block at a time from the checkpoint (default: only when in-memory pruning would "
+                        "not fit in RAM/GPU memory)")
+    p.add_argument("--offload-dir", help="where sequential mode spills block activations that do not fit in RAM")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity (causal LMs) or embedding similarity (encoders)")

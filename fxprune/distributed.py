@@ -38,6 +38,9 @@ Model placement:
   Taylor sum would be both partial and already reduced.  Gradient criteria (``taylor*``) are
   therefore refused on FSDP2-sharded parameters (:func:`check_gradient_hooks`); they would need a
   module-hook path (weight gradients rebuilt from each layer's input and output gradient).
+  Criteria also read the weights when they turn sums into scores: :func:`reduce_scoring` gathers
+  each sharded weight (``DTensor.full_tensor``) for that step, so scoring an FSDP2 model needs the
+  memory of the full weights once (statistics alone do not).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import torch
 from fxprune.errors import BadInputError, ScoringError
 
 __all__ = [
-    "DistContext", "init_distributed", "check_gradient_hooks", "reduce_scoring", "broadcast_plan",
+    "DistContext", "ScoringSync", "init_distributed", "check_gradient_hooks", "reduce_scoring", "broadcast_plan",
     "all_reduce_flat", "shard",
 ]
 
@@ -80,8 +83,10 @@ class DistContext:
         """This rank's contiguous share of ``batches`` (sizes differ by at most one)."""
         return shard(batches, self.rank, self.world_size)
 
-    def reduce_scoring(self, crit: Any, ctx: Any, tokens: int) -> int:
-        return reduce_scoring(crit, ctx, tokens, self)
+    @property
+    def reduce_scoring(self) -> "ScoringSync":
+        """``score(..., sync=ctx.reduce_scoring)``: checks before the passes, sums after them."""
+        return ScoringSync(self)
 
     def reduce_stats(self, stats: Any) -> Any:
         return stats.all_reduce(self.group)
@@ -102,6 +107,19 @@ class DistContext:
 
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSync:
+    """The ``sync=`` of :func:`fxprune.score` for one job (see :func:`reduce_scoring`)."""
+
+    dist: DistContext
+
+    def prepare(self, crit: Any, ctx: Any) -> None:
+        check_gradient_hooks(crit, ctx)
+
+    def __call__(self, crit: Any, ctx: Any, tokens: int) -> int:
+        return reduce_scoring(crit, ctx, tokens, self.dist)
 
 
 def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
@@ -232,6 +250,9 @@ def reduce_scoring(crit: Any, ctx: Any, tokens: int, dist_ctx: DistContext) -> i
         ctx.input_stats[id(module_of[name])] = InputStats(moments[name]["total"], moments[name]["total_sq"],
                                                           int(scalars[i]))
     ctx.n_batches = int(scalars[-2])
+    for t in ctx.targets.values():  # criteria read the weights: FSDP2 shards are gathered for scoring
+        if _is_dtensor(t.param):
+            t.param = t.param.full_tensor()
     extra = getattr(crit, "all_reduce", None)
     if callable(extra):
         extra(dist_ctx)

@@ -835,6 +835,7 @@ def score(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     progress: bool = True,
+    sync: Callable[[Importance, ScoringContext, int], int] | None = None,
 ) -> Scores:
     """Score every unit of every group; higher means more important.
 
@@ -859,6 +860,10 @@ def score(
             :func:`default_loss` (sum of squares of the outputs).
         seed: seeds torch during the pass and the ``random`` criterion.
         progress: show a tqdm bar over batches.
+        sync: ``sync(criterion, context, tokens) -> tokens``, called once after the calibration
+            passes and before any score is computed, to sum the accumulated state over data
+            shards (``fxprune.distributed.DistContext.reduce_scoring``: each rank scores its shard);
+            its ``prepare(criterion, context)``, if it has one, runs before the passes.
 
     Returns:
         :class:`Scores`, a read-only ``{group.id: float64 array of group.size scores}`` with the
@@ -882,6 +887,8 @@ def score(
             "'l1', 'l2' and 'random' need none."
         )
     tokens = 0
+    if sync is not None and callable(getattr(sync, "prepare", None)):
+        sync.prepare(crit, ctx)
     if crit.needs_data and targets:
         dev = _resolve_device(device)
         with contextlib.ExitStack() as stack:
@@ -898,6 +905,8 @@ def score(
                 tokens = _run_forward(model, batches, crit, ctx, dev, autocast, progress, collector)
             if collector is not None:
                 _fill_input_stats(collector, ctx)
+            if sync is not None:
+                tokens = sync(crit, ctx, tokens)
             if ctx.n_batches == 0:
                 raise DataError("no calibration batches: the batches iterable was empty.")
             scores = _all_group_scores(groups, crit, ctx, agg, norm)

@@ -264,6 +264,34 @@ def skeleton_from_checkpoint(directory: str, factory: Callable[[], nn.Module] | 
     return model.eval()
 
 
+def checkpoint_names(model: nn.Module, checkpoint: Checkpoint) -> tuple[dict[str, str], list[str]]:
+    """Model tensor name -> checkpoint tensor name, and the layout conversions that were not applied.
+
+    Transformers saves some models under legacy names (GPT-NeoX's ``embed_out``, ``gamma``/``beta``)
+    and renames them at load; those pure renamings are applied here (transformers' own mapping).
+    Layout conversions (per-expert tensors fused into one) need every part at once and are only
+    reported.
+    """
+    names = {n: n for n in checkpoint.files}
+    skipped: list[str] = []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    except Exception:  # noqa: BLE001 - not a transformers model, or another transformers version
+        return names, skipped
+    renamings = [t for t in transforms if type(t) is WeightRenaming]
+    skipped = sorted({f"{t.source_patterns} -> {t.target_patterns}" for t in transforms if type(t) is not WeightRenaming})
+    for key in checkpoint.files:
+        new = key
+        for t in renamings:
+            new, _ = t.rename_source_key(new)
+        if new != key:
+            names.setdefault(new, key)
+    return names, skipped
+
+
 class _Loader:
     """Onloads tensors from the checkpoint into the skeleton (every alias) and offloads them to meta."""
 
@@ -273,9 +301,10 @@ class _Loader:
         self.device, self.dtype = device, dtype
         self.loaded: set[str] = set()
         self.bytes_loaded = 0
+        self.names, self.conversions = checkpoint_names(model, checkpoint)
 
     def source(self, canonical: str) -> str | None:
-        return next((a for a in self.aliases.get(canonical, [canonical]) if a in self.checkpoint), None)
+        return next((self.names[a] for a in self.aliases.get(canonical, [canonical]) if a in self.names), None)
 
     def _current(self, canonical: str) -> torch.Tensor | None:
         mod_path, _, attr = canonical.rpartition(".")
@@ -288,7 +317,10 @@ class _Loader:
             if src is None:
                 cur = self._current(c)
                 if isinstance(cur, torch.Tensor) and cur.device.type == "meta":
-                    raise ModelLoadError(f"{self.checkpoint.directory} has no weights for {c}")
+                    hint = (f"; transformers converts this checkpoint's layout at load ({', '.join(self.conversions[:3])}), "
+                            "which sequential mode cannot stream: re-save it with the model's own tensor names"
+                            if self.conversions else "")
+                    raise ModelLoadError(f"{self.checkpoint.directory} has no weights for {c}{hint}")
                 continue  # a buffer the constructor computed (RoPE inv_freq)
             wanted[c] = src
         values = self.checkpoint.read(wanted.values(), self.device)
@@ -988,7 +1020,7 @@ def score_sequential(
     analysis: Any,
     batches: Sequence[Batch] | None = None,
     *,
-    importance: str | None = "activation",
+    importance: str | None = "taylor",
     aggregate: str = "sum",
     normalize: str | None = "mean",
     spec: StatSpec | None = None,
@@ -1112,14 +1144,16 @@ IN_MEMORY_FACTOR = 3.0
 and the zeroed copy verification compares it with."""
 
 
-def needs_sequential(directory: str, device: str | torch.device = "auto") -> tuple[bool, str]:
-    """Whether in-memory pruning of the checkpoint in ``directory`` would not fit, and why."""
+def needs_sequential(directory: str, device: str | torch.device = "auto", *,
+                     available: int | None = None) -> tuple[bool, str]:
+    """Whether in-memory pruning of the checkpoint in ``directory`` would not fit, and why
+    (``available``: free bytes to compare with; default: what the device has free now)."""
     try:
         size = Checkpoint.open(directory).nbytes()
     except ModelLoadError:
         return False, "no safetensors checkpoint to stream from"
     dev = resolve_device(device)
-    free = available_memory(dev)
+    free = available if available is not None else available_memory(dev)
     need = int(size * IN_MEMORY_FACTOR)
     where = "GPU" if dev.type == "cuda" else "RAM"
     verdict = need > free
@@ -1159,7 +1193,7 @@ def prune_sequential(
     tokenizer: Any = None,
     factory: Callable[[], nn.Module] | None = None,
     example_inputs: Mapping[str, torch.Tensor] | None = None,
-    importance: str = "activation",
+    importance: str = "taylor",
     aggregate: str = "sum",
     allocation: str = "uniform",
     round_to: int | Mapping[str, int] = 1,
