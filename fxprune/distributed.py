@@ -89,7 +89,7 @@ class DistContext:
         return ScoringSync(self)
 
     def reduce_stats(self, stats: Any) -> Any:
-        return stats.all_reduce(self.group)
+        return stats.all_reduce(self.group, self.comm_device if self.backend == "nccl" else None)
 
     def broadcast_plan(self, analysis: Any, plan: Any) -> Any:
         return broadcast_plan(analysis, plan, self)

@@ -219,3 +219,17 @@ def test_three_ranks_under_torchrun_prune_like_one_process(tmp_path):
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+def test_a_model_placed_by_accelerate_device_map_auto_scores_like_the_plain_one(tmp_path):
+    """``from_pretrained(device_map="auto")`` (accelerate places it; here all on the CPU) scores as loaded plainly."""
+    import transformers
+
+    analysis = _analysis()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis.graph.module.save_pretrained(tmp_path)
+        placed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto").eval()
+    want = fxprune.score(analysis.graph.module, analysis, _batches(2), importance="taylor", progress=False)
+    got = fxprune.score(placed, analysis, _batches(2), importance="taylor", progress=False)
+    _close_scores({k: np.asarray(v) for k, v in got.items()}, {k: np.asarray(v) for k, v in want.items()})

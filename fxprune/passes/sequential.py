@@ -1066,6 +1066,8 @@ def score_sequential(
         raise BadInputError("fisher must be 'empirical' or 'sampled'")
     cut = cut or cut_blocks(analysis.graph)
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:  # safetensors and NCCL want the index
+        dev = torch.device("cuda", torch.cuda.current_device())
     work = _Consumers(model, analysis, cut, importance=importance, seed=seed, spec=spec,
                       stats_device=torch.device(stats_device), stats_dtype=stats_dtype, dist=distributed,
                       keep_stats=keep_stats, on_block=on_block)
@@ -1177,7 +1179,6 @@ class SequentialPruneResult:
     plan: Any
     rewrite: Any  # the RewriteResult of the meta rewrite: pruned skeleton, shapes, attribute changes
     report: Any
-    dtype: torch.dtype | None = None
 
     @property
     def scores(self) -> Scores:
@@ -1279,7 +1280,7 @@ def prune_sequential(
     pruned = result.model if result is not None else model
     report = _report(model, pruned, graph, analysis, plan, run.scores, float(ratio), importance, allocation,
                      timings, notes, result)
-    return SequentialPruneResult(checkpoint, model, graph, analysis, cut, run, plan, result, report, dtype)
+    return SequentialPruneResult(checkpoint, model, graph, analysis, cut, run, plan, result, report)
 
 
 def _settle_conflicts_on_meta(model: nn.Module, analysis: Any, plan: Any, result: Any, notes: list[str]) -> Any:
@@ -1346,7 +1347,8 @@ def save_sequential(result: SequentialPruneResult, directory: str, *, overwrite:
 def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_bytes: int = 5 * 10**9,
                          progress: bool = True, extra: dict | None = None) -> list[str]:
     """Read each block of the source checkpoint, slice it to the plan and write it into ``tmp``'s
-    shards; peak memory is one block.  Also writes ``fxprune.json``/``config.json`` (``fxprune.load``)."""
+    shards; peak memory is one block.  Tensors keep the checkpoint's dtype (``dtype=`` of the prune is
+    the compute dtype only).  Also writes ``fxprune.json``/``config.json`` (``fxprune.load``)."""
     from fxprune.io import _BUFFER_PREFIX
     from fxprune.passes.rewrite import _slice_tensor, new_tensor_shapes
 
@@ -1358,7 +1360,7 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
     written: dict[str, str] = {}  # canonical -> the name it is written under
     tied: dict[str, str] = {}
     per_piece: dict[str, list[tuple[str, str]]] = {p: [] for p in cut.pieces}  # (written name, canonical)
-    loader = _Loader(result.model, ckpt, _aliases(result.model), torch.device("cpu"), result.dtype)
+    loader = _Loader(result.model, ckpt, _aliases(result.model), torch.device("cpu"), None)
     for name in state_names:
         canonical = graph.canonical(name)
         if canonical in written:
@@ -1374,9 +1376,7 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
         for name, canonical in per_piece[piece]:
             src = loader.source(canonical)
             sources[name] = src
-            dtype = (ckpt.dtypes[src] if src is not None else shapes[name].dtype)
-            if result.dtype is not None and dtype.is_floating_point:
-                dtype = result.dtype
+            dtype = ckpt.dtypes[src] if src is not None else shapes[name].dtype
             entries.append((name, tuple(shapes[name].shape), dtype))
     nonpersistent = [(n, b) for n, b in pruned.named_buffers() if n not in persistent and b is not None]
     entries += [(_BUFFER_PREFIX + n, tuple(b.shape), b.dtype) for n, b in nonpersistent]
@@ -1394,8 +1394,6 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
                         value = result.model.get_buffer(canonical)
                     else:
                         value = values.pop(src)
-                    if result.dtype is not None and value.is_floating_point():
-                        value = value.to(result.dtype)
                     dims = dims_of.get(canonical, dims_of.get(name, {}))
                     yield name, (_slice_tensor(value, dims) if dims else value)
                 del values

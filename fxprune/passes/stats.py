@@ -272,11 +272,13 @@ class Stats(Mapping[str, LayerStats]):
         return Stats(types.MappingProxyType(merged), self.spec, self.n_batches + other.n_batches,
                      self.n_tokens + other.n_tokens, self.fisher)
 
-    def all_reduce(self, group: Any = None) -> "Stats":
+    def all_reduce(self, group: Any = None, comm_device: str | torch.device | None = None) -> "Stats":
         """Sum every statistic over the ranks of ``torch.distributed`` (a no-op when not initialised).
 
         Each distinct tensor is reduced once (shared input slots stay shared); counts are reduced
-        too.  Returns a new ``Stats``; this one is left as it was.
+        too.  ``comm_device``: where the reduction runs (CUDA under NCCL, which cannot reduce CPU
+        tensors); results come back to each tensor's device.  Returns a new ``Stats``; this one is
+        left as it was.
         """
         import torch.distributed as dist
 
@@ -287,15 +289,18 @@ class Stats(Mapping[str, LayerStats]):
         names = sorted(self.layers)  # the same order on every rank
         counts = torch.tensor([[self.layers[n].count, self.layers[n].cov_count, self.layers[n].grad_count]
                                for n in names] + [[self.n_batches, self.n_tokens, 0]], dtype=torch.float64)
+        if comm_device is not None:
+            counts = counts.to(comm_device)
         dist.all_reduce(counts, group=group)
+        counts = counts.cpu()
         for i, name in enumerate(names):
             ls = self.layers[name]
             fields = {}
             for key, t in ls.tensors().items():
                 if id(t) not in reduced:
-                    r = t.clone()
+                    r = t.to(comm_device, copy=True) if comm_device is not None else t.clone()
                     dist.all_reduce(r, group=group)
-                    reduced[id(t)] = r
+                    reduced[id(t)] = r.to(t.device)
                 fields[key] = reduced[id(t)]
             c = counts[i]
             out[name] = dataclasses.replace(ls, count=int(c[0]), cov_count=int(c[1]), grad_count=int(c[2]), **fields)
