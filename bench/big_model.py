@@ -379,19 +379,6 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="generate,prune,plan70b,fidelity")
@@ -459,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_run": "prune_cuda" in results,
         "results": results,
     }
-    _write_atomic(args.out, data)
+    from fxprune.util.publish import atomic_write_text
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(data, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

@@ -727,6 +727,20 @@ def _progress(batches: Iterable[Batch], name: str, enabled: bool) -> Any:
     return tqdm(batches, total=total, desc=f"scoring ({name})", disable=not enabled, leave=False)
 
 
+def check_loss(loss: Any, i: int) -> float:
+    """The value of batch ``i``'s loss, which must be a finite scalar that has a gradient."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ScoringError(f"batch {i}: the loss must be a scalar tensor, got {type(loss).__name__}.")
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ScoringError(f"batch {i}: loss is {value}; check the model and this batch's inputs.")
+    if not loss.requires_grad:
+        raise ScoringError(
+            f"batch {i}: the loss does not depend on any grouped parameter, so it has no gradient."
+        )
+    return value
+
+
 def _run_backward(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -747,15 +761,7 @@ def _run_backward(
         batch = _to_device(batch, device)
         with autocast:
             loss = model_loss(model, batch, loss_fn)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ScoringError(f"batch {i}: the loss must be a scalar tensor, got {type(loss).__name__}.")
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ScoringError(f"batch {i}: loss is {value}; check the model and this batch's inputs.")
-        if not loss.requires_grad:
-            raise ScoringError(
-                f"batch {i}: the loss does not depend on any grouped parameter, so it has no gradient."
-            )
+        value = check_loss(loss, i)
         loss.backward()
         del loss
         bad = crit.pop_nonfinite()

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import re
 import tempfile
@@ -75,7 +74,7 @@ from fxprune.passes.base import check, fxpass
 from fxprune.passes.capture import _aliases
 from fxprune.passes.scoring import (
     AGGREGATES, IMPORTANCE, NORMALIZERS, Importance, ScoringContext, Scores, Target, _all_group_scores,
-    _collect_targets, _fill_input_stats, _gradient_session, _input_hooks, _input_means, _lookup,
+    _collect_targets, _fill_input_stats, _gradient_session, _input_hooks, _input_means, _lookup, check_loss,
 )
 from fxprune.passes.stats import Collector, Stats, StatSpec, _sampled_loss, combine_stats, frozen_params
 from fxprune.passes.stats import linear_layers as _stat_layers
@@ -894,7 +893,7 @@ def _sweep(model: nn.Module, checkpoint: Checkpoint, cut: BlockCut, batches: Seq
                         runner.run_full(i, batch, lambda m, b: call(m, _inputs(m, b)), grad=False)
                         continue
                     loss = runner.run_full(i, batch, loss_of, grad=True)
-                    _check_loss(loss, i)
+                    check_loss(loss, i)
                     loss.backward()
                     _check_finite(work, outside, i)
                     runner.collect_grads()
@@ -936,16 +935,6 @@ def _sweep(model: nn.Module, checkpoint: Checkpoint, cut: BlockCut, batches: Seq
         peaks = {"activations_ram_peak_bytes": store.peak_ram, "activations_disk_peak_bytes": store.peak_disk}
         store.close()
     return timings, peaks
-
-
-def _check_loss(loss: Any, i: int) -> None:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ScoringError(f"batch {i}: the loss must be a scalar tensor, got {type(loss).__name__}.")
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise ScoringError(f"batch {i}: loss is {value}; check the model and this batch's inputs.")
-    if not loss.requires_grad:
-        raise ScoringError(f"batch {i}: the loss does not depend on any scored parameter or hooked layer")
 
 
 def _check_finite(work: _Consumers, piece: _Piece, i: int) -> None:
