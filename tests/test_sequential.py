@@ -26,7 +26,10 @@ from fxprune.passes.stats import StatSpec, gather_stats
 from tests import zoo
 
 
-def _batches(n: int = 3, seed: int = 1) -> list[dict]:
+def _batches(n: int = 3, seed: int = 1, name: str = "llama_gqa") -> list[dict]:
+    if zoo.ZOO[name].family == "cnn":
+        torch.manual_seed(seed)
+        return [zoo.ZOO[name].make_inputs(2, 8) for _ in range(n)]
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(3, zoo.VOCAB, (2, 8), generator=g),
              "attention_mask": torch.ones(2, 8, dtype=torch.long)} for _ in range(n)]
@@ -40,10 +43,10 @@ def _setup(name: str, root: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(path)
-        batch = _batches(1)[0]
+        batch = _batches(1, name=name)[0]
         analysis = fxprune.analyze(fxprune.trace(model, kwargs=batch))
         skeleton = seq.skeleton_from_checkpoint(path)
-        sk_analysis = fxprune.analyze(fxprune.trace(skeleton, kwargs=batch))
+        sk_analysis = fxprune.analyze(fxprune.trace(seq.meta_twin(skeleton), kwargs=batch))
     return model, analysis, path, skeleton, sk_analysis
 
 
@@ -54,7 +57,7 @@ def root(tmp_path_factory):
 
 def _score_both(name, root, importance, **kwargs):
     model, analysis, path, skeleton, sk_analysis = _setup(name, root)
-    batches = _batches()
+    batches = _batches(name=name)
     ref = fxprune.score(model, analysis, batches, importance=importance, progress=False)
     run = seq.score_sequential(skeleton, Checkpoint.open(path), sk_analysis, batches, importance=importance,
                                device="cpu", progress=False, **kwargs)
@@ -64,7 +67,7 @@ def _score_both(name, root, importance, **kwargs):
 @pytest.mark.parametrize("importance", ["activation", "flap", "l2"])
 def test_block_local_scores_equal_in_memory_exactly(root, importance):
     ref, run = _score_both("llama_gqa", root, importance)
-    assert run.mode == ("forward" if importance != "l2" else "forward")
+    assert run.mode == "forward"
     assert set(ref) == set(run.scores)
     for gid in ref:
         np.testing.assert_array_equal(ref[gid], run.scores[gid], err_msg=gid)
@@ -76,6 +79,15 @@ def test_block_local_scores_equal_in_memory_exactly(root, importance):
     # every block was onloaded, used and offloaded: the skeleton holds no weight afterwards
     _, _, _, skeleton, _ = _setup("llama_gqa", root)
     assert all(p.device.type == "meta" for p in skeleton.parameters())
+
+
+def test_a_cnn_is_cut_at_its_stages_and_scored_exactly(root):
+    """ConvNeXt: stages are the blocks; the stem outside them sees the most rows, which the
+    activation criterion's weight-only members (norms, layer scales) depend on."""
+    ref, run = _score_both("hf_convnext", root, "activation")
+    assert run.cut.blocks[0].endswith("stages.0")
+    for gid in ref:
+        np.testing.assert_array_equal(ref[gid], run.scores[gid], err_msg=gid)
 
 
 def test_activations_spilled_to_disk_give_the_same_scores(root, tmp_path):
