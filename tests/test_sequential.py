@@ -245,3 +245,29 @@ def test_cli_prune_sequential_writes_a_loadable_model(root, tmp_path, capsys):
     n = sum(p.numel() for p in loaded.parameters())
     dense = sum(p.numel() for p in _setup("llama_gqa", root)[0].parameters())
     assert 0.75 * dense < n < 0.85 * dense
+
+
+def test_only_the_current_block_and_the_resident_weights_are_alive(root):
+    """Peak memory is one block: nothing keeps an earlier block's weights once it is offloaded."""
+    import gc
+
+    _, _, path, skeleton, sk_analysis = _setup("llama_gqa", root)
+
+    def real_matrices() -> list[nn.Parameter]:
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, nn.Parameter) and o.dim() == 2 and o.device.type != "meta"]
+
+    before = real_matrices()  # held, so no new parameter can reuse their ids
+    known = {id(p) for p in before}
+    alive = []
+
+    def count(block, module, stats):
+        alive.append((block, sum(1 for p in real_matrices() if id(p) not in known)))
+
+    seq.score_sequential(skeleton, Checkpoint.open(path), sk_analysis, _batches(), importance="activation",
+                         spec=StatSpec(input_moments=True), keep_stats=False, on_block=count, device="cpu",
+                         progress=False)
+    per_block = sum(1 for n, p in skeleton.named_parameters() if n.startswith("model.layers.0.") and p.dim() == 2)
+    assert [b for b, _ in alive][:2] == ["model.layers.0", "model.layers.1"]
+    assert all(n == per_block + 1 for b, n in alive if b.startswith("model.layers.")), alive  # + the embedding
+    assert not [p for p in real_matrices() if id(p) not in known]  # everything offloaded at the end

@@ -735,6 +735,7 @@ class _Consumers:
             self.max_count = max(self.max_count, ctx.max_tokens)
             ctx.floor_tokens = self.max_count
             used = ctx.max_tokens
+            light: _PieceContext | None = None  # what a deferred rescoring needs, without the block's weights
             for g, m in self.members[p.name] if p.name not in _OUTSIDE else self.members[RESIDENT] + self.members[POST]:
                 target = ctx.by_name.get(m.name)
                 if target is None:
@@ -748,7 +749,10 @@ class _Consumers:
                 ctx.floor_tokens = used
                 if value is not None and probe is not None and not np.array_equal(value, probe):
                     kept = dataclasses.replace(target, param=target.param.detach().to("cpu", copy=True))
-                    self.deferred.append((g, m, kept, ctx, p.crit, used))
+                    if light is None:
+                        light = _PieceContext({}, dict(ctx.input_stats), ctx.n_batches, floor_tokens=used)
+                    light.targets[id(kept.param)] = kept
+                    self.deferred.append((g, m, kept, light, p.crit, used))
             means, counts = _input_means(p.targets, ctx)
             self.means.update(means)
             self.counts.update(counts)
