@@ -50,9 +50,13 @@ import _lm  # noqa: E402  (numpy/torch only at import time)
 
 def load_model(model_dir: Path):
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     raw = json.loads((model_dir / "config.json").read_text())
+    family = raw.get("model_type", "llama")
+    if family == "qwen3":  # Qwen3 needs transformers >= 4.51 (quality.py puts one on sys.path)
+        config_cls, model_cls = transformers.Qwen3Config, transformers.Qwen3ForCausalLM
+    else:
+        config_cls, model_cls = transformers.LlamaConfig, transformers.LlamaForCausalLM
     patched = []
     # transformers 5.x moved rope_theta into rope_parameters; 4.x reads config.rope_theta.
     rp = raw.get("rope_parameters")
@@ -64,8 +68,8 @@ def load_model(model_dir: Path):
     if "dtype" in raw and "torch_dtype" not in raw:
         raw["torch_dtype"] = raw["dtype"]
         patched.append("torch_dtype from dtype")
-    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("rope_parameters", "dtype")})
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), config=config, torch_dtype=torch.float32)
+    config = config_cls(**{k: v for k, v in raw.items() if k not in ("rope_parameters", "dtype")})
+    model = model_cls.from_pretrained(str(model_dir), config=config, torch_dtype=torch.float32)
     model.eval()
     return model, {"transformers": transformers.__version__, "config_patches": patched}
 
@@ -115,6 +119,13 @@ def prune_at(base, grads, ratio: float, importance: str, round_to: int, example)
             g.prune()
     # Attribute fix-ups, as in examples/LLMs/prune_llm.py.
     model.config.hidden_size = model.lm_head.in_features
+    emb = model.model.embed_tokens
+    if model.config.tie_word_embeddings and model.lm_head.weight is not emb.weight:
+        # torch-pruning prunes the (shared) embedding's hidden columns but leaves the ignored lm_head
+        # as it was, untying them; re-tie: the head reads the same kept hidden columns
+        model.lm_head.weight = emb.weight
+        model.lm_head.in_features = emb.weight.shape[1]
+        model.config.hidden_size = emb.weight.shape[1]
     for name, m in model.named_modules():
         if name.endswith("self_attn"):
             m.hidden_size = m.q_proj.out_features
@@ -226,7 +237,9 @@ def main() -> None:
                 tried += [("round_to=1",) + t for t in tried1]
                 if abs(n1 - target) < abs(n - target):
                     ratio, n, round_to = ratio1, n1, 1
+            t_prune = time.perf_counter()
             pruned = prune_at(base, g, ratio, importance, round_to, example)
+            prune_s = time.perf_counter() - t_prune
             ppl = _lm.perplexity(pruned, windows)
             out["results"][f"{importance}@{label}"] = {
                 "importance": importance,
@@ -238,6 +251,7 @@ def main() -> None:
                 "pruning_ratio": ratio,
                 "round_to": round_to,
                 "ppl": ppl,
+                "prune_s": round(prune_s, 2),
                 "shapes": shapes(pruned),
                 "bisection": tried,
             }
@@ -245,6 +259,9 @@ def main() -> None:
                   f"params {nparams(pruned):,} (target {int(target):,}) ppl {ppl:.3f}", file=sys.stderr)
         out.setdefault("seconds", {})[importance] = round(time.perf_counter() - t0, 1)
     out["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
+    import resource
+
+    out["worker_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     text = json.dumps(out)
     if args.out:
         Path(args.out).write_text(text)

@@ -166,6 +166,16 @@ def _one(name: str, layers: int | None) -> dict:
     groups = fxprune.analyze(g)
     analyze_s = time.perf_counter() - t0
 
+    # the coupling graph is built on first use from the same union-find run (provenance edges)
+    t0 = time.perf_counter()
+    cg = groups.coupling_graph()
+    coupling_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    last = cfg["num_hidden_layers"] - 1
+    why = groups.why(f"model.layers.{last}.self_attn.q_proj.weight:0", f"model.layers.{last}.self_attn.o_proj.weight:1")
+    frozen = groups.explain("model.embed_tokens.weight:0")
+    explain_s = time.perf_counter() - t0
+
     params = list(model.parameters())
     buffers = list(model.buffers())
     non_meta = [n for n, p in model.named_parameters() if p.device.type != "meta"]
@@ -191,6 +201,12 @@ def _one(name: str, layers: int | None) -> dict:
         "trace_export_s": export_s,
         "trace_lower_s": lower_s,
         "analyze_s": analyze_s,
+        "coupling_graph_s": coupling_s,
+        "coupling_graph_nodes": cg.number_of_nodes(),
+        "coupling_graph_edges": cg.number_of_edges(),
+        "why_and_explain_s": explain_s,
+        "why_steps": sum(1 for ln in why.splitlines() if ln.startswith("    ")),
+        "explain_frozen_ok": "frozen" in frozen,
         "fxprune_total_s": fx_total,
         # fxprune's "lower" step: run_decompositions({}) or its own cheaper HOP inlining
         "lower_used_run_decompositions": bool(decomp_calls),
@@ -200,9 +216,9 @@ def _one(name: str, layers: int | None) -> dict:
         "ratio_trace_export_over_bare": export_s / bare_s,
         "nodes": g.num_nodes,
         "groups": len(groups),
-        "frozen": len(g.frozen),
-        "unsupported": len(g.unsupported),
-        "unsupported_ops": sorted({str(getattr(u, "op", u)) for u in g.unsupported})[:20],
+        "frozen": len(groups.frozen),
+        "unsupported": len(groups.unsupported),
+        "unsupported_ops": sorted({str(getattr(u, "op", u)) for u in groups.unsupported})[:20],
         "all_params_meta": not non_meta,
         "non_meta_tensors": non_meta[:20],
         "non_meta_state_dict_entries": ep_non_meta[:20],
@@ -309,7 +325,8 @@ def _gb(b: float) -> float:
 def _table(rows: list[dict]) -> str:
     head = (f"{'model':<6} {'layers':>6} {'bare exp s':>10} {'fx exp s':>9} {'lower s':>8} "
             f"{'analyze s':>9} {'tot/bare':>8} {'an/bare':>8} {'(lo+an)/bare':>12} "
-            f"{'peakRSS GB':>10} {'RSS GB':>7} {'nodes':>6} {'groups':>6} {'unsup':>5} {'meta':>5}")
+            f"{'peakRSS GB':>10} {'RSS GB':>7} {'nodes':>6} {'groups':>6} {'unsup':>5} {'meta':>5} "
+            f"{'coupling s':>10} {'why s':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -321,7 +338,8 @@ def _table(rows: list[dict]) -> str:
             f"{r['ratio_total_over_bare']:>8.2f} {r['ratio_analyze_over_bare']:>8.2f} "
             f"{r['ratio_lower_analyze_over_bare']:>12.2f} {_gb(r['peak_rss_bytes']):>10.2f} "
             f"{_gb(r['rss_end_bytes']):>7.2f} {r['nodes']:>6} {r['groups']:>6} "
-            f"{r['unsupported']:>5} {'yes' if r['all_params_meta'] else 'NO':>5}"
+            f"{r['unsupported']:>5} {'yes' if r['all_params_meta'] else 'NO':>5} "
+            f"{r.get('coupling_graph_s', float('nan')):>10.2f} {r.get('why_and_explain_s', float('nan')):>6.2f}"
         )
     lowered = {r.get("lower_used_run_decompositions") for r in rows if "error" not in r}
     if lowered:

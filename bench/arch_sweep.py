@@ -2,9 +2,9 @@
 
     python bench/arch_sweep.py [NAME ...]     # rows merge into bench/results/arch_sweep.json
 
-For each exportable model of tests/zoo.py: trace + analyse, then remove a seeded random third of
-the units of every exact group at once and check the pruned model against the original with
-those units zeroed. Prints a markdown table, writes bench/results/arch_sweep.json and regenerates
+For each exportable model of tests/zoo.py (ZOO and HEAVY): trace + analyse, then remove a seeded
+random third of the units of every exact group at once and check the pruned model against the
+original with those units zeroed. Prints a markdown table, writes bench/results/arch_sweep.json and regenerates
 the supported-architecture table in README.md.
 """
 
@@ -27,11 +27,11 @@ from tests import zoo  # noqa: E402
 
 
 def sweep_one(name: str) -> dict:
-    zm = zoo.ZOO[name]
+    zm = zoo.get(name)
     t0 = time.perf_counter()
     model = zm.build()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         graph = fxprune.trace(model, kwargs=zm.make_inputs(2, 8))
         groups = fxprune.analyze(graph)
         rng = random.Random(0)
@@ -69,25 +69,29 @@ def table_row(r: dict) -> str:
     return f"| {r['model']} | {r['class']} | {r['family']} | {r['groups']} ({r['exact']}) | {kinds} | {ok} | {r.get('returned', '-')} |"
 
 
-def update_readme(rows: list[dict], path: str = "README.md") -> None:
-    """Replace the table between the arch-table markers in the README."""
-    start, end = "<!-- arch-table:start -->", "<!-- arch-table:end -->"
-    text = open(path).read()
-    if start not in text or end not in text:
+def replace_readme_section(name: str, text: str, path: str = "README.md") -> None:
+    """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the README."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = open(path).read()
+    if start not in doc or end not in doc:
         return
-    table = "\n".join([HEADER, *(table_row(r) for r in rows)])
-    head, rest = text.split(start, 1)
+    head, rest = doc.split(start, 1)
     _, tail = rest.split(end, 1)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(f"{head}{start}\n{table}\n{end}{tail}")
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
     os.replace(tmp, path)
+
+
+def update_readme(rows: list[dict], path: str = "README.md") -> None:
+    """Replace the table between the arch-table markers in the README."""
+    replace_readme_section("arch-table", "\n".join([HEADER, *(table_row(r) for r in rows)]), path)
 
 
 def main(names: list[str]) -> None:
     """Sweep the named models (default: all exportable ones); rows merge into the results file."""
     torch.set_num_threads(1)
-    names = names or [k for k, v in zoo.ZOO.items() if getattr(v, "exportable", True)]
+    names = names or [k for k, v in zoo.ZOO.items() if getattr(v, "exportable", True)] + list(zoo.HEAVY)
     previous = {}
     if os.path.exists(RESULTS):
         previous = {r["model"]: r for r in json.load(open(RESULTS))}
@@ -96,7 +100,7 @@ def main(names: list[str]) -> None:
         r = sweep_one(name)
         previous[name] = r
         print(table_row(r), flush=True)
-    order = list(zoo.ZOO)
+    order = list(zoo.ZOO) + list(zoo.HEAVY)
     rows = sorted(previous.values(), key=lambda r: order.index(r["model"]) if r["model"] in order else 999)
     os.makedirs("bench/results", exist_ok=True)
     with open(RESULTS + ".tmp", "w") as f:

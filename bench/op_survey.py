@@ -1,15 +1,18 @@
-"""Survey the ATen ops that appear in exported zoo models.
+"""Op survey over the test zoo: which ops reach the analysis, and which freeze parameters.
 
-For every exportable model in ``tests.zoo`` this exports (non-strict, dynamic
-batch/seq dims, traced at batch=2 seq=8), runs ``run_decompositions({})`` and
-records the sorted set of ``str(node.target)`` of the ``call_function`` nodes of
-the top-level graph (ops inside nested subgraphs of higher-order ops, if any,
-are reported separately under ``nested_ops``).
+For every exportable model of ``tests.zoo`` (``ZOO`` plus ``HEAVY``) this traces with
+``fxprune.trace`` (dynamic batch/seq, as a user gets it), analyses, and records
 
-Writes ``bench/results/op_survey.json`` and prints a table.
+* the ATen ops of the analysed graph (``call_function`` targets, with counts);
+* the op-coverage report (``fxprune.coverage_report``): every site that froze a space holding
+  parameters, the parameter elements those spaces index, and the part no other site froze.
 
-    python3 bench/op_survey.py                 # all exportable zoo models
-    python3 bench/op_survey.py llama_gqa gpt2  # a subset
+It then ranks the ops over the whole zoo by the parameters they freeze, so the next rule to write
+is the first row, prints that table, writes ``bench/results/op_survey.json`` and replaces the
+table between the ``op-survey`` markers in README.md.
+
+    python bench/op_survey.py                 # every exportable zoo model
+    python bench/op_survey.py llama_gqa gpt2  # re-survey some; they merge into the stored results
 """
 
 from __future__ import annotations
@@ -33,121 +36,151 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import fxprune  # noqa: E402
+from bench.arch_sweep import replace_readme_section  # noqa: E402
 from tests import zoo  # noqa: E402
 
-
-def _graph_ops(gm: torch.fx.GraphModule) -> tuple[collections.Counter, collections.Counter]:
-    """(top-level call_function target counts, nested-subgraph call_function target counts)."""
-    top = collections.Counter()
-    nested = collections.Counter()
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            top[str(node.target)] += 1
-    for name, sub in gm.named_modules():
-        if name and isinstance(sub, torch.fx.GraphModule):
-            for node in sub.graph.nodes:
-                if node.op == "call_function":
-                    nested[str(node.target)] += 1
-    return top, nested
+# Freeze sites that are not ops: what a rule cannot lift (kept in the JSON, marked in the table).
+NOT_OPS = {"output", "placeholder", "get_attr", "ignore=", "unread parameter", "tied weights", "analysis"}
 
 
-def survey(names: list[str]) -> dict:
-    models: dict[str, dict] = {}
-    failed: dict[str, str] = {}
-    for name in names:
-        zm = zoo.get(name)
-        t0 = time.perf_counter()
-        try:
-            ep = zoo.export_model(zm, batch=2, seq=8)  # includes run_decompositions({})
-        except Exception as e:  # pragma: no cover - reported, not fatal
-            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            traceback.print_exc(limit=2)
-            continue
-        dt = time.perf_counter() - t0
-        top, nested = _graph_ops(ep.graph_module)
-        models[name] = {
-            "family": zm.family,
-            "export_s": round(dt, 2),
-            "num_nodes": len(ep.graph.nodes),
-            "num_call_function": sum(top.values()),
-            "ops": sorted(top),
-            "op_counts": dict(sorted(top.items())),
-            "nested_ops": dict(sorted(nested.items())),
-        }
-        print(f"[{len(models) + len(failed):2d}/{len(names)}] {name:24s} {dt:5.1f}s  {len(top):3d} ops", flush=True)
-
-    union_models = collections.Counter()
-    union_nodes = collections.Counter()
-    for rec in models.values():
-        for op, c in rec["op_counts"].items():
-            union_models[op] += 1
-            union_nodes[op] += c
-    union = {
-        op: {"models": union_models[op], "nodes": union_nodes[op], "used_by": sorted(n for n in models if op in models[n]["op_counts"])}
-        for op in sorted(union_models, key=lambda o: (-union_models[o], o))
-    }
+def survey_one(name: str) -> dict:
+    zm = zoo.get(name)
+    t0 = time.perf_counter()
+    model = zm.build()
+    graph = fxprune.trace(model, kwargs=zm.make_inputs(2, 8))
+    analysis = fxprune.analyze(graph)
+    report = analysis.coverage()
+    ops = collections.Counter(str(n.target) for n in graph.exported_program.graph.nodes if n.op == "call_function")
     return {
-        "meta": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "trace_batch": 2,
-            "trace_seq": 8,
-            "decompositions": "run_decompositions({})",
-        },
-        "models": models,
-        "failed": failed,
-        "not_exportable": sorted(n for n, z in zoo.ZOO.items() if not z.exportable),
-        "union": union,
+        "family": zm.family,
+        "class": type(model).__name__,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "num_nodes": graph.num_nodes,
+        "groups": len(analysis),
+        "unsupported": sorted({u.op for u in analysis.unsupported}),
+        "op_counts": dict(sorted(ops.items())),
+        "total_params": report.total_params,
+        "frozen_params": report.frozen_params,
+        "coverage": [
+            {"op": r.op, "source": _relative(r.source), "nodes": len(r.nodes), "params": r.params,
+             "only_here": r.only_here, "unprunable": r.unprunable, "spaces": len(r.spaces),
+             "reason": r.reasons[0] if r.reasons else ""}
+            for r in report.rows
+        ],
     }
 
 
-def print_table(res: dict) -> None:
-    models = res["models"]
-    print()
-    print("=" * 100)
-    print("Per-model ops (sorted set of call_function targets after run_decompositions({}))")
-    print("=" * 100)
+def _relative(source: str) -> str:
+    """Source lines of the repository's own files (tests/zoo.py) relative to its root."""
+    return source[len(ROOT) + 1:] if source.startswith(ROOT + os.sep) else source
+
+
+def rank_ops(models: dict) -> list[dict]:
+    """Ops over the zoo, by the parameter elements they freeze (summed over models)."""
+    acc: dict[str, dict] = {}
     for name, rec in models.items():
-        print(f"\n{name}  [{rec['family']}]  nodes={rec['num_nodes']}  call_function={rec['num_call_function']}  export={rec['export_s']}s")
-        for op in rec["ops"]:
-            print(f"    {rec['op_counts'][op]:4d}  {op}")
-        if rec["nested_ops"]:
-            print("  nested subgraph ops:", ", ".join(rec["nested_ops"]))
-    print()
-    print("=" * 100)
-    print(f"Union over {len(models)} models: {len(res['union'])} distinct targets")
-    print("=" * 100)
-    print(f"{'op':58s} {'#models':>8s} {'#nodes':>8s}")
-    for op, u in res["union"].items():
-        print(f"{op:58s} {u['models']:8d} {u['nodes']:8d}")
-    if res["failed"]:
-        print("\nFAILED:")
-        for n, err in res["failed"].items():
-            print(f"  {n}: {err}")
-    if res["not_exportable"]:
-        print("\nskipped (exportable=False):", ", ".join(res["not_exportable"]))
+        per_op: dict[str, dict] = {}
+        for row in rec["coverage"]:
+            e = per_op.setdefault(row["op"], {"params": 0, "only_here": 0, "unprunable": 0, "sites": 0, "worst": row})
+            e["params"] += row["params"]
+            e["only_here"] += row["only_here"]
+            e["unprunable"] += row["unprunable"]
+            e["sites"] += 1
+        for op, e in per_op.items():
+            a = acc.setdefault(op, {"op": op, "models": [], "params": 0, "only_here": 0, "unprunable": 0,
+                                    "share": 0.0, "example": None})
+            a["models"].append(name)
+            a["params"] += e["params"]
+            a["only_here"] += e["only_here"]
+            a["unprunable"] += e["unprunable"]
+            share = e["params"] / rec["total_params"] if rec["total_params"] else 0.0
+            a["share"] += share
+            if a["example"] is None or share > a["example"]["share"]:
+                a["example"] = {"model": name, "source": e["worst"]["source"], "reason": e["worst"]["reason"],
+                                "share": share}
+    ranked = sorted(acc.values(), key=lambda a: (-a["params"], a["op"]))
+    for a in ranked:
+        a["mean_share"] = a.pop("share") / len(models) if models else 0.0
+    return ranked
+
+
+INTRO = """**What still freezes** (generated by `python bench/op_survey.py`): every exportable zoo model
+traced and analysed, and the freeze sites of its op-coverage report (`fxprune analyze MODEL
+--coverage`, `Analysis.coverage()`) summed per op over the zoo: how many parameter elements lie in
+spaces the op froze, the part no other op froze as well (what a new rule for it alone would
+unlock), the part no group can shrink either (a frozen q/k/v selector or re/im pair holds a whole
+projection but costs little), and the model where it holds the largest share.  *Not an op* rows
+(the model's outputs and inputs) are spaces no rule can lift.
+"""
+
+
+def markdown_table(ranked: list[dict], n_models: int, max_rows: int = 25) -> str:
+    lines = [
+        INTRO,
+        f"| op | models (of {n_models}) | params held (sum) | only this op | in no group either | "
+        "mean % of a model | example: model, source line |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in ranked[:max_rows]:
+        ex = a["example"]
+        op = a["op"] if a["op"] not in NOT_OPS else f"*{a['op']}* (not an op)"
+        lines.append(f"| `{op}` | {len(a['models'])} | {a['params']:,} | {a['only_here']:,} | {a['unprunable']:,} | "
+                     f"{100 * a['mean_share']:.1f} | {ex['model']}: `{ex['source']}` |")
+    if len(ranked) > max_rows:
+        lines.append(f"| ... {len(ranked) - max_rows} more | | | | | | |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny models: threading only adds overhead
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="*", help="zoo model names (default: all exportable)")
+    ap.add_argument("models", nargs="*", help="zoo model names (default: every exportable one, heavy ones too)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "op_survey.json"))
     args = ap.parse_args(argv)
-    names = args.models or zoo.names(exportable=True)
+    names = args.models or zoo.names(exportable=True) + list(zoo.HEAVY)
     t0 = time.perf_counter()
-    res = survey(names)
-    res["meta"]["total_s"] = round(time.perf_counter() - t0, 1)
+    models, failed = {}, {}
+    if args.models and os.path.exists(args.out):  # merge into the stored survey
+        known = set(zoo.ZOO) | set(zoo.HEAVY)
+        models = {k: v for k, v in json.load(open(args.out)).get("models", {}).items() if k in known}
+    for i, name in enumerate(names, 1):
+        try:
+            models[name] = survey_one(name)
+        except Exception as e:  # pragma: no cover - reported, not fatal
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            traceback.print_exc(limit=2)
+            continue
+        rec = models[name]
+        top = rec["coverage"][0] if rec["coverage"] else None
+        print(f"[{i:2d}/{len(names)}] {name:22s} {rec['seconds']:5.1f}s {len(rec['op_counts']):3d} ops "
+              f"{rec['groups']:3d} groups, frozen {100 * rec['frozen_params'] / max(rec['total_params'], 1):5.1f}% "
+              f"of params; top: {top['op'] if top else '-'}", flush=True)
+    order = list(zoo.ZOO) + list(zoo.HEAVY)
+    models = dict(sorted(models.items(), key=lambda kv: order.index(kv[0])))
+    ranked = rank_ops(models)
+    res = {
+        "meta": {"torch": torch.__version__, "transformers": transformers.__version__,
+                 "python": platform.python_version(), "trace_batch": 2, "trace_seq": 8,
+                 "total_s": round(time.perf_counter() - t0, 1)},
+        "models": models,
+        "failed": failed,
+        "not_exportable": sorted(n for n, z in zoo.ZOO.items() if not z.exportable),
+        "frozen_by_op": ranked,
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1, sort_keys=False)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
         f.write("\n")
-    os.replace(tmp, args.out)
-    print_table(res)
+    os.replace(args.out + ".tmp", args.out)
+    table = markdown_table(ranked, len(models))
+    print()
+    print(table)
+    if failed:
+        print("\nFAILED:", *(f"  {n}: {e}" for n, e in failed.items()), sep="\n")
+    replace_readme_section("op-survey", table, os.path.join(ROOT, "README.md"))
     print(f"\nwrote {os.path.relpath(args.out, os.getcwd())} in {res['meta']['total_s']}s")
-    return 1 if res["failed"] else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

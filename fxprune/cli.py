@@ -1,6 +1,6 @@
 """The ``fxprune`` command line.
 
-    fxprune analyze MODEL [--meta] [--graphml deps.graphml] [--ignore NAME ...]
+    fxprune analyze MODEL [--meta] [--graphml deps.graphml] [--ignore NAME ...] [--coverage]
     fxprune explain MODEL PARAM_OR_GROUP [OTHER]     # why frozen / why coupled
     fxprune prune MODEL --ratio 0.2 [--sequential]   # torchrun --nproc-per-node N -m fxprune prune ...
 
@@ -77,6 +77,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     analysis = _analysis(args.model, meta=args.meta, ignore=args.ignore)
     print(analysis.summary(max_rows=None if args.all else 60))
+    report = analysis.coverage() if args.coverage else None
+    if report is not None:
+        print("\nops that froze spaces holding parameters (most costly first):")
+        print(report.table(max_rows=None if args.all else 30))
     if args.graphml:
         path = analysis.to_graphml(args.graphml)
         print(f"coupling graph written to {path}")
@@ -86,8 +90,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
              "members": [{"name": m.name, "dim": m.dim, "unit_width": m.unit_width} for m in g.members]}
             for g in analysis.groups
         ]
-        atomic_write_text(args.json, json.dumps(
-            {"groups": rows, "unsupported": [str(u) for u in analysis.unsupported]}, indent=1))
+        doc = {"groups": rows, "unsupported": [str(u) for u in analysis.unsupported]}
+        if report is not None:
+            doc["coverage"] = report.as_dict()
+        atomic_write_text(args.json, json.dumps(doc, indent=1))
         print(f"groups written to {args.json}")
     return EXIT_OK
 
@@ -187,7 +193,7 @@ def _prune_in_memory(args: argparse.Namespace, tokenizer: Any, dist: Any) -> tup
     calib = _calibration(args, tokenizer, inputs)
     result = fxprune.prune(
         model, args.ratio, example_inputs=inputs, calib=calib, tokenizer=tokenizer,
-        importance=args.importance, allocation=args.allocation, round_to=args.round_to,
+        importance=args.importance, allocation=args.allocation, round_to=args.round_to, shots=args.shots,
         n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
         progress=not args.quiet, distributed=dist,
     )
@@ -198,11 +204,13 @@ def _prune_in_memory(args: argparse.Namespace, tokenizer: Any, dist: Any) -> tup
 def _prune_sequential(args: argparse.Namespace, tokenizer: Any, dist: Any) -> tuple[Any, Any]:
     from fxprune.passes.sequential import prune_sequential, save_sequential_into
 
+    if args.shots not in ("auto", 1):
+        raise ValueError("--sequential prunes in one shot: drop --shots (or use --no-sequential)")
     calib = _calibration(args, tokenizer, None)
+    chosen = {k: v for k, v in (("importance", args.importance), ("allocation", args.allocation)) if v}
     result = prune_sequential(
-        args.model, args.ratio, calib=calib, tokenizer=tokenizer, importance=args.importance,
-        allocation=args.allocation, round_to=args.round_to, n_samples=args.n_samples, seq_len=args.seq_len,
-        device=args.device, seed=args.seed, distributed=dist, offload_dir=args.offload_dir,
+        args.model, args.ratio, calib=calib, tokenizer=tokenizer, **chosen, round_to=args.round_to,
+        n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed, distributed=dist, offload_dir=args.offload_dir,
         progress=not args.quiet,
     )
     if not args.quiet and (dist is None or dist.is_main):
@@ -379,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the groups as JSON")
     p.add_argument("--ignore", nargs="*", help="parameter or module name prefixes to keep unchanged")
     p.add_argument("--all", action="store_true", help="list every group (default: first 60)")
+    p.add_argument("--coverage", action="store_true",
+                   help="also list each op that froze something: the spaces, the parameters they hold, "
+                        "the source line (sorted by parameters)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("explain", help="why a parameter is frozen, or why two parameters are coupled")
@@ -392,10 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="score, plan and remove a fraction of the parameters")
     p.add_argument("model", help="local HF model directory, or module:factory returning (model, kwargs)")
     p.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, in [0, 1)")
-    p.add_argument("--importance", default="taylor",
-                   help="taylor, taylor-element, taylor-2, l1, l2, activation, flap, random (default taylor)")
+    p.add_argument("--importance", default=None,
+                   help="surgeon, obs, taylor, taylor-element, taylor-2, l1, l2, activation, flap, random "
+                        "(default: fxprune.api.DEFAULT_IMPORTANCE with --calib, l2 without)")
     p.add_argument("--calib", help="calibration text: .txt/.json/.jsonl/.parquet (needs tokenizer files)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--allocation", default=None, choices=["uniform", "global", "cost"],
+                   help="default: cost (removal cost per parameter, every width kind) for surgeon/obs, else uniform")
+    p.add_argument("--shots", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="prune in N steps of a linear schedule, re-gathering statistics each shot "
+                        "(default auto: one shot per 20%% removed for surgeon/obs, else 1)")
     p.add_argument("--round-to", type=int, default=1, help="keep pruned sizes a multiple of N (64/128 on GPU)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")

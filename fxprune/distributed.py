@@ -117,6 +117,8 @@ class ScoringSync:
 
     def prepare(self, crit: Any, ctx: Any) -> None:
         check_gradient_hooks(crit, ctx)
+        if hasattr(crit, "reduce_stats"):  # curvature criteria gather Stats themselves: sum each gathering
+            crit.reduce_stats = self.dist.reduce_stats
 
     def __call__(self, crit: Any, ctx: Any, tokens: int) -> int:
         return reduce_scoring(crit, ctx, tokens, self.dist)

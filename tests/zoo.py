@@ -22,6 +22,7 @@ Families:
   moe      HF mixture-of-experts causal LMs
   cnn      convolutional nets (HF and hand-written)
   custom   hand-written non-CNN modules (attention blocks, MLP, nn.MultiheadAttention)
+  speech   HF audio models (Whisper, Wav2Vec2)
 
 Helpers shared by the tests and ``bench/op_survey.py``:
   :func:`export_kwargs`   the kwargs to call / export a model with (adds ``use_cache=False`` for LMs)
@@ -41,6 +42,7 @@ from torch import nn
 
 __all__ = [
     "FAMILIES",
+    "HEAVY",
     "VOCAB",
     "ZooModel",
     "ZOO",
@@ -77,7 +79,7 @@ SPECIAL = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 @dataclass(frozen=True)
 class ZooModel:
     name: str  # e.g. "llama_gqa"
-    family: str  # one of "decoder", "encoder", "vision", "moe", "cnn", "custom"
+    family: str  # one of FAMILIES
     build: Callable[[], nn.Module]  # seeded, eval(), float32, CPU
     make_inputs: Callable[[int, int], dict]  # (batch, seq) -> kwargs (tensors only)
     dynamic: dict  # kwarg name -> {dim_index: "batch" | "seq"}
@@ -85,7 +87,7 @@ class ZooModel:
     exportable: bool = True  # torch.export with dynamic shapes works (see comment at the entry if False)
 
 
-FAMILIES = ("decoder", "encoder", "vision", "moe", "cnn", "custom")
+FAMILIES = ("decoder", "encoder", "vision", "moe", "cnn", "custom", "speech")
 
 ZOO: dict[str, ZooModel] = {}
 
@@ -98,10 +100,11 @@ def _register(zm: ZooModel) -> ZooModel:
 
 
 def get(name: str) -> ZooModel:
+    """A zoo model by name (the per-model test registry ZOO, then HEAVY)."""
     try:
-        return ZOO[name]
+        return ZOO[name] if name in ZOO else HEAVY[name]
     except KeyError:
-        raise KeyError(f"unknown zoo model {name!r}; known: {sorted(ZOO)}") from None
+        raise KeyError(f"unknown zoo model {name!r}; known: {sorted(ZOO)} + heavy {sorted(HEAVY)}") from None
 
 
 def names(family: str | None = None, *, exportable: bool | None = None, causal_lm: bool | None = None) -> list[str]:
@@ -480,6 +483,156 @@ _vision(
     min_depth=8,
     finegrained_output=False,  # last 1x1 conv -> 320 channels instead of 1280
 )
+
+
+# --------------------------------------------------------------------------- #
+# newer HF families (issue 15): MLA, complex RoPE, hybrid linear attention, SSMs,
+# encoders with merged batch x heads, speech and vision.  One or two layers,
+# hidden 32-48, so that tracing stays fast.
+# --------------------------------------------------------------------------- #
+_SMALL = dict(hidden_size=32, intermediate_size=72, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=MAX_POS, num_hidden_layers=1)
+_SMALL10 = {**_SMALL, "head_dim": 10}  # attention width 40 / 20, different from hidden 32
+# DeepSeek-V2 MLA: q through a low-rank q_a_proj (24) + norm + q_b_proj, k/v through the shared
+# kv_a_proj_with_mqa (kv rank 16 + one rope key of 8) -> kv_b_proj (4 x (nope 12 + v 10)); the key
+# is assembled with new_empty + two slice copy_s; complex RoPE (view_as_complex/polar); a MoE MLP
+# (4 experts of 24, top-2) with a shared expert.
+_DEEPSEEK = dict(
+    hidden_size=32, intermediate_size=72, moe_intermediate_size=24, num_attention_heads=4,
+    num_key_value_heads=4, num_hidden_layers=1, first_k_dense_replace=0, n_shared_experts=1,
+    n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+    qk_nope_head_dim=12, v_head_dim=10, max_position_embeddings=MAX_POS,
+)
+_moe("deepseek_v2", "DeepseekV2ForCausalLM", "DeepseekV2Config", experts="batched_mm",
+     **_DEEPSEEK, topk_method="greedy")
+# DeepSeek-V3: the same MLA with real-valued interleaved RoPE, group-limited sigmoid routing.
+_moe("deepseek_v3", "DeepseekV3ForCausalLM", "DeepseekV3Config", experts="batched_mm",
+     **_DEEPSEEK, n_group=2, topk_group=1)
+# Qwen3-MoE: per-head q/k norm, 4 experts of width 24, top-2.
+_moe("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", experts="batched_mm", **_SMALL10,
+     moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
+# Llama4 (text): complex RoPE (no_rope_layers[0] = 1 means "uses RoPE"), qk L2 norm, chunked
+# attention, a MoE (top-1 of 2 experts + shared expert) with scatter_-built router scores.
+_moe("llama4", "Llama4ForCausalLM", "Llama4TextConfig", experts="batched_mm", **_SMALL10,
+     intermediate_size_mlp=56, num_local_experts=2, num_experts_per_tok=1, moe_layers=[0],
+     no_rope_layers=[1], layer_types=["chunked_attention"], attention_chunk_size=16)
+# GPT-OSS: attention sinks, sliding window, clamped SwiGLU experts with biases (eager attention:
+# transformers has no sdpa path for the sinks).
+_moe("gpt_oss", "GptOssForCausalLM", "GptOssConfig", experts="batched_mm", attn="eager", **_SMALL10,
+     num_local_experts=4, num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention"])
+# Gemma3 (text): q/k norms, sliding window, explicit head_dim 10.
+_decoder("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", **_SMALL10, sliding_window=4,
+         query_pre_attn_scalar=10, layer_types=["sliding_attention"])
+# Gemma3n (text): AltUp (2 streams), LAuReL (rank 8), per-layer inputs of width 12 from their own
+# embedding table gated with torch.multiply, in-place slice updates of the AltUp streams.
+_decoder("gemma3n", "Gemma3nForCausalLM", "Gemma3nTextConfig", **{**_SMALL10, "intermediate_size": [72]},
+         sliding_window=4, layer_types=["full_attention"], hidden_size_per_layer_input=12,
+         vocab_size_per_layer_input=VOCAB, altup_num_inputs=2, laurel_rank=8, num_kv_shared_layers=0,
+         activation_sparsity_pattern=[0.0])
+# OLMo2: norms after attention/MLP (post-norm residuals), q/k RMSNorm over the full width.
+_decoder("olmo2", "Olmo2ForCausalLM", "Olmo2Config", **_SMALL)
+# Mamba: not exportable with a dynamic sequence: the torch path (no CUDA kernels) loops over the
+# sequence in Python, so torch.export specialises its length.
+_decoder("mamba", "MambaForCausalLM", "MambaConfig", attn="eager", exportable=False, hidden_size=32,
+         state_size=8, num_hidden_layers=1, expand=2, conv_kernel=4, time_step_rank=4)
+# Jamba: a Mamba layer then an attention layer with a MoE MLP.  Not exportable with a dynamic
+# sequence, like Mamba: the torch scan loops over the sequence.
+_moe("jamba", "JambaForCausalLM", "JambaConfig", experts="batched_mm", exportable=False,
+     **{**_SMALL, "num_hidden_layers": 2},
+     attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+     num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4)
+
+_encoder("modernbert", "ModernBertModel", "ModernBertConfig", hidden_size=32, intermediate_size=40,
+         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=MAX_POS, local_attention=4,
+         layer_types=["sliding_attention"], bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+         cls_token_id=BOS_ID, sep_token_id=EOS_ID)
+# DeBERTa-v2: disentangled relative attention over merged [batch * heads, ...] scores; the
+# relative-position projections are repeated batch = q.size(0) // heads times.
+_encoder("deberta_v2", "DebertaV2Model", "DebertaV2Config", attn="eager", hidden_size=32,
+         num_hidden_layers=1, num_attention_heads=4, intermediate_size=40, max_position_embeddings=MAX_POS,
+         relative_attention=True, position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+         position_biased_input=False)
+
+
+def _audio_inputs(key: str, channels: int | None, length: int):
+    def make(batch: int, seq: int) -> dict:  # fixed length: the model's positions are fixed
+        g = _gen(batch, 0)
+        shape = (batch, length) if channels is None else (batch, channels, length)
+        return {key: torch.randn(*shape, generator=g)}
+
+    return make
+
+
+def _whisper_inputs(batch: int, seq: int) -> dict:
+    g = _gen(batch, seq)
+    return {
+        "input_features": torch.randn(batch, 16, 32, generator=g),
+        "decoder_input_ids": torch.randint(3, VOCAB, (batch, seq), generator=g, dtype=torch.long),
+    }
+
+
+# Whisper (full encoder-decoder): 16 mel bins, 32 frames -> conv stride 2 -> 16 positions.
+_register(ZooModel(
+    name="whisper", family="speech",
+    build=_hf("WhisperModel", "WhisperConfig", vocab_size=VOCAB, num_mel_bins=16, d_model=32,
+              encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+              encoder_ffn_dim=40, decoder_ffn_dim=56, max_source_positions=16, max_target_positions=MAX_POS,
+              attn_implementation="sdpa", decoder_start_token_id=BOS_ID, **SPECIAL),
+    make_inputs=_whisper_inputs,
+    dynamic={"input_features": {0: "batch"}, "decoder_input_ids": {0: "batch", 1: "seq"}},
+))
+# Wav2Vec2 with a CTC head (so the hidden width is prunable): conv feature extractor (2 layers,
+# group norm), positional conv (groups 2, weight norm), 1 layer; its masked_spec_embed is only read
+# under spec-augment (train mode).
+_register(ZooModel(
+    name="wav2vec2", family="speech",
+    build=_hf("Wav2Vec2ForCTC", "Wav2Vec2Config", vocab_size=20, hidden_size=32, num_hidden_layers=1,
+              num_attention_heads=4, intermediate_size=40, conv_dim=[16, 24], conv_stride=[4, 2],
+              conv_kernel=[8, 4], num_feat_extract_layers=2, num_conv_pos_embeddings=4,
+              num_conv_pos_embedding_groups=2, mask_time_length=2, mask_time_min_masks=1,
+              attn_implementation="sdpa", pad_token_id=0),
+    make_inputs=_audio_inputs("input_values", None, 400),
+    dynamic={"input_values": {0: "batch"}},
+))
+# Dinov2 with a classifier (so the hidden width is prunable): 32x32 image, patch 8; its mask_token
+# is only read when bool_masked_pos is given.
+_vision("dinov2", "Dinov2ForImageClassification", "Dinov2Config", family="vision", image_size=IMAGE,
+        patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, mlp_ratio=2, num_labels=10,
+        attn_implementation="sdpa")
+# SigLIP vision tower with its attention-pooling head (an nn.MultiheadAttention over a dynamic batch).
+_vision("siglip", "SiglipVisionModel", "SiglipVisionConfig", family="vision", image_size=IMAGE, patch_size=8,
+        hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+        vision_use_head=True, attn_implementation="sdpa")
+# Swin classifier: window attention with relative position bias, patch merging, and the last stage's
+# width (32) pooled by an AdaptiveAvgPool1d over (N, C, L).
+_vision("swin", "SwinForImageClassification", "SwinConfig", family="vision", image_size=IMAGE, patch_size=4,
+        embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0, drop_path_rate=0.0,
+        num_labels=10)
+
+
+# Exportable, but too slow to trace for the per-model test parametrizations (ZOO): tests/test_coverage
+# traces them with static shapes; bench/arch_sweep.py and bench/op_survey.py sweep them too.
+HEAVY: dict[str, ZooModel] = {}
+
+
+def _heavy(zm: ZooModel) -> ZooModel:
+    ZOO.pop(zm.name)
+    HEAVY[zm.name] = zm
+    return zm
+
+
+# Qwen3-Next: a Gated-DeltaNet linear-attention layer (2 key heads x 6, 4 value heads x 5, causal
+# conv1d, chunked delta rule whose torch fallback writes 63 rows in place; its full-attention layers
+# are Qwen3's) with a MoE MLP and a shared expert.  Dynamic-shape export takes about a minute on CPU.
+_heavy(_moe("qwen3_next", "Qwen3NextForCausalLM", "Qwen3NextConfig", experts="batched_mm",
+            **_SMALL10, layer_types=["linear_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=6, linear_value_head_dim=5,
+            linear_conv_kernel_dim=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+            num_experts=4, num_experts_per_tok=2))
+# Mamba2 (torch chunked scan): about 20 s to trace.
+_heavy(_decoder("mamba2", "Mamba2ForCausalLM", "Mamba2Config", attn="eager", hidden_size=32, state_size=8,
+                num_hidden_layers=1, num_heads=8, head_dim=8, expand=2, n_groups=2, conv_kernel=4,
+                chunk_size=4, time_step_rank=4))
 
 
 # --------------------------------------------------------------------------- #

@@ -17,6 +17,12 @@ Two more facts are computed per class:
   slices are zeroed.  Contracting over a class is exact when one operand is zero there; a mean,
   softmax or norm over it is not.
 
+In-place ops run their functional form's rule; the zero dataflow follows what a write through a
+view does to its base (see ``rules.py``).  Parameters the graph never reads are tied to the space
+their shape and owner imply, or frozen (:func:`_tie_unread_tensors`): never a group of their own.
+Dynamic sizes computed as ``batch * heads`` are resolved to the node that multiplies the static
+factor in (:func:`_resolve_symbolic_sizes`), so the rewrite recomputes them.
+
 The result is an immutable :class:`Analysis`.  It also keeps the provenance of every tie, split
 and freeze (which op, at which source line), so ``Analysis.coupling_graph()`` (a networkx
 MultiGraph), ``Analysis.why(a, b)`` and ``Analysis.explain(x)`` can say *why* two parameters are
@@ -48,7 +54,7 @@ from fxprune.graph import (
 from fxprune.passes.atoms import AtomStore, Site
 from fxprune.passes.base import check, fxpass
 from fxprune.passes.op_rules import probe_zero
-from fxprune.passes.rules import AnalysisContext, ZeroSpec, find_rule, flat_args, site_of
+from fxprune.passes.rules import AnalysisContext, ZeroSpec, alias_effects, find_rule, flat_args, site_of
 from fxprune.types import ArgPath, GroupKind, Layout, Tag, TensorRef
 from fxprune.util.names import common_block, matches_prefix, module_of
 
@@ -159,6 +165,13 @@ class Analysis:
 
         return explain(self, target)
 
+    def coverage(self) -> Any:
+        """Which ops froze which spaces and how many parameters that costs (see
+        :mod:`fxprune.coverage_report`), most costly first."""
+        from fxprune.coverage_report import coverage
+
+        return coverage(self)
+
     def to_graphml(self, path: str) -> str:
         """Write the coupling graph as GraphML (for yEd, Gephi, Cytoscape)."""
         from fxprune.coupling import write_graphml
@@ -229,6 +242,7 @@ def analyze(graph: PrunableGraph, ignore: Iterable[str] | str = (), *, annotate:
             if r is not None:
                 ctx.freeze_ref(r, f"constant attribute {node.target}")
                 ctx.zero_never(r)
+    _tie_unread_tensors(ctx, graph)
     ctx.store.site = None
     result = _finalize(ctx, graph, param_of, buffer_of, ignore, defects)
     if annotate:
@@ -269,12 +283,18 @@ def _visit_call(ctx: AnalysisContext, node: fx.Node, defects: list[str]) -> str 
         if not outs and _is_metadata_only(node):
             return None
         ctx.unsupported_op(node)
+        _record_alias_effects(ctx, node)
         return None
+    ctx.current = node.name
     try:
         rule(ctx, node)
     except Exception as exc:  # noqa: BLE001 - a rule that fails must freeze, never guess
         ctx.unsupported_op(node, f"rule failed: {type(exc).__name__}: {exc}")
+        _record_alias_effects(ctx, node)
         return rule.__name__
+    finally:
+        ctx.current = None
+    _record_alias_effects(ctx, node)
     problems = ctx.unmet_duties(node)
     if problems:
         where = f"{node.target} at node {node.name} ({source_location(node)})"
@@ -284,6 +304,16 @@ def _visit_call(ctx: AnalysisContext, node: fx.Node, defects: list[str]) -> str 
             ctx.freeze_ref(r, reason)
             ctx.zero_specs.setdefault(r, ZeroSpec("never"))
     return rule.__name__
+
+
+def _record_alias_effects(ctx: AnalysisContext, node: fx.Node) -> None:
+    """Which outputs are views of which inputs, and which inputs the op writes in place."""
+    views, writes = alias_effects(node, ctx)
+    for out, base in views:
+        if out != base:
+            ctx.view_of[out] = base
+    if writes:
+        ctx.writes[node.name] = writes
 
 
 def _is_metadata_only(node: fx.Node) -> bool:
@@ -297,31 +327,41 @@ def _is_metadata_only(node: fx.Node) -> bool:
 def _finalize(ctx: AnalysisContext, graph: PrunableGraph, param_of: Mapping[str, str],
               buffer_of: Mapping[str, str], ignore: tuple[str, ...], defects: list[str]) -> Analysis:
     store = ctx.store
-    layouts: dict[TensorRef, tuple[Layout | None, ...]] = {}
-    for ref, dims in ctx.dims.items():
-        layouts[ref] = tuple(
-            store.layout(atoms) if isinstance(s, int) else None for atoms, s in zip(dims, ctx.shape(ref))
-        )
+    _resolve_symbolic_sizes(ctx)
+    # ``layouts`` (what the rewrite reads) has None for dynamic dims; the zero dataflow also
+    # looks inside them, at the static classes a dynamic dim is a product with ([B*H]).
+    full: dict[TensorRef, tuple[Layout, ...]] = {ref: tuple(store.layout(atoms) for atoms in dims)
+                                                 for ref, dims in ctx.dims.items()}
+    layouts: dict[TensorRef, tuple[Layout | None, ...]] = {
+        ref: tuple(lay if isinstance(s, int) else None for lay, s in zip(full[ref], ctx.shape(ref)))
+        for ref in full
+    }
     classes_cache: dict[TensorRef, frozenset[int]] = {}
 
     def classes_of(ref: TensorRef) -> frozenset[int]:
         if ref not in classes_cache:
             out: set[int] = set()
-            for lay in layouts.get(ref, ()):
-                if lay is not None:
-                    out.update(layout_classes(lay))
+            for lay in full.get(ref, ()):
+                out.update(layout_classes(lay))
             classes_cache[ref] = frozenset(out)
         return classes_cache[ref]
 
-    zero = _zero_dataflow(ctx, layouts, classes_of)
-    # --- exactness of contractions over a class
+    # --- zero dataflow, and exactness of contractions over a class (read when their op runs)
+    contractions: dict[str | None, list] = collections.defaultdict(list)
     for nz in ctx.needs_zero:
-        lay = layouts[nz.ref][nz.dim] if nz.ref in layouts else None
-        if lay is None:
-            continue
-        for c in layout_classes(lay):
-            if not any(c in zero.get(o, ()) for o in nz.operands):
-                store.mark_inexact([c], f"{nz.reason}: neither operand is zero on removed units")
+        contractions[nz.node].append(nz)
+
+    def check_contractions(node_name: str | None, zero: Mapping[TensorRef, set[int]]) -> None:
+        for nz in contractions.pop(node_name, ()):
+            lay = full[nz.ref][nz.dim] if nz.ref in full else None
+            for c in layout_classes(lay) if lay is not None else ():
+                if not any(c in zero.get(o, ()) for o in nz.operands):
+                    store.mark_inexact([c], f"{nz.reason}: neither operand is zero on removed units")
+
+    zero = _zero_dataflow(ctx, full, classes_of, check_contractions)
+    for name in list(contractions):
+        check_contractions(name, zero)
+    value_zero = frozenset(c for r in ctx.attention_values for c in zero.get(r, ()))
 
     # --- members per leaf class (parameters and buffers)
     members: dict[int, list[Member]] = collections.defaultdict(list)
@@ -356,7 +396,7 @@ def _finalize(ctx: AnalysisContext, graph: PrunableGraph, param_of: Mapping[str,
         if reason is not None:
             frozen.append(FrozenClass(c, size, reason, tuple(mems)))
             continue
-        kind = _kind_of(store, c)
+        kind = _kind_of(store, c, value_zero)
         order = (min(placeholder_order.get(m.node, 10**9) for m in mems), _KIND_ORDER[kind], c)
         drafts.append((order, c, kind, mems, store.inexact_reasons(c)))
     drafts.sort(key=lambda d: d[0])
@@ -386,49 +426,272 @@ def _finalize(ctx: AnalysisContext, graph: PrunableGraph, param_of: Mapping[str,
     )
 
 
-def _zero_dataflow(ctx: AnalysisContext, layouts: Mapping[TensorRef, Any], classes_of) -> dict[TensorRef, set[int]]:
-    """Per tensor, the classes on which it is zero once the removed parameter slices are zero."""
+def _zero_dataflow(ctx: AnalysisContext, layouts: Mapping[TensorRef, Any], classes_of,
+                   after_node: Any = None) -> dict[TensorRef, set[int]]:
+    """Per tensor, the classes on which it is zero once the removed parameter slices are zero.
+
+    Nodes are visited in order; ``after_node(name, zero)`` runs once a node's outputs are known
+    and before its in-place writes take effect.  A write into ``v`` (a view of a base ``b``)
+    changes what every alias of ``b`` holds from then on: an alias stays zero on a class only
+    if it was, and the written values are zero there too (classes the written view does not
+    carry lie outside the written region and keep their status).
+    """
     zero: dict[TensorRef, set[int]] = {}
+    roots: dict[TensorRef, TensorRef] = {}
+
+    def root(ref: TensorRef) -> TensorRef:
+        if ref not in roots:
+            seen = [ref]
+            while seen[-1] in ctx.view_of and len(seen) < 256:
+                seen.append(ctx.view_of[seen[-1]])
+            roots[ref] = seen[-1]
+        return roots[ref]
+
     for node in ctx.graph.nodes:
         for ref in ([ctx.ref(node)] if node.op == "placeholder" else ctx.output_refs(node)):
             if ref is None or ref not in layouts:
                 continue
-            spec = ctx.zero_specs.get(ref)
-            mine = classes_of(ref)
-            if spec is None or spec.kind == "never":
-                zero[ref] = set()
-            elif spec.kind == "param":
-                zero[ref] = set(mine)
-            elif spec.kind == "pass":
-                zs = set()
-                for c in mine:
-                    carriers = [i for i in spec.inputs if c in classes_of(i)]
-                    if carriers and all(c in zero.get(i, ()) for i in carriers):
-                        zs.add(c)
-                zero[ref] = zs
-            elif spec.kind == "contract":
-                zs = set()
-                for c in mine:
-                    prod_ok = any(c in zero.get(p, ()) for p in spec.products if c in classes_of(p))
-                    add_ok = all(c in zero.get(a, ()) for a in spec.additive)
-                    if prod_ok and add_ok:
-                        zs.add(c)
-                zero[ref] = zs
-            elif spec.kind == "probe":
-                zs = set()
-                for c in mine:
-                    pattern = tuple(
-                        (i is not None and c in classes_of(i) and c in zero.get(i, ()))
-                        for i in spec.inputs
-                    )
-                    if any(pattern) and probe_zero(node, pattern):
-                        zs.add(c)
-                zero[ref] = zs
+            zero[ref] = _zero_of(ctx, node, ref, zero, classes_of)
+        if after_node is not None:
+            after_node(node.name, zero)
+        for written in ctx.writes.get(node.name, ()):
+            outs = ctx.output_refs(node)
+            new = zero.get(outs[0], set()) if outs else set()
+            base = root(written)
+            written_classes = classes_of(written)
+            for alias in [r for r in zero if r not in outs and root(r) == base]:
+                keep = new | (classes_of(alias) - written_classes)
+                zero[alias] = zero[alias] & keep
     return zero
 
 
+def _zero_of(ctx: AnalysisContext, node: fx.Node, ref: TensorRef, zero: Mapping[TensorRef, set[int]],
+             classes_of) -> set[int]:
+    """The classes one op output is zero on, from its zero spec and its inputs' zero sets."""
+    spec = ctx.zero_specs.get(ref)
+    mine = classes_of(ref)
+    if spec is None or spec.kind == "never":
+        return set()
+    if spec.kind == "param":
+        return set(mine)
+    zs: set[int] = set()
+    for c in mine:
+        if spec.kind == "pass":
+            carriers = [i for i in spec.inputs if c in classes_of(i)]
+            ok = bool(carriers) and all(c in zero.get(i, ()) for i in carriers)
+        elif spec.kind == "contract":
+            prod_ok = any(c in zero.get(p, ()) for p in spec.products if c in classes_of(p))
+            ok = prod_ok and all(c in zero.get(a, ()) for a in spec.additive)
+        else:  # probe
+            pattern = tuple((i is not None and c in classes_of(i) and c in zero.get(i, ())) for i in spec.inputs)
+            ok = any(pattern) and probe_zero(node, pattern)
+        if ok:
+            zs.add(c)
+    return zs
+
+
+# ------------------------------------------------------------------------------------------
+# Parameters the trace never reads
+# ------------------------------------------------------------------------------------------
+UNREAD = "not read by the traced graph (used on a path the trace did not take)"
+
+
+def _tie_unread_tensors(ctx: AnalysisContext, graph: PrunableGraph) -> None:
+    """Give every dim of a parameter the graph never reads a space, or freeze it: never a group alone.
+
+    Such a parameter (Dinov2's ``mask_token``, Wav2Vec2's ``masked_spec_embed``) is used on a
+    path the trace did not take, where it stands in for, or is added to, activations of the
+    module that owns it.  So each of its dims joins the space of the same size among the dims of
+    the *read* parameters of the nearest enclosing module that has one.  When several spaces
+    there have that size, the residual width (a space a norm or an embedding acts on) is the one
+    a stand-in vector belongs to; without a unique such space the dim is frozen, and so are the
+    candidates, since the untraced path may combine the parameter with any of them.  A dim with
+    no candidate is frozen.  Buffers never form a group anyway: a floating-point one follows an
+    unambiguous space and is frozen alone otherwise (``original_inv_freq`` next to two RoPE
+    tables); ids and masks are frozen whole.
+    """
+    store = ctx.store
+    placeholders = [n for n in ctx.graph.nodes if n.op == "placeholder"]
+    names = {**graph.param_of, **graph.buffer_of}
+    read = [(names[n.name], ctx.ref(n)) for n in placeholders
+            if n.users and n.name in names and ctx.ref(n) is not None]
+    per_tensor = collections.Counter(graph.canonical(names[n.name]) for n in placeholders if n.name in names)
+    for node in placeholders:
+        fqn = names.get(node.name)
+        ref = ctx.ref(node)
+        if fqn is None or ref is None or node.users or per_tensor[graph.canonical(fqn)] > 1:
+            continue  # read, or another name of a tensor that is tied to its reads already
+        store.site = Site(node.name, "unread parameter", fqn)
+        val = ctx.val(ref)
+        if node.name not in graph.param_of and (val is None or not val.is_floating_point()):
+            ctx.freeze_ref(ref, f"buffer {fqn} is {UNREAD}")
+            continue
+        for dim, atoms in enumerate(ctx.d(ref)):
+            if atoms:
+                _tie_unread_dim(ctx, fqn, ref, dim, read, strict=node.name in graph.param_of)
+
+
+def _tie_unread_dim(ctx: AnalysisContext, fqn: str, ref: TensorRef, dim: int,
+                    read: Sequence[tuple[str, TensorRef]], strict: bool) -> None:
+    store = ctx.store
+    size = ctx.shape(ref)[dim]
+    parts = fqn.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:depth])
+        spaces: dict[Layout, tuple[TensorRef, int]] = {}  # by layout: one entry per distinct space
+        for name, other in read:
+            if prefix and not name.startswith(prefix + "."):
+                continue
+            for d, s in enumerate(ctx.shape(other)):
+                if s == size and ctx.d(other)[d]:
+                    spaces.setdefault(store.layout(ctx.d(other)[d]), (other, d))
+        if not spaces:
+            continue
+        if len(spaces) > 1:
+            residual = {k: v for k, v in spaces.items() if _is_residual(store, ctx.d(v[0])[v[1]])}
+            spaces = residual if len(residual) == 1 else spaces
+        if len(spaces) == 1:
+            (other, d), = spaces.values()
+            store.unify_prod(ctx.d(ref)[dim], ctx.d(other)[d])
+            return
+        reason = (f"{fqn} is {UNREAD} and has the size ({size}) of several spaces of "
+                  f"{prefix or 'the model'}; it could meet any of them there")
+        ctx.freeze_dim(ref, dim, reason)
+        for other, d in spaces.values() if strict else ():
+            ctx.freeze_dim(other, d, reason)
+        return
+    ctx.freeze_dim(ref, dim, f"{fqn} is {UNREAD}; no read parameter has a dim of its size ({size})")
+
+
+def _is_residual(store: AtomStore, atoms: Sequence[int]) -> bool:
+    """A space a norm or an embedding acts on (the residual width), by its tags."""
+    for a in atoms:
+        for c in [store.find(a), *store.leaves(a)]:
+            if store.all_tags(c) & {Tag.NORMALIZED, Tag.EMBEDDING_DIM}:
+                return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------
+# Shape constants computed from dynamic sizes
+# ------------------------------------------------------------------------------------------
+def _resolve_symbolic_sizes(ctx: AnalysisContext) -> None:
+    """Turn each dynamic size entry (``bsz * 4`` in ``view(x, [bsz * 4, s, 8])``, ``n // 4`` in a
+    ``repeat``) into a size argument of the node that brings in its static constant, or freeze
+    the static spaces it cannot follow.
+
+    The entry must be a product/quotient of ``sym_size`` terms (which follow pruning by
+    themselves) and at most one integer constant; the static classes of the space it sizes must
+    be those of the terms, times (or divided by) the constant's.
+    """
+    store = ctx.store
+    for node_name, path, size_node, atoms in ctx.symbolic_sizes:
+        want = _static_leaves(ctx, atoms)
+        terms = _size_terms(size_node)
+        need: list[int] | None = None
+        const = None
+        if terms is not None:
+            num, den = [], []
+            for kind, a, b, sign in terms:
+                if kind == "const":
+                    if const is not None:  # two constants: which one would change is ambiguous
+                        terms = None
+                        break
+                    const = (a, b, sign)
+                else:
+                    tref = ctx.ref(a)
+                    if tref is None or not isinstance(b, int) or b >= ctx.rank(tref):
+                        terms = None
+                        break
+                    (num if sign > 0 else den).extend(_static_leaves(ctx, ctx.d(tref)[b]))
+        if terms is not None:
+            have = collections.Counter(num)
+            have.subtract(den)
+            diff = collections.Counter(want)
+            diff.subtract(have)  # what the constant must bring (> 0) or take away (< 0)
+            extra = sorted(diff.elements())
+            missing = sorted((-diff).elements())
+            if not extra and not missing:
+                need = []
+            elif const is not None and (not missing if const[2] > 0 else not extra):
+                need = extra if const[2] > 0 else missing
+        ok = need is not None
+        if ok and need:
+            owner, idx, _ = const
+            total = 1
+            for leaf in need:
+                total *= store.size[leaf]
+            prev = ctx.size_args[owner.name].get(ArgPath("args", idx))
+            ok = owner.args[idx] == total and (prev is None or sorted(map(store.find, prev[1])) == sorted(need))
+            if ok:
+                ctx.size_args[owner.name][ArgPath("args", idx)] = ("atoms", need)
+        if not ok:  # the static spaces it sizes, and those it reads sizes of, must not change
+            read = [leaf for t, d in _sizes_read(size_node) for leaf in _static_leaves(ctx, _dim_atoms(ctx, t, d))]
+            frozen = want + read
+            if frozen:
+                store.site = Site(node_name, "dynamic size", f"{path} of node {node_name}")
+                store.freeze(frozen, f"a size computed from dynamic dims at node {node_name} ({path}) "
+                                     "cannot be recomputed for this space")
+                store.site = None
+
+
+def _static_leaves(ctx: AnalysisContext, atoms: Sequence[int]) -> list[int]:
+    out: list[int] = []
+    for a in atoms:
+        for leaf in ctx.store.leaves(a):
+            if isinstance(ctx.store.size[leaf], int) and ctx.store.size[leaf] > 1:
+                out.append(leaf)
+    return out
+
+
+def _sizes_read(n: Any) -> list[tuple[Any, Any]]:
+    """Every (tensor node, dim) whose ``sym_size`` an integer expression reads, through any op."""
+    out, stack, seen = [], [n], set()
+    while stack:
+        x = stack.pop()
+        if not isinstance(x, fx.Node) or x in seen:
+            continue
+        seen.add(x)
+        if x.op == "call_function" and str(x.target) == "aten.sym_size.int":
+            out.append((x.args[0], x.args[1]))
+        elif x.op == "call_function":
+            stack.extend(a for a in x.args if isinstance(a, fx.Node))
+    return out
+
+
+def _dim_atoms(ctx: AnalysisContext, t: Any, d: Any) -> list[int]:
+    ref = ctx.ref(t)
+    return ctx.d(ref)[d] if ref is not None and isinstance(d, int) and d < ctx.rank(ref) else []
+
+
+def _size_terms(n: Any, sign: int = 1, depth: int = 0) -> list[tuple[str, Any, Any, int]] | None:
+    """A dynamic size as a product and quotient of terms: ("const", node, arg index, +-1) and
+    ("size", tensor node, dim, +-1); None when it is anything else (a sum, a max...)."""
+    if not isinstance(n, fx.Node) or depth > 16 or n.op != "call_function":
+        return None
+    if n.target in (operator.mul, operator.floordiv):
+        out: list[tuple[str, Any, Any, int]] = []
+        for i, a in enumerate(n.args):
+            s = sign if (i == 0 or n.target is operator.mul) else -sign
+            if isinstance(a, int):
+                out.append(("const", n, i, s))
+                continue
+            sub = _size_terms(a, s, depth + 1)
+            if sub is None:
+                return None
+            out.extend(sub)
+        return out
+    if str(n.target) == "aten.sym_size.int":
+        return [("size", n.args[0], n.args[1], sign)]
+    return None
+
+
 def _resolve_size_args(ctx: AnalysisContext, layouts) -> dict[str, dict[ArgPath, Layout | None]]:
-    """Each recorded size argument as the layout whose kept size is its new value."""
+    """Each recorded size argument as the layout whose kept size is its new value.
+
+    A constant whose every class is frozen can never change (RoPE's ``[..., -1, 2]`` pair): it is
+    left out, so the module rewrite does not read it as a demand on an attribute of equal value.
+    """
     out: dict[str, dict[ArgPath, Layout | None]] = {}
     for name, entries in ctx.size_args.items():
         resolved = {}
@@ -437,20 +700,34 @@ def _resolve_size_args(ctx: AnalysisContext, layouts) -> dict[str, dict[ArgPath,
                 lay = layouts[entry[1]][entry[2]]
             else:
                 lay = ctx.store.layout(entry[1]) if entry[1] else ()
+            if lay and path.where != "split" and all(ctx.store.freeze_of(c) for c in layout_classes(lay)):
+                continue
             resolved[path] = lay
         out[name] = resolved
     return out
 
 
-def _kind_of(store: AtomStore, c: int) -> GroupKind:
+def _kind_of(store: AtomStore, c: int, value_zero: frozenset[int] = frozenset()) -> GroupKind:
+    """A class's kind from its tags and its enclosing spaces' tags.
+
+    Heads: a broadcast (expand/repeat) class is a GQA ``head_repeat`` unless attention's values
+    are zero on it, i.e. carry it themselves (MLA's heads, which a shared RoPE key is broadcast
+    over).  A factor of a heads space that has other static factors is ``kv_heads``;
+    the static factor of ``[batch * heads]`` is just ``heads``.
+    """
     tags = store.all_tags(c)
     parent_tags: set[Tag] = set()
+    head_products = False
     for anc in store.ancestors(c):
-        parent_tags |= store.all_tags(anc)
+        anc_tags = store.all_tags(anc)
+        parent_tags |= anc_tags
+        if Tag.HEADS in anc_tags:
+            static = [leaf for leaf in store.leaves(anc) if isinstance(store.size[leaf], int) and store.size[leaf] > 1]
+            head_products = head_products or len(static) > 1
     if Tag.HEADS in tags or Tag.HEADS in parent_tags:
-        if Tag.BROADCAST in tags:
+        if Tag.BROADCAST in tags and c not in value_zero:
             return "head_repeat"
-        if Tag.HEADS in parent_tags:
+        if head_products:
             return "kv_heads"
         return "heads"
     if Tag.HEAD_DIM in tags or Tag.HEAD_DIM in parent_tags:

@@ -9,6 +9,12 @@ the *leaf* classes (never split) are the units of pruning.
 Splits live on class roots, so every atom in a class shares the same sub-atoms: refining one view
 of an index space refines them all.  When two views cannot be reconciled (a product against a
 concatenation, sizes that do not divide), the spaces involved are frozen instead of guessed at.
+
+Symbolic (dynamic) sizes take part too: a ``[B*H]`` dim with a dynamic batch ``B`` and a static
+head count ``H`` factors into ``[B, H]`` like a static one, because the ratio of the two sizes is a
+monomial.  A dynamic space is frozen for being dynamic (:data:`SYMBOLIC`), but that freeze stays on
+the dynamic factor: it does not spread to the static factors it is split into, while every other
+freeze of an enclosing space does.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ import sympy
 from fxprune.types import Atom, Concat, SplitKind, Tag
 
 Size = Union[int, sympy.Expr]
+
+SYMBOLIC = "symbolic (dynamic) dimension"
+"""The freeze reason of a space whose size is dynamic; it applies to that space only, never to the
+static sub-spaces it is split into (see :meth:`AtomStore.freeze_of`)."""
 
 
 @dataclasses.dataclass
@@ -75,6 +85,7 @@ class AtomStore:
         self.inexact: dict[int, list[str]] = {}
         self.tags: dict[int, set[Tag]] = {}
         self.edges: list[Edge] = []
+        self.freeze_log: list[Freeze] = []  # every freeze applied, first or not (coverage report)
         self.touched: set[int] = set()  # atoms a rule tied, split or froze (for duty checks)
         self.site: Site | None = None  # the op being visited; set by the analysis
 
@@ -84,12 +95,21 @@ class AtomStore:
         self.parent.append(atom)
         self.size.append(size)
         if frozen:
-            self.frozen[atom] = Freeze(frozen, atom, self.site)
+            self._put_freeze(atom, Freeze(frozen, atom, self.site))
             self.touched.add(atom)
         elif not isinstance(size, int):
-            self.frozen[atom] = Freeze("symbolic (dynamic) dimension", atom, self.site)
+            self._put_freeze(atom, Freeze(SYMBOLIC, atom, self.site))
             self.touched.add(atom)
         return atom
+
+    def _put_freeze(self, root: int, freeze: Freeze, log: bool = True) -> None:
+        """Record a freeze on a class root: the first reason wins, except that a real reason
+        replaces "symbolic" (which only applies to the dynamic space itself)."""
+        if log and freeze.reason != SYMBOLIC:
+            self.freeze_log.append(freeze)
+        old = self.frozen.get(root)
+        if old is None or (old.reason == SYMBOLIC and freeze.reason != SYMBOLIC):
+            self.frozen[root] = freeze
 
     def find(self, atom: int) -> int:
         root = atom
@@ -106,7 +126,7 @@ class AtomStore:
         for atom in atoms:
             root = self.find(atom)
             self.touched.add(atom)
-            self.frozen.setdefault(root, Freeze(reason, atom, self.site))
+            self._put_freeze(root, Freeze(reason, atom, self.site))
 
     def mark_inexact(self, atoms: Iterable[int], reason: str) -> None:
         for atom in atoms:
@@ -139,7 +159,7 @@ class AtomStore:
                 total = total * s
         else:
             total = sum(sizes)
-        atom = self.new(total, frozen=None if isinstance(total, int) else "symbolic")
+        atom = self.new(total)
         self.set_split(atom, kind, parts)
         return atom
 
@@ -156,7 +176,7 @@ class AtomStore:
         sa, sb = self.split.pop(ra, None), self.split.pop(rb, None)
         self.parent[rb] = ra
         if rb in self.frozen:
-            self.frozen.setdefault(ra, self.frozen.pop(rb))
+            self._put_freeze(ra, self.frozen.pop(rb), log=False)
         if rb in self.inexact:
             for r in self.inexact.pop(rb):
                 self.mark_inexact([ra], r)
@@ -186,7 +206,7 @@ class AtomStore:
                 continue
             seen.add(root)
             self.touched.add(root)
-            self.frozen.setdefault(root, Freeze(reason, root, self.site))
+            self._put_freeze(root, Freeze(reason, root, self.site))
             if root in self.split:
                 stack.extend(self.split[root].parts)
 
@@ -212,8 +232,21 @@ class AtomStore:
                 a.append(x)
                 continue
             if not (isinstance(sx, int) and isinstance(sy, int)):
-                self._conflict([x, y, *a, *b], "symbolic sizes do not line up")
-                return False
+                order = _symbolic_order(sx, sy)
+                if order is None:
+                    self._conflict([x, y, *a, *b], "symbolic sizes do not line up")
+                    return False
+                big, small, big_stack, ratio = (x, y, a, order[1]) if order[0] else (y, x, b, order[1])
+                if big in self.split:
+                    self._conflict([x, y, *a, *b], f"sizes {sx} and {sy} do not factor")
+                    return False
+                if self.frozen.get(big) is not None and self.frozen[big].reason == SYMBOLIC:
+                    del self.frozen[big]  # the dynamic part moves to the symbolic factor below
+                head, tail = self.new(self.size[small]), self.new(ratio)
+                self.set_split(big, "prod", [head, tail])
+                self.union(head, small)
+                big_stack.append(tail)
+                continue
             big, small, big_stack = (x, y, a) if sx > sy else (y, x, b)
             sbig, ssmall = max(sx, sy), min(sx, sy)
             if sbig % ssmall != 0 or big in self.split:
@@ -351,14 +384,31 @@ class AtomStore:
         return seen
 
     def freeze_of(self, root: int) -> Freeze | None:
-        """The freeze that applies to a class: its own, else one of an enclosing space's."""
+        """The freeze that applies to a class: its own, else one of an enclosing space's.
+
+        An enclosing space frozen only for being dynamic (``[B*H]``) does not freeze its static
+        factors (``H``): whatever could not follow them was frozen with its own reason.
+        """
         root = self.find(root)
         if root in self.frozen:
             return self.frozen[root]
         for anc in sorted(self.ancestors(root)):
-            if anc in self.frozen:
+            if anc in self.frozen and self.frozen[anc].reason != SYMBOLIC:
                 return self.frozen[anc]
         return None
+
+    def leaves(self, atom: int) -> list[int]:
+        """The leaf classes an atom is (transitively) split into (itself when it is not split)."""
+        root = self.find(atom)
+        split = self.split.get(root)
+        if split is None:
+            return [root]
+        out: list[int] = []
+        for part in split.parts:
+            for leaf in self.leaves(part):
+                if leaf not in out:
+                    out.append(leaf)
+        return out
 
     def frozen_reason(self, root: int) -> str | None:
         freeze = self.freeze_of(root)
@@ -375,3 +425,30 @@ class AtomStore:
 
     def all_tags(self, root: int) -> set[Tag]:
         return set(self.tags.get(self.find(root), ()))
+
+
+def _symbolic_order(sx: Size, sy: Size) -> tuple[bool, Size] | None:
+    """(x is the bigger one, bigger / smaller) when one symbolic size is a monomial multiple of the
+    other (``4*s0`` and ``s0``; ``s0*s1`` and ``s1``), else None."""
+    for x_big, big, small in ((True, sx, sy), (False, sy, sx)):
+        ratio = sympy.simplify(sympy.sympify(big) / sympy.sympify(small))
+        if ratio == 1:
+            continue
+        if _is_monomial(ratio):
+            return x_big, (int(ratio) if ratio.is_Integer else ratio)
+    return None
+
+
+def _is_monomial(expr: sympy.Expr) -> bool:
+    """A product of positive integers and symbols (a size the other one divides row-major)."""
+    factors = expr.args if expr.is_Mul else (expr,)
+    for f in factors:
+        if f.is_Integer:
+            if int(f) < 1:
+                return False
+        elif f.is_Pow:
+            if not (f.base.is_Symbol and f.exp.is_Integer and int(f.exp) > 0):
+                return False
+        elif not f.is_Symbol:
+            return False
+    return True

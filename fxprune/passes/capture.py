@@ -8,6 +8,8 @@ specialises size-1 dims silently, and the program would then fail at batch 3.  A
 
 from __future__ import annotations
 
+import copy
+import inspect
 import time
 import warnings
 from typing import Any, Callable
@@ -18,7 +20,7 @@ from fxprune.errors import BadInputError, CaptureError
 from fxprune.graph import PrunableGraph
 from fxprune.passes.base import check, fxpass
 from fxprune.util.hf import default_constants, default_example_inputs  # noqa: F401 - re-exported
-from fxprune.util.modules import eval_mode
+from fxprune.util.modules import eval_mode, forward_params
 from fxprune.util.modules import on_meta as _on_meta
 
 BATCH = "batch"
@@ -72,7 +74,7 @@ def trace(
 
     if dynamic and dynamic_shapes is None:
         args, tensor_kwargs = _widen_size_one(args, tensor_kwargs)
-        dynamic_shapes = _auto_dynamic_shapes(args, tensor_kwargs, constant_kwargs)
+        dynamic_shapes = _auto_dynamic_shapes(model, args, tensor_kwargs, constant_kwargs)
     elif not dynamic:
         dynamic_shapes = None
 
@@ -84,17 +86,20 @@ def trace(
     t0 = time.perf_counter()
     with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        target = model
+        if dynamic and isinstance(dynamic_shapes, dict):
+            target = _explicit_forward(model, trace_args, all_kwargs)
         try:
             ep = torch.export.export(
-                model, trace_args, all_kwargs, dynamic_shapes=dynamic_shapes, strict=strict
+                target, trace_args, all_kwargs, dynamic_shapes=dynamic_shapes, strict=strict
             )
         except Exception as exc:  # noqa: BLE001 - re-raised with the reason and a way forward
-            auto = _as_auto(dynamic_shapes) if dynamic and "Constraints violated" in str(exc) else None
+            auto = _as_auto(dynamic_shapes) if dynamic and _is_constraint_violation(exc) else None
             if auto is None:
                 raise CaptureError(_export_failure_message(model, exc)) from exc
             # The model bounds a dim (BERT: seq <= max positions): let export infer the range.
             try:
-                ep = torch.export.export(model, trace_args, all_kwargs, dynamic_shapes=auto, strict=strict)
+                ep = torch.export.export(target, trace_args, all_kwargs, dynamic_shapes=auto, strict=strict)
                 dynamic_shapes = auto
             except Exception as exc2:  # noqa: BLE001
                 raise CaptureError(_export_failure_message(model, exc2)) from exc2
@@ -109,6 +114,7 @@ def trace(
             ep = ep.run_decompositions({})
         except Exception as exc:  # noqa: BLE001
             raise CaptureError(f"torch.export traced {type(model).__name__} but lowering to ATen failed: {exc}") from exc
+    _drop_dead_code(ep)
     timings["lower"] = time.perf_counter() - t0
 
     return PrunableGraph(
@@ -184,6 +190,15 @@ def inline_grad_mode_regions(ep: Any) -> bool:
     return True
 
 
+def _drop_dead_code(ep: Any) -> None:
+    """Remove pure nodes whose values nothing reads (``nn.MultiheadAttention``'s head-averaged
+    weights that a caller discards): a mean over heads that is never used must not make the
+    heads inexact.  In-place ops and other side effects stay (``Node.is_impure``)."""
+    gm = ep.graph_module
+    if gm.graph.eliminate_dead_code():
+        gm.recompile()
+
+
 def _to_device(x: Any, device: str) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
@@ -223,7 +238,59 @@ def _dynamic_dims(t: torch.Tensor) -> list[int]:
     return dims
 
 
-def _auto_dynamic_shapes(args: tuple, kwargs: dict, constants: dict) -> Any:
+def _bind(model: Any, args: tuple, kwargs: dict) -> tuple[dict[str, inspect.Parameter], Any]:
+    params = forward_params(model)
+    try:
+        return params, inspect.Signature(list(params.values())).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return params, None
+
+
+def _explicit_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.nn.Module:
+    """``model`` itself, or, when its ``forward`` takes ``*args``/``**kwargs``, a view of it whose
+    ``forward`` names each example input (same parameters, buffers and submodules, same FQNs).
+
+    torch.export matches a ``dynamic_shapes`` dict to the signature, but cannot match one for
+    inputs that reach ``**kwargs`` (it flattens them into the top level).  The view's signature
+    has a positional-only parameter per ``*args`` value and a keyword-only one per ``**kwargs``
+    entry, and calls the real ``forward`` with them unchanged.
+    """
+    params, bound = _bind(model, args, kwargs)
+    if bound is None or not any(params[n].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                                for n in bound.arguments):
+        return model
+    new: list[inspect.Parameter] = []
+    for name, value in bound.arguments.items():
+        p = params[name]
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            new.extend(inspect.Parameter(f"{name}_{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(value)))
+        elif p.kind is inspect.Parameter.VAR_KEYWORD:
+            new.extend(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in value)
+        else:
+            keyword_only = p.kind is inspect.Parameter.KEYWORD_ONLY
+            new.append(p if keyword_only else p.replace(default=inspect.Parameter.empty))  # every one is bound
+    order = {inspect.Parameter.POSITIONAL_ONLY: 0, inspect.Parameter.POSITIONAL_OR_KEYWORD: 1,
+             inspect.Parameter.KEYWORD_ONLY: 3}
+    new.sort(key=lambda p: order[p.kind])
+    real = model.forward
+
+    def forward(*a: Any, **k: Any) -> Any:
+        return real(*a, **k)
+
+    forward.__signature__ = inspect.Signature(new)  # type: ignore[attr-defined]
+    view = copy.copy(model)  # shares _parameters/_buffers/_modules: the same tensors, the same names
+    view.forward = forward  # type: ignore[method-assign]
+    return view
+
+
+def _auto_dynamic_shapes(model: Any, args: tuple, kwargs: dict, constants: dict) -> Any:
+    """The default spec: batch (and sequence) dims dynamic, one entry per named input.
+
+    Binding the example inputs to ``forward``'s signature names every input, for any mix of
+    positional, keyword, ``*args`` and ``**kwargs`` parameters (a generic wrapper's
+    ``forward(*args, **kwargs)`` included); ``*args``/``**kwargs`` values are named the way
+    :func:`_explicit_forward` names them.
+    """
     batch = torch.export.Dim(BATCH, min=1, max=1 << 16)
     seq = torch.export.Dim(SEQ, min=1, max=1 << 17)
 
@@ -235,14 +302,36 @@ def _auto_dynamic_shapes(args: tuple, kwargs: dict, constants: dict) -> Any:
             dims[d] = batch if d == 0 else seq
         return dims
 
-    if kwargs and not args:
-        shapes: dict = {k: spec(v) for k, v in kwargs.items()}
-        shapes.update({k: None for k in constants})
-        return shapes
-    if args and not kwargs and not constants:
-        return tuple(spec(a) for a in args)
-    # mixed positional and keyword inputs: torch.export wants a dict keyed by parameter names
-    return None
+    params, bound = _bind(model, args, {**kwargs, **constants})
+    if bound is None or not params:
+        if kwargs and not args:
+            return {**{k: spec(v) for k, v in kwargs.items()}, **{k: None for k in constants}}
+        if args and not kwargs and not constants:
+            return tuple(spec(a) for a in args)
+        return None
+    shapes: dict[str, Any] = {}  # keyed like the signature of _explicit_forward's view
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes.update({f"{name}_{i}": spec(v) for i, v in enumerate(value)})
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes.update({k: spec(v) for k, v in value.items()})
+        else:
+            shapes[name] = spec(value)
+    return shapes
+
+
+def _is_constraint_violation(exc: BaseException) -> bool:
+    """Whether export failed because the model bounds or relates the dims we made dynamic."""
+    seen = 0
+    while exc is not None and seen < 8:
+        text = str(exc)
+        if "Constraints violated" in text or "ConstraintViolation" in type(exc).__name__ or (
+            "is not equal to" in text and "size()" in text
+        ):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _as_auto(spec: Any) -> Any:
@@ -250,9 +339,9 @@ def _as_auto(spec: Any) -> Any:
     if spec is None:
         return None
     if isinstance(spec, dict):
-        return {k: _as_auto(v) for k, v in spec.items()} if not all(isinstance(k, int) for k in spec) else {
-            d: torch.export.Dim.AUTO for d in spec
-        }
+        if spec and all(isinstance(k, int) for k in spec):
+            return {d: torch.export.Dim.AUTO for d in spec}
+        return {k: _as_auto(v) for k, v in spec.items()}
     if isinstance(spec, tuple):
         return tuple(_as_auto(v) for v in spec)
     return spec

@@ -10,8 +10,10 @@ To support a new op, register a function ``rule(ctx, node)`` with ``@register_ru
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -65,11 +67,25 @@ def pointwise_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_probe(out, tensors)
 
 
+# Elementwise ops that ATen does not tag "pointwise": aliases that reach the graph undecomposed
+# (``torch.multiply`` is ``aten.multiply.Tensor``), and complex-number constructors (RoPE's
+# ``polar``).  Their zero behaviour is probed like any pointwise op's.
+_UNTAGGED_POINTWISE = [
+    "multiply", "divide", "subtract", "true_divide", "negative", "absolute", "rsub", "clip", "fix",
+    "greater", "greater_equal", "less", "less_equal", "not_equal", "arccos", "arcsin", "arctan",
+    "arccosh", "arcsinh", "arctanh", "arctan2", "special_expit", "special_exp2", "special_expm1",
+    "special_log1p", "special_erf", "special_erfc", "special_erfinv", "special_logit",
+    "special_sinc", "special_round", "special_xlogy", "polar", "complex", "angle", "sgn", "xlogy",
+]
+register_rule(*(getattr(aten, n) for n in _UNTAGGED_POINTWISE if hasattr(aten, n)))(pointwise_rule)
+
+
 @register_rule(
     aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
-    aten.to, aten.type_as, aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.copy,
-    aten.fill, aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like,
+    aten.to, aten.type_as, aten.dropout, aten.feature_dropout, aten.alpha_dropout,
+    aten.fill, aten.zero, aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like,
     aten.randn_like, aten._assert_tensor_metadata, aten.positive, aten.resolve_conj, aten.resolve_neg,
+    aten.conj, aten._conj, aten.conj_physical, aten.real, aten.imag,
 )
 def identity_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     outs = ctx.output_refs(node)
@@ -81,11 +97,27 @@ def identity_rule(ctx: AnalysisContext, node: fx.Node) -> None:
         ctx.zero_never(out)
         return
     ctx.tie_all(out, src)
-    if node.target.overloadpacket in (aten.zeros_like, aten.ones_like, aten.empty_like,
-                                      aten.full_like, aten.rand_like, aten.randn_like, aten.fill):
+    if node.target.overloadpacket in (aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like,
+                                      aten.rand_like, aten.randn_like, aten.fill, aten.zero):
         ctx.zero_never(out)
     else:
         ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.copy, aten.copy_)
+def copy_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """copy(self, src) / self.copy_(src): the output has self's shape and src's values (broadcast).
+
+    In place (``key[..., :12].copy_(k_nope)``) the written view's dims are its base's atoms, so
+    this ties ``src`` into the base; the analysis handles what the write does to the base's values.
+    """
+    out, dst, src = ctx.out(node), ctx.ref(node.args[0]), ctx.ref(node.args[1])
+    ctx.tie_all(out, dst)
+    if src is None:
+        ctx.zero_never(out)
+        return
+    ctx.broadcast(out, [dst, src])
+    ctx.zero_pass(out, [src])
 
 
 @register_rule(aten.native_dropout)
@@ -107,29 +139,43 @@ def _reshape_ties(ctx: AnalysisContext, src: TRef, out: TRef) -> None:
     out_dims = [j for j, s in enumerate(out_shape) if not is_one(s)]
     chunks = _product_chunks([in_shape[i] for i in in_dims], [out_shape[j] for j in out_dims])
     if chunks is None:
-        reason = f"reshape {in_shape} -> {out_shape} at {out[0]} does not factor"
-        ctx.freeze_ref(src, reason)
-        ctx.freeze_ref(out, reason)
-        return
+        chunks = _peeled_chunks(ctx, src, out, in_dims, out_dims)
     for ci, cj in chunks:
         a_dims = [in_dims[i] for i in ci]
         b_dims = [out_dims[j] for j in cj]
-        sizes = [in_shape[i] for i in a_dims] + [out_shape[j] for j in b_dims]
         a_atoms = [a for i in a_dims for a in ctx.d(src)[i]]
         b_atoms = [a for j in b_dims for a in ctx.d(out)[j]]
-        if all(isinstance(s, int) for s in sizes):
-            ctx.store.unify_prod(a_atoms, b_atoms)
-        elif len(a_dims) == 1 and len(b_dims) == 1:
-            ctx.store.unify_prod(a_atoms, b_atoms)
-        else:
-            reason = f"reshape of dynamic dims at {out[0]}"
-            ctx.store.freeze(a_atoms + b_atoms, reason)
+        # dynamic chunks factor too ([B, H] <-> [B*H]); what does not freezes in unify_prod
+        ctx.store.unify_prod(a_atoms, b_atoms)
+
+
+def _peeled_chunks(ctx: AnalysisContext, src: TRef, out: TRef, in_dims: list[int],
+                   out_dims: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Chunks of a reshape whose dynamic sizes sympy cannot factor (a sequence padded to a multiple
+    of a chunk size): equal leading and trailing dims still correspond one to one (the products
+    agree), so they are tied (heads, head dims); only the middle is frozen."""
+    in_shape, out_shape = ctx.shape(src), ctx.shape(out)
+
+    def same(i: int, j: int) -> bool:
+        return sympy.simplify(sympy.sympify(in_shape[i]) - sympy.sympify(out_shape[j])) == 0
+
+    lo = 0
+    while lo < min(len(in_dims), len(out_dims)) - 1 and same(in_dims[lo], out_dims[lo]):
+        lo += 1
+    hi_a, hi_b = len(in_dims), len(out_dims)
+    while hi_a - 1 > lo and hi_b - 1 > lo and same(in_dims[hi_a - 1], out_dims[hi_b - 1]):
+        hi_a, hi_b = hi_a - 1, hi_b - 1
+    reason = f"reshape {in_shape} -> {out_shape} at {out[0]} does not factor"
+    for i in in_dims[lo:hi_a]:
+        ctx.freeze_dim(src, i, reason)
+    for j in out_dims[lo:hi_b]:
+        ctx.freeze_dim(out, j, reason)
+    pairs = list(zip(range(lo), range(lo))) + list(zip(range(hi_a, len(in_dims)), range(hi_b, len(out_dims))))
+    return [([i], [j]) for i, j in pairs]
 
 
 def _product_chunks(a: Sequence, b: Sequence) -> list[tuple[list[int], list[int]]] | None:
     """Split two size lists with equal products into minimal chunks of equal products."""
-    import sympy
-
     chunks = []
     i = j = 0
     while i < len(a) and j < len(b):
@@ -171,15 +217,10 @@ def reshape_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_pass(out, [src])
     packet = node.target.overloadpacket
     if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.view_copy):
-        shape = node.args[1]
-        for i, s in enumerate(shape):
-            if isinstance(s, int) and s != -1:
-                ctx.size_arg(node, ArgPath("args", 1, i), out, i)
+        ctx.shape_args(node, ArgPath("args", 1), node.args[1], out)
     elif packet is aten.unflatten:
         dim = norm_dim(node.args[1], ctx.rank(src))
-        for i, s in enumerate(node.args[2]):
-            if isinstance(s, int) and s != -1:
-                ctx.size_arg(node, ArgPath("args", 2, i), out, dim + i)
+        ctx.shape_args(node, ArgPath("args", 2), node.args[2], out, dim)
 
 
 @register_rule(aten.permute, aten.permute_copy)
@@ -191,7 +232,7 @@ def permute_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_pass(out, [src])
 
 
-@register_rule(aten.transpose, aten.transpose_copy, aten.t, aten.numpy_T, aten.swapaxes)
+@register_rule(aten.transpose, aten.transpose_copy, aten.t, aten.numpy_T, aten.swapaxes, aten.swapdims)
 def transpose_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src, out = ctx.ref(node.args[0]), ctx.out(node)
     rank = ctx.rank(src)
@@ -233,9 +274,7 @@ def expand_rule(ctx: AnalysisContext, node: fx.Node) -> None:
             ctx.fresh(out, ro - k)
     sizes = node.args[1]
     if isinstance(sizes, (list, tuple)):  # expand_as takes a tensor: its shape follows by itself
-        for i, s in enumerate(sizes):
-            if isinstance(s, int) and s != -1:
-                ctx.size_arg(node, ArgPath("args", 1, i), out, i)
+        ctx.shape_args(node, ArgPath("args", 1), sizes, out)
     ctx.zero_pass(out, [src])
 
 
@@ -272,10 +311,17 @@ def repeat_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ri, ro = ctx.rank(src), ctx.rank(out)
     for k in range(1, ro + 1):
         r = repeats[ro - k]
+        in_atoms = ctx.d(src)[ri - k] if k <= ri else []
+        if isinstance(r, fx.Node):  # a dynamic count (DeBERTa: q.size(0) // heads)
+            size_in = ctx.shape(src)[ri - k] if k <= ri else 1
+            rep = ctx.store.new(sympy.simplify(sympy.sympify(ctx.shape(out)[ro - k]) / sympy.sympify(size_in)))
+            ctx.store.tag([rep], Tag.BROADCAST)
+            ctx.store.unify_prod(ctx.d(out)[ro - k], [rep, *in_atoms])
+            ctx.symbolic_size(node, ArgPath("args", 1, ro - k), r, [rep])
+            continue
         if not isinstance(r, int):
             ctx.freeze_dim(out, ro - k, "symbolic repeat")
             continue
-        in_atoms = ctx.d(src)[ri - k] if k <= ri else []
         if r == 1:
             if k <= ri:
                 ctx.tie(src, ri - k, out, ro - k)
@@ -314,10 +360,118 @@ def repeat_interleave_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_pass(out, [src])
 
 
+@register_rule(aten.view_as_complex)
+def view_as_complex_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """[..., n, 2] real -> [..., n] complex (complex RoPE): the (re, im) pair dim is one unit."""
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    ctx.freeze_dim(src, rank - 1, f"real and imaginary parts at {node.name}")
+    for i in range(rank - 1):
+        ctx.tie(src, i, out, i)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.view_as_real)
+def view_as_real_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """[..., n] complex -> [..., n, 2] real; ``.flatten(-2)`` then makes each complex unit a pair
+    of adjacent reals, so a RoPE frequency removes both of its rotated coordinates."""
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    for i in range(rank):
+        ctx.tie(src, i, out, i)
+    ctx.fresh(out, rank)
+    ctx.freeze_dim(out, rank, f"real and imaginary parts at {node.name}")
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.pixel_shuffle, aten.pixel_unshuffle)
+def pixel_shuffle_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """pixel_shuffle: [*, C*r*r, H, W] -> [*, C, H*r, W*r]; unshuffle is the inverse.
+
+    The channel dim is the product (C, r, r) row-major; the two r factors become sub-pixel
+    positions, so they are frozen and C is what prunes (r*r input channels per unit).
+    """
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    r = int(node.args[1])
+    rank = ctx.rank(src)
+    c = rank - 3
+    for i in range(c):
+        ctx.tie(src, i, out, i)
+    shuffle = node.target.overloadpacket is aten.pixel_shuffle
+    packed, plain = (src, out) if shuffle else (out, src)
+    phases = [ctx.store.new(r, frozen=f"sub-pixel position at {node.name}") for _ in range(2)] if r > 1 else []
+    ctx.store.unify_prod(ctx.d(packed)[c], [*ctx.d(plain)[c], *phases])
+    for t in (src, out):
+        for i in (c + 1, c + 2):
+            ctx.freeze_dim(t, i, f"spatial position at {node.name}")
+    if not shuffle:
+        ctx.fresh(out, c)
+    ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.glu)
+def glu_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """glu(x, dim) = a * sigmoid(b) with [a | b] the two halves of dim: both halves are the output's space."""
+    src, out = ctx.ref(node.args[0]), ctx.out(node)
+    rank = ctx.rank(src)
+    dim = norm_dim(arg(node, 1, "dim", -1), rank)
+    for i in range(rank):
+        if i != dim:
+            ctx.tie(src, i, out, i)
+    n = int_size(ctx, src, dim)
+    if n is None or n % 2:
+        ctx.freeze_dim(src, dim, f"glu of a dynamic or odd dim at {node.name}")
+        ctx.freeze_dim(out, dim, f"glu of a dynamic or odd dim at {node.name}")
+    else:
+        for lo in (0, n // 2):
+            parts = ctx.store.carve(ctx.d(src)[dim], lo, lo + n // 2)
+            if parts is None:
+                ctx.freeze_dim(out, dim, f"glu at {node.name} cuts across atoms")
+                break
+            ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)])
+    ctx.zero_pass(out, [src])
+
+
 # ------------------------------------------------------------------------------------------
 # Offsets: slice, select, cat, split, stack, pad
 # ------------------------------------------------------------------------------------------
 _INT_MAX = 2**62
+
+
+def _slice_into(ctx: AnalysisContext, node: fx.Node, base: TRef, part: TRef, dim: int, start: Any, end: Any,
+                step: Any, start_path: ArgPath, end_path: ArgPath) -> None:
+    """``part`` is base[start:end:step] along ``dim`` (every other dim is shared): carve and tie."""
+    rank = ctx.rank(base)
+    for i in range(rank):
+        if i != dim:
+            ctx.tie(base, i, part, i)
+    n = int_size(ctx, base, dim)
+    if n is None or not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
+        ctx.freeze_dim(base, dim, f"dynamic slice at {node.name}")
+        ctx.freeze_dim(part, dim, f"dynamic slice at {node.name}")
+        return
+    lo, hi, step = slice(start, end, step).indices(n)
+    if step != 1:
+        ctx.freeze_dim(base, dim, f"strided slice at {node.name}")
+        ctx.freeze_dim(part, dim, f"strided slice at {node.name}")
+        return
+    if lo == 0 and hi == n:
+        ctx.tie(base, dim, part, dim)
+        return
+    parts = ctx.store.carve(ctx.d(base)[dim], lo, hi)
+    if parts is None:
+        ctx.freeze_dim(part, dim, f"slice at {node.name} cuts across atoms")
+        return
+    if hi > lo:
+        ctx.store.unify_prod(ctx.d(part)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
+    if start is not None and lo != 0:
+        ctx.offset_arg(node, start_path, base, dim, lo)
+    if end is not None and hi != n:
+        ctx.offset_arg(node, end_path, base, dim, hi)
+
+
+def _arg_path(node: fx.Node, i: int, name: str) -> ArgPath:
+    return ArgPath("args", i) if len(node.args) > i else ArgPath("kwargs", name)
 
 
 @register_rule(aten.slice, aten.slice_copy)
@@ -328,32 +482,17 @@ def slice_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     start = arg(node, 2, "start", None)
     end = arg(node, 3, "end", None)
     step = arg(node, 4, "step", 1)
+    ctx.zero_pass(out, [src])
+    n = int_size(ctx, src, dim)
+    static = n is not None and all(isinstance(v, (int, type(None))) for v in (start, end, step))
+    if not static or step == 1:
+        _slice_into(ctx, node, src, out, dim, start, end, step, ArgPath("args", 2), ArgPath("args", 3))
+        return
     for i in range(rank):
         if i != dim:
             ctx.tie(src, i, out, i)
-    ctx.zero_pass(out, [src])
-    n = int_size(ctx, src, dim)
-    if n is None or not all(isinstance(v, (int, type(None))) for v in (start, end, step)):
-        ctx.freeze_dim(src, dim, f"dynamic slice at {node.name}")
-        ctx.freeze_dim(out, dim, f"dynamic slice at {node.name}")
-        return
-    lo, hi, step = slice(start, end, step).indices(n)
-    if step == 1 and lo == 0 and hi == n:
-        ctx.tie(src, dim, out, dim)
-        return
-    if step == 1:
-        parts = ctx.store.carve(ctx.d(src)[dim], lo, hi)
-        if parts is None:
-            ctx.freeze_dim(out, dim, f"slice at {node.name} cuts across atoms")
-            return
-        if hi > lo:
-            ctx.store.unify_prod(ctx.d(out)[dim], [ctx.store.make("sum", parts)] if len(parts) > 1 else parts)
-        if start is not None and lo != 0:
-            ctx.offset_arg(node, ArgPath("args", 2), src, dim, lo)
-        if end is not None and hi != n:
-            ctx.offset_arg(node, ArgPath("args", 3), src, dim, hi)
-        return
     # strided slice: [n] = [n/step, step]; selecting one phase of the inner atom
+    lo, hi, step = slice(start, end, step).indices(n)
     count = len(range(lo, hi, step))
     if n % step == 0 and lo < step and count == n // step:
         outer, phase = ctx.store.new(n // step), ctx.store.new(step)
@@ -404,6 +543,30 @@ def select_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     for j, i in enumerate(rest):
         ctx.tie(src, i, out, j)
     ctx.zero_pass(out, [src])
+
+
+@register_rule(aten.slice_scatter)
+def slice_scatter_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """slice_scatter(self, src, dim, start, end, step): self with a slice replaced by src (what
+    functionalisation makes of ``x[..., a:b].copy_(src)``)."""
+    base, src, out = ctx.ref(node.args[0]), ctx.ref(node.args[1]), ctx.out(node)
+    dim = norm_dim(arg(node, 2, "dim", 0), ctx.rank(base))
+    ctx.tie_all(out, base)
+    _slice_into(ctx, node, base, src, dim, arg(node, 3, "start"), arg(node, 4, "end"), arg(node, 5, "step", 1),
+                _arg_path(node, 3, "start"), _arg_path(node, 4, "end"))
+    ctx.zero_pass(out, [base, src])
+
+
+@register_rule(aten.select_scatter)
+def select_scatter_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    base, src, out = ctx.ref(node.args[0]), ctx.ref(node.args[1]), ctx.out(node)
+    rank = ctx.rank(base)
+    dim = norm_dim(node.args[2], rank)
+    ctx.tie_all(out, base)
+    ctx.freeze_dim(base, dim, f"select of one position at {node.name}")
+    for j, i in enumerate(i for i in range(rank) if i != dim):
+        ctx.tie(base, i, src, j)
+    ctx.zero_pass(out, [base, src])
 
 
 @register_rule(aten.unbind, aten.unbind_copy)
@@ -546,6 +709,7 @@ def _attention_tags(ctx: AnalysisContext, a: TRef, b: TRef, a_dims: Sequence[int
     """An activation x activation matmul is attention: its batch dims are heads."""
     if _trace_to_param(ctx, a) or _trace_to_param(ctx, b):
         return
+    ctx.attention_values.append(b)
     if len(a_dims) >= 1:
         ctx.tag(a, a_dims[-1], Tag.HEADS)
     ctx.tag(a, contract_dim, Tag.HEAD_DIM)
@@ -617,15 +781,52 @@ def addmm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     _matmul_dims(ctx, a, b, ctx.out(node), bias if beta != 0 else None, node.name)
 
 
+@register_rule(aten.outer, aten.ger)
+def outer_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """outer(a, b)[i, j] = a[i] * b[j] (RoPE's frequencies from ``inv_freq``)."""
+    a, b, out = ctx.ref(node.args[0]), ctx.ref(node.args[1]), ctx.out(node)
+    ctx.tie(a, 0, out, 0)
+    ctx.tie(b, 0, out, 1)
+    ctx.zero_contract(out, [a, b])
+
+
+_ELLIPSIS_LETTERS = [chr(0x3B1 + k) for k in range(24)]  # stand-ins for the dims "..." covers
+
+
+def einsum_specs(eq: str, ranks: Sequence[int]) -> tuple[list[str], str] | None:
+    """Operand and output index strings of an einsum equation with "..." and an implicit output
+    expanded (``"...ij,...jk"`` -> ``["αij", "αjk"], "αik"``); None when it does not parse."""
+    eq = eq.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    specs = lhs.split(",")
+    if len(specs) != len(ranks):
+        return None
+    n_ell = [r - (len(sp) - 3) if "..." in sp else 0 for sp, r in zip(specs, ranks)]
+    width = max(n_ell, default=0)
+    if width > len(_ELLIPSIS_LETTERS) or min(n_ell, default=0) < 0:
+        return None
+    ell = "".join(_ELLIPSIS_LETTERS[:width])
+    specs = [sp.replace("...", ell[width - k:]) for sp, k in zip(specs, n_ell)]
+    if any(len(sp) != r for sp, r in zip(specs, ranks)):
+        return None
+    if arrow:
+        rhs = rhs.replace("...", ell)
+    else:  # implicit output: the broadcast dims, then the letters used once, sorted
+        counts = collections.Counter("".join(specs))
+        rhs = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
+    return specs, rhs
+
+
 @register_rule(aten.einsum)
 def einsum_rule(ctx: AnalysisContext, node: fx.Node) -> None:
-    eq = node.args[0].replace(" ", "")
+    """einsum: equal letters are one space (a letter repeated in one operand ties its two dims, a
+    diagonal); letters missing from the output are contracted.  "..." broadcasts right-aligned."""
     operands = [ctx.ref(t) for t in node.args[1]]
-    if "..." in eq or "->" not in eq:
-        ctx.unsupported_op(node, "einsum with ellipsis or implicit output")
+    parsed = einsum_specs(node.args[0], [ctx.rank(r) for r in operands]) if None not in operands else None
+    if parsed is None:
+        ctx.unsupported_op(node, f"einsum equation {node.args[0]!r} does not parse")
         return
-    lhs, rhs = eq.split("->")
-    specs = lhs.split(",")
+    specs, rhs = parsed
     out = ctx.out(node)
     first: dict[str, tuple[TRef, int]] = {}
     for ref, spec in zip(operands, specs):
@@ -639,6 +840,8 @@ def einsum_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     for j, letter in enumerate(rhs):
         if letter in first:
             ctx.tie(first[letter][0], first[letter][1], out, j)
+        else:
+            ctx.fresh(out, j)
     for letter, (ref, i) in first.items():
         if letter not in rhs:
             ctx.contraction(ref, i, operands, f"einsum at {node.name}")
@@ -732,6 +935,7 @@ def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     out = outs[0]
     rq, rk = ctx.rank(q), ctx.rank(k)
     ctx.attention_nodes.append(node.name)
+    ctx.attention_values.append(v)
     # leading batch dims
     for i in range(rq - 3):
         for t in (k, v):
@@ -777,6 +981,23 @@ def sdpa_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 # ------------------------------------------------------------------------------------------
 # Normalisations
 # ------------------------------------------------------------------------------------------
+@register_rule(aten._weight_norm, aten._weight_norm_interface)
+def weight_norm_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """w = g * v / ||v|| with the norm over every dim but ``dim``: a norm over those dims (inexact),
+    and never zero (a zeroed slice of v gives 0/0)."""
+    v, g = ctx.ref(node.args[0]), ctx.ref(node.args[1])
+    rank = ctx.rank(v)
+    dim = norm_dim(arg(node, 2, "dim", 0), rank)
+    outs = ctx.output_refs(node)
+    ctx.broadcast(outs[0], [v, g])
+    for i in range(rank):
+        if i != dim:
+            ctx.inexact(v, i, f"weight norm over this dim at {node.name}")
+    for out in outs[1:]:
+        ctx.broadcast(out, [g])
+    for out in outs:
+        ctx.zero_never(out)
+
 def _affine_norm(ctx: AnalysisContext, node: fx.Node, out: TRef, x: TRef, w: TRef | None, b: TRef | None,
                  norm_dims: Sequence[int], shape_arg: int | None) -> None:
     ctx.tie_all(out, x)
@@ -1040,7 +1261,7 @@ def _reduce(ctx: AnalysisContext, node: fx.Node, src: TRef, dims: Sequence[int] 
 
 
 _REDUCTIONS = {
-    aten.sum: "sum", aten.nansum: "sum", aten.mean: "mean", aten.var: "mean", aten.std: "mean",
+    aten.sum: "sum", aten.nansum: "sum", aten.mean: "mean", aten.nanmean: "mean", aten.var: "mean", aten.std: "mean",
     aten.var_mean: "mean", aten.std_mean: "mean", aten.amax: "inexact", aten.amin: "inexact",
     aten.logsumexp: "inexact", aten.norm: "inexact", aten.linalg_vector_norm: "inexact",
     aten.prod: "inexact", aten.any: "inexact", aten.all: "inexact", aten.max: "inexact",
@@ -1099,7 +1320,7 @@ def diff_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     ctx.zero_never(out)
 
 
-@register_rule(aten.cumsum, aten.cumprod, aten.cummax, aten.logcumsumexp)
+@register_rule(aten.cumsum, aten.cumprod, aten.cummax, aten.cummin, aten.logcumsumexp)
 def cumulative_rule(ctx: AnalysisContext, node: fx.Node) -> None:
     src = ctx.ref(node.args[0])
     dim = norm_dim(node.args[1], ctx.rank(src))
@@ -1135,35 +1356,66 @@ def topk_rule(ctx: AnalysisContext, node: fx.Node) -> None:
 # ------------------------------------------------------------------------------------------
 # Sources and spatial ops
 # ------------------------------------------------------------------------------------------
+_SIZED_SOURCES = {  # factories whose values do not depend on the position: packet -> size arg
+    aten.zeros: 0, aten.ones: 0, aten.full: 0, aten.empty: 0,
+    aten.new_zeros: 1, aten.new_ones: 1, aten.new_full: 1, aten.new_empty: 1,
+}
+
+
 @register_rule(aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.new_zeros, aten.new_ones,
                aten.new_full, aten.new_empty, aten.scalar_tensor, aten.rand, aten.randn, aten.linspace,
                aten.eye, aten.empty_strided, aten.new_empty_strided, aten.randint)
 def source_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """A factory: fresh spaces.  Constant-valued ones get their size list recomputed; the rest
+    (``arange`` feeding RoPE) are index-selected along pruned dims by the rewrite."""
     for out in ctx.output_refs(node):
         ctx.fresh(out)
         ctx.zero_never(out)
-    ctx.sources.add(node.name)
+    pos = _SIZED_SOURCES.get(node.target.overloadpacket)
+    sizes = node.args[pos] if pos is not None and len(node.args) > pos else None
+    if isinstance(sizes, (list, tuple)):
+        ctx.shape_args(node, ArgPath("args", pos), sizes, ctx.out(node))
+    else:
+        ctx.sources.add(node.name)
 
 
-@register_rule(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.max_pool1d, aten.max_pool2d,
-               aten.max_pool3d, aten.max_pool2d_with_indices, aten.adaptive_avg_pool1d,
-               aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d,
-               aten.upsample_nearest2d, aten.upsample_bilinear2d, aten._adaptive_avg_pool3d,
-               aten.adaptive_avg_pool3d)
+_SPATIAL_OPS = [
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "lp_pool1d", "lp_pool2d", "lp_pool3d", "upsample_nearest1d", "upsample_nearest2d",
+    "upsample_nearest3d", "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+    "upsample_trilinear3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
+]
+
+
+def _spatial_rank(op: Any) -> int:
+    """How many trailing dims a pooling/upsampling op treats as positions: its name says (1d/2d/3d)."""
+    name = op.overloadpacket.__name__
+    for k in (1, 2, 3):
+        if f"{k}d" in name:
+            return k
+    return 2
+
+
+@register_rule(*(getattr(aten, n) for n in _SPATIAL_OPS if hasattr(aten, n)))
 def spatial_rule(ctx: AnalysisContext, node: fx.Node) -> None:
+    """Pooling/upsampling: the trailing 1/2/3 dims (per the op) are positions, the rest (batch,
+    channels) pass through.  A 1-D pool of (N, C, L) freezes only L."""
     src = ctx.ref(node.args[0])
     rank = ctx.rank(src)
-    outs = ctx.output_refs(node)
-    for i in range(rank - 2, rank):
+    k = min(_spatial_rank(node.target), rank)
+    for i in range(rank - k, rank):
         ctx.freeze_dim(src, i, f"spatial position at {node.name}")
-    for k, out in enumerate(outs):
+    for n, out in enumerate(ctx.output_refs(node)):
         ro = ctx.rank(out)
-        lead = ro - 2 if ro == rank else ro - 1
-        for i in range(min(lead, rank - 2)):
+        for i in range(min(rank, ro) - k):
             ctx.tie(src, i, out, i)
-        for i in range(lead, ro):
+        for i in range(max(ro - k, 0), ro):
             ctx.freeze_dim(out, i, f"spatial position at {node.name}")
-        if k == 0:
+        if n == 0:
             ctx.zero_pass(out, [src])
         else:
             ctx.zero_never(out)

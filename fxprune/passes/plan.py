@@ -50,7 +50,22 @@ DEFAULT_KINDS: dict[str, bool] = {
 }
 """Which group kinds are pruned when ``kinds`` does not mention them (unknown kinds: not pruned)."""
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "cost")
+
+COST_KINDS: dict[str, bool] = {
+    "channels": True,
+    "heads": True,
+    "kv_heads": True,
+    "head_dim": False,
+    "head_repeat": True,
+    "hidden": True,
+}
+"""Kinds the ``cost`` allocation searches by default: every width kind whose removal the user's own
+module class can express (the costs decide between them).  ``head_dim`` stays opt-in
+(``kinds={"head_dim": True}``): costs rank it fine, but an HF attention module keeps one
+``head_dim`` for q/k and v, so a plan that prunes them differently comes back as the rewritten
+graph rather than the user's class.  A criterion may also name kinds it cannot cost
+(``Scores.uncosted_kinds``), which then stay opt-in."""
 
 
 def _groups_of(groups: Any) -> list[Group]:
@@ -465,10 +480,18 @@ def _top_up(searched: Sequence[_Candidate], counts: dict[int, int], removed: Any
 def _global(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter,
             target: float) -> tuple[dict[int, int], dict[str, Any]]:
     """Rank every chunk of units of every searched group by score; take the cheapest prefix."""
+    counts, k, threshold = _prefix(cands, fixed, counter, target, {c.index: c.chunk_scores() for c in cands})
+    return counts, {"score_threshold": threshold}
+
+
+def _prefix(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter, target: float,
+            values: Mapping[int, np.ndarray]) -> tuple[dict[int, int], int, float | None]:
+    """Sort every chunk of every searched group by ``values[c.index]`` (one per chunk) and take the
+    longest prefix that fits the target (exact accounting).  Returns (counts, k, last value)."""
     searched = [c for c in cands if c.fixed is None]
-    # one row per chunk: (score, candidate index, chunk number); a group's chunk scores are made
+    # one row per chunk: (value, candidate index, chunk number); a group's chunk values are made
     # non-decreasing so that sorting keeps each group's chunks in order (a prefix is a plan)
-    chunk_score = np.concatenate([np.maximum.accumulate(c.chunk_scores()) for c in searched])
+    chunk_score = np.concatenate([np.maximum.accumulate(values[c.index]) for c in searched])
     chunk_group = np.concatenate([np.full(len(c.steps) - 1, c.index) for c in searched])
     chunk_num = np.concatenate([np.arange(len(c.steps) - 1) for c in searched])
     order = np.lexsort((chunk_num, chunk_group, chunk_score))
@@ -489,10 +512,58 @@ def _global(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounte
     k = _largest_within(len(chunk_group), removed_at, target)
     k = _closer(removed_at, k, len(chunk_group), target)
     threshold = float(chunk_score[k - 1]) if k else None
-    return counts_at(k), {"score_threshold": threshold}
+    return counts_at(k), k, threshold
 
 
-_STRATEGIES = {"uniform": _uniform, "global": _global}
+def _chunk_costs(c: _Candidate) -> np.ndarray:
+    """Summed cost of the units each chunk (step j -> j+1) removes."""
+    cum = np.concatenate([[0.0], np.cumsum(c.scores[c.order])])
+    steps = np.asarray(c.steps)
+    return cum[steps[1:]] - cum[steps[:-1]]
+
+
+def _unit_params(c: _Candidate, counter: ParamCounter) -> float:
+    """Parameters one unit of ``c`` removes in isolation."""
+    return float(sum(counter.numel[m.name] // m.dim_size * m.unit_width
+                     for m in c.group.params if m.name in counter.numel)) or 1.0
+
+
+def _cost(cands: list[_Candidate], fixed: dict[int, int], counter: ParamCounter,
+          target: float) -> tuple[dict[int, int], dict[str, Any]]:
+    """Take the chunks with the lowest cost per removed parameter, across every group and kind.
+
+    Scores are removal costs (``Scores.raw`` of a curvature criterion: per-token loss increase).
+    A chunk's parameters are first counted in isolation; since groups share tensors (hidden with
+    every layer, heads with head_dim), the per-unit parameter counts are then re-measured at the
+    plan found (the exact marginal saving of one more step of each group, all others applied)
+    and the ranking is redone, twice.
+    """
+    removed = _removed_fn(cands, counter)
+    per_unit = {c.index: _unit_params(c, counter) for c in cands}
+    counts: dict[int, int] = dict(fixed)
+    threshold = None
+    rounds = 0
+    for rounds in range(1, 4):
+        values = {c.index: _chunk_costs(c) / (np.diff(np.asarray(c.steps)) * per_unit[c.index]) for c in cands}
+        new, _, threshold = _prefix(cands, fixed, counter, target, values)
+        if new == counts and rounds > 1:
+            break
+        counts = new
+        if rounds == 3:
+            break
+        base = removed(counts)
+        for c in cands:
+            if c.fixed is not None:
+                continue
+            j = c.steps.index(counts.get(c.index, 0))
+            if j + 1 < len(c.steps):
+                step = c.steps[j + 1] - c.steps[j]
+                more = removed({**counts, c.index: c.steps[j + 1]}) - base
+                per_unit[c.index] = max(more / step, 1.0)
+    return counts, {"cost_per_param_threshold": threshold, "cost_rounds": rounds}
+
+
+_STRATEGIES = {"uniform": _uniform, "global": _global, "cost": _cost}
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,8 +599,11 @@ def make_plan(
             from the model the Analysis was traced from).
         allocation: ``"uniform"`` (the same fraction of every searched group, like LLM-Pruner;
             bisected to hit the target, then at most one extra rounding step per group, given to
-            the groups whose next units score lowest) or ``"global"`` (the lowest-scoring units
-            anywhere, in chunks of ``round_to``, until the target).
+            the groups whose next units score lowest), ``"global"`` (the lowest-scoring units
+            anywhere, in chunks of ``round_to``, until the target) or ``"cost"`` (the chunks with
+            the lowest *removal cost per removed parameter* anywhere, on the raw costs of a
+            curvature criterion (``Scores.raw``), searching every width kind by default, see
+            :data:`COST_KINDS`; ``kinds`` still overrides).
         max_group_ratio: never remove more than this fraction of any group.
         keep_blocks_first / keep_blocks_last: leave groups in the first / last N blocks of each
             block family (e.g. ``model.layers.<i>``, ordered by ``i``) untouched.
@@ -555,6 +629,9 @@ def make_plan(
             missing or malformed scores, numel inconsistent with the groups.
     """
     _check_args(ratio, allocation, max_group_ratio, kinds)
+    kind_notes: dict[str, str] = {}
+    if allocation == "cost":
+        scores, kinds, kind_notes = _cost_inputs(scores, kinds)
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     source = groups
     groups = _groups_of(groups)
@@ -587,7 +664,45 @@ def make_plan(
         counts, details = _STRATEGIES[allocation](cands, fixed, counter, target)
     plan = _plan_from_counts(cands, counts)
     info = _info(plan, groups, cands, skipped, counter, ratio, target, allocation, details)
+    info["by_kind"] = by_kind(plan, groups, counter, getattr(scores, "raw", scores), kind_notes)
     return Plan.of(groups, plan, info)
+
+
+def _cost_inputs(scores: Any, kinds: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """Raw costs and the kinds the ``cost`` allocation searches (``COST_KINDS`` under ``kinds``)."""
+    notes: dict[str, str] = {}
+    merged = dict(COST_KINDS)
+    for kind, why in dict(getattr(scores, "uncosted_kinds", {}) or {}).items():
+        merged[kind] = False
+        notes[kind] = f"not searched by default: {why}"
+    merged.update(kinds or {})
+    if not getattr(scores, "is_cost", False):
+        warnings.warn("allocation='cost' ranks raw scores as removal costs; this criterion's scores are "
+                      "not curvature costs (use importance='surgeon' or 'obs')", stacklevel=4)
+    return getattr(scores, "raw", scores), merged, notes
+
+
+def by_kind(plan: Mapping[str, Sequence[int]], groups: Sequence[Group], counter: ParamCounter,
+            costs: Mapping[str, np.ndarray], notes: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """What the plan removes per kind: groups, units, parameters (exact, marginal to the other
+    kinds) and the summed cost (raw scores) of the removed units, with the cost per parameter."""
+    kinds: dict[str, list[str]] = {}
+    for g in groups:
+        kinds.setdefault(g.kind, []).append(g.id)
+    total = counter.removed(plan)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, ids in kinds.items():
+        mine = {gid: plan[gid] for gid in ids if gid in plan}
+        rest = {gid: u for gid, u in plan.items() if gid not in mine}
+        params = total - counter.removed(rest) if mine else 0
+        cost = float(sum(np.asarray(costs[gid], dtype=np.float64)[list(u)].sum() for gid, u in mine.items() if gid in costs))
+        entry: dict[str, Any] = {"groups": len(mine), "of_groups": len(ids),
+                                 "units": int(sum(len(u) for u in mine.values())), "params": int(params),
+                                 "cost": cost, "cost_per_param": cost / params if params else None}
+        if notes and kind in notes:
+            entry["why"] = notes[kind]
+        out[kind] = entry
+    return out
 
 
 def _max_step_params(cands: Sequence[_Candidate], counter: ParamCounter) -> int:

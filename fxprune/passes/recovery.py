@@ -44,7 +44,7 @@ from fxprune.util.hf import is_linear_like as _is_linear_like
 from fxprune.util.modules import resolve_device as _resolve_device
 from fxprune.util.outputs import tensor_leaves
 
-__all__ = ["RecoveryResult", "RecoveryError", "recover", "default_target_modules"]
+__all__ = ["RecoveryResult", "RecoveryError", "recover", "default_target_modules", "shot_lora"]
 
 METHODS = ("lora", "distill", "lora+distill")
 
@@ -799,3 +799,17 @@ def _wrap_lora(
     except ValueError as exc:
         raise RecoveryError(f"peft could not attach LoRA adapters: {exc}") from exc
     return peft_model, targets
+
+
+def shot_lora(model: nn.Module, batches: Sequence[Any], steps: int, *, seed: int = 0,
+              device: str | torch.device = "auto") -> RecoveryResult:
+    """The LLM Surgeon's interleaved LoRA between shots: rank 8, lr 1e-4, ``steps`` optimizer
+    steps on the (ready) calibration batches, merged into plain weights.
+
+    ``model`` is the pruned model of a shot, already sliced, so the adapters are sized to the
+    surviving rows and columns and cannot revive removed structures (the paper masks LoRA's A
+    columns and B rows where the base weight was pruned; here those rows and columns do not exist).
+    """
+    return recover(model, list(batches), method="lora", max_steps=int(steps), lr=1e-4, lora_r=8, lora_alpha=16,
+                   lora_dropout=0.0, batch_size=1, eval_fraction=0.0, seed=seed, progress=False, device=device,
+                   warmup_ratio=0.0)

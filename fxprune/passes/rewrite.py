@@ -258,6 +258,15 @@ def _set_sliced(root: torch.nn.Module, fqn: str, value: torch.Tensor, dims: Mapp
     set_tensor(root, fqn, new)
 
 
+def added_dims(fqn: str, shapes: Mapping) -> dict[int, np.ndarray]:
+    """How a tensor an update added is sliced: a linear's new bias follows its weight's rows."""
+    if fqn in shapes:
+        return shapes[fqn]
+    mod_path, _, attr = fqn.rpartition(".")
+    weight = shapes.get(f"{mod_path}.weight" if mod_path else "weight", {})
+    return {0: weight[0]} if attr == "bias" and 0 in weight else {}
+
+
 def _add_tensors_to_graph(gm: fx.GraphModule, weights: WeightUpdate, analysis: Any, shapes: Mapping) -> None:
     """Tensors an update adds (a compensating bias) enter the graph through the op that uses them.
 
@@ -276,7 +285,7 @@ def _add_tensors_to_graph(gm: fx.GraphModule, weights: WeightUpdate, analysis: A
         node = by_weight.get(f"{mod_path}.weight" if mod_path else "weight")
         if node is None or (len(node.args) > 2 and node.args[2] is not None):
             raise VerificationError(f"the update added {fqn!r} but no bias-free linear reads {mod_path}.weight")
-        dims = shapes.get(fqn, {})
+        dims = added_dims(fqn, shapes)
         name = fqn.replace(".", "_") + "_fxprune_added"
         gm.register_parameter(name, torch.nn.Parameter(_slice_tensor(value.detach(), dims) if dims else value.detach()))
         with gm.graph.inserting_before(node):
@@ -409,7 +418,10 @@ def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: R
     new_model = copy.deepcopy(model)
     if weights is not None and not weights.is_identity:
         weights.apply_to(new_model)
-    apply_shapes_to_module(new_model, new_tensor_shapes(analysis, plan.removed_by_class), analysis.graph.aliases)
+    shapes = new_tensor_shapes(analysis, plan.removed_by_class)
+    if weights is not None:  # tensors an update added are sliced like the tensors they sit beside
+        shapes = {**shapes, **{f: d for f in weights.added if (d := added_dims(f, shapes))}}
+    apply_shapes_to_module(new_model, shapes, analysis.graph.aliases)
     changes, problems, conflicts = _fix_int_attributes(new_model, analysis, program)
     return ModuleRewrite(new_model, changes, problems, False, conflicts)
 
@@ -434,6 +446,9 @@ def _fix_int_attributes(model: torch.nn.Module, analysis: Any, program: Rewritte
             news = {kept_size(lay, program.removed) for lay in splits.values()}
             if len(news) == 1:  # still an even split: its split_size follows the module attr
                 all_constants.append((mod_path, node.args[1], news.pop()))
+        elif splits and node.target in (aten.split_with_sizes.default, aten.split_with_sizes_copy.default):
+            for lay in splits.values():  # each size follows a module attr (MLA's [nope, rope])
+                all_constants.append((mod_path, layout_size(lay), kept_size(lay, program.removed)))
         for path, lay in entries.items():
             if lay is None or path.where == "split":
                 continue

@@ -15,6 +15,14 @@ A rule is a function ``rule(ctx, node)`` registered for ATen overloads or packet
   how zeros on removed units flow through the op (this decides whether a group is *exact*);
 * **contractions / inexact** (``ctx.contraction``, ``ctx.inexact``): a reduction over a space.
 
+**In-place ops** need no rules of their own: ``find_rule`` routes ``add_``/``masked_fill_``/
+``index_put_``... to the rule of their functional form (the rule sees the functional op as the
+node's target), and the analysis records, from the op schemas, which outputs are views of which
+inputs and which inputs an op writes (:func:`alias_effects`).  Ties need nothing more: a view's
+dims *are* its base's atoms, so a write through a view ties the written values to the base.  The
+zero dataflow uses the writes: after one, the base and every view of it are zero on a class only
+where they were before *and* the written values are (see ``analysis._zero_dataflow``).
+
 **A rule's duties**, checked after every rule by the analysis: every output dim of size > 1 is
 tied, frozen or declared fresh, and every output has a zero spec.  A rule that forgets either
 leaves the space frozen (never guessed at) and is reported in ``Analysis.rule_defects``.
@@ -39,7 +47,8 @@ from fxprune.types import ArgPath, Tag, TensorRef, ZeroKind
 
 __all__ = [
     "RULES", "Rule", "register_rule", "find_rule", "AnalysisContext", "ZeroSpec", "NeedsZero",
-    "arg", "flat_args", "is_one", "norm_dim", "tensor_inputs", "int_size", "site_of",
+    "arg", "flat_args", "is_one", "norm_dim", "tensor_inputs", "int_size", "site_of", "alias_effects",
+    "functional_of",
 ]
 
 Rule = Callable[["AnalysisContext", fx.Node], None]
@@ -59,7 +68,105 @@ def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
 
 
 def find_rule(target: Any) -> Rule | None:
-    """The rule for an op: its overload, else its packet, else by name, else the pointwise tag."""
+    """The rule for an op: its overload, else its packet, else by name, else the pointwise tag;
+    an in-place op without a rule of its own gets its functional form's rule."""
+    rule = _direct_rule(target)
+    if rule is not None:
+        return rule
+    functional = functional_of(target)
+    if functional is None:
+        return None
+    inner = _direct_rule(functional)
+    if inner is None:
+        return None
+    return _as_functional(inner, functional)
+
+
+def functional_of(target: Any) -> Any:
+    """The functional overload of an in-place ATen op (``add_.Tensor`` -> ``add.Tensor``), or None."""
+    packet = getattr(target, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if not name.endswith("_") or name.startswith("__") or not _writes_self(target):
+        return None
+    func_packet = getattr(torch.ops.aten, name[:-1], None)
+    if func_packet is None:
+        return None
+    overload = getattr(func_packet, target._overloadname, None)
+    if overload is None and target._overloadname != "default":
+        overload = getattr(func_packet, "default", None)
+    return overload
+
+
+def _writes_self(target: Any) -> bool:
+    schema = getattr(target, "_schema", None)
+    args = getattr(schema, "arguments", ())
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+
+
+class _FunctionalView:
+    """A node seen through its functional op: every attribute is the node's except ``target``."""
+
+    __slots__ = ("_node", "target")
+
+    def __init__(self, node: fx.Node, target: Any) -> None:
+        self._node = node
+        self.target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node, name)
+
+
+def _as_functional(rule: Rule, functional: Any) -> Rule:
+    def routed(ctx: "AnalysisContext", node: fx.Node) -> None:
+        rule(ctx, _FunctionalView(node, functional))  # type: ignore[arg-type]
+
+    routed.__name__ = rule.__name__
+    routed.__doc__ = rule.__doc__
+    return routed
+
+
+def alias_effects(node: fx.Node, ctx: "AnalysisContext") -> tuple[list[tuple[TensorRef, TensorRef]], list[TensorRef]]:
+    """From an op's schema: (output ref, the input it is a view of) pairs, and the inputs it writes.
+
+    ``slice(x)`` is a view of ``x``; ``copy_(v, src)`` writes ``v`` (and returns it).  Ops whose
+    schema says "may alias" (``reshape``, ``contiguous``) count as views: treating a copy as a view
+    only makes the zero dataflow more careful.
+    """
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return [], []
+    arg_sets: list[tuple[frozenset, TensorRef]] = []
+    writes: list[TensorRef] = []
+    for i, a in enumerate(schema.arguments):
+        info = a.alias_info
+        if info is None:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+        ref = ctx.ref(value) if isinstance(value, fx.Node) else None
+        if ref is None:
+            continue
+        arg_sets.append((frozenset(info.before_set), ref))
+        if info.is_write:
+            writes.append(ref)
+    views: list[tuple[TensorRef, TensorRef]] = []
+    outs = ctx.output_refs(node)
+    for k, ret in enumerate(schema.returns):
+        info = ret.alias_info
+        if info is None:
+            continue
+        base = next((ref for sets, ref in arg_sets if sets & frozenset(info.before_set)), None)
+        if base is None:
+            continue
+        if isinstance(ret.type, torch.ListType):  # split/unbind: every output is a view
+            views.extend((o, base) for o in outs)
+        elif len(schema.returns) == 1 and outs:
+            views.append((outs[0], base))
+        elif k < len(outs):
+            views.append((outs[k], base))
+    return views, writes
+
+
+def _direct_rule(target: Any) -> Rule | None:
     if target in RULES:
         return RULES[target]
     packet = getattr(target, "overloadpacket", None)
@@ -167,12 +274,14 @@ class ZeroSpec:
 
 @dataclasses.dataclass(frozen=True)
 class NeedsZero:
-    """Contraction over (ref, dim): exact only where one of ``operands`` is zero."""
+    """Contraction over (ref, dim): exact only where one of ``operands`` is zero (read when
+    ``node`` runs, before anything later writes into them)."""
 
     ref: TensorRef
     dim: int
     operands: tuple[TensorRef, ...]
     reason: str
+    node: str | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,7 +304,12 @@ class AnalysisContext:
         self.unsupported: list[Unsupported] = []
         self.node_by_name: dict[str, fx.Node] = {n.name: n for n in gm_graph.nodes}
         self.attention_nodes: list[str] = []
+        self.attention_values: list[TensorRef] = []  # the value operands of sdpa and attention matmuls
         self.fresh_atoms: set[int] = set()
+        self.current: str | None = None  # the node whose rule runs
+        self.view_of: dict[TensorRef, TensorRef] = {}  # a view -> the tensor it views
+        self.writes: dict[str, list[TensorRef]] = {}  # node -> the inputs it writes in place
+        self.symbolic_sizes: list[tuple[str, ArgPath, Any, list[int]]] = []  # node, path, size node, atoms
 
     # ---------------------------------------------------------------- tensor access
     def ref(self, a: Any) -> TensorRef | None:
@@ -314,6 +428,25 @@ class AnalysisContext:
         """``node``'s argument at ``path`` equals the size of (ref, dim)."""
         self.size_args[node.name][path] = ("dim", ref, dim)
 
+    def shape_args(self, node: fx.Node, path: ArgPath, sizes: Sequence[Any], ref: TensorRef,
+                   first_dim: int = 0) -> None:
+        """``node``'s argument at ``path`` is a size list for dims ``first_dim...`` of ``ref``.
+
+        Static entries are size arguments; an entry computed from dynamic sizes (``bsz * 4``) is
+        resolved once the classes are known: its static factor becomes a size argument of the
+        node that multiplies it in, or the static spaces of that dim are frozen.
+        """
+        for i, s in enumerate(sizes):
+            sub = ArgPath(path.where, path.key, i)
+            if isinstance(s, int) and s != -1:
+                self.size_arg(node, sub, ref, first_dim + i)
+            elif isinstance(s, fx.Node):
+                self.symbolic_size(node, sub, s, self.d(ref)[first_dim + i])
+
+    def symbolic_size(self, node: fx.Node, path: ArgPath, size: fx.Node, atoms: Sequence[int]) -> None:
+        """``node``'s argument at ``path`` is the dynamic size ``size`` of the product of ``atoms``."""
+        self.symbolic_sizes.append((node.name, path, size, list(atoms)))
+
     def size_arg_atoms(self, node: fx.Node, path: ArgPath, atoms: Sequence[int]) -> None:
         """``node``'s argument at ``path`` equals the product of ``atoms``' sizes."""
         self.size_args[node.name][path] = ("atoms", list(atoms))
@@ -336,7 +469,7 @@ class AnalysisContext:
         self.zero_specs[out] = ZeroSpec("probe", inputs=tuple(inputs))
 
     def contraction(self, ref: TensorRef, dim: int, operands: Sequence[TensorRef], what: str) -> None:
-        self.needs_zero.append(NeedsZero(ref, dim, tuple(operands), what))
+        self.needs_zero.append(NeedsZero(ref, dim, tuple(operands), what, self.current))
 
     # ---------------------------------------------------------------- unknown ops
     def unsupported_op(self, node: fx.Node, why: str = "no rule") -> None:

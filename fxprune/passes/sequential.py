@@ -797,8 +797,9 @@ class _Consumers:
         agg, norm = _lookup(AGGREGATES, aggregate, "aggregate"), _lookup(NORMALIZERS, normalize, "normalize")
         final: Importance = crit if type(crit).group_scores is not Importance.group_scores else _Cached(crit, self.cache)
         ctx = ScoringContext(_collect_targets(self.model, self.groups), n_batches=self.n_batches)
-        by_group = _all_group_scores(self.groups, final, ctx, agg, norm)
-        return Scores(by_group, importance, aggregate, normalize, self.n_batches, self.tokens, self.means, self.counts)
+        by_group, raw = _all_group_scores(self.groups, final, ctx, agg, norm)
+        return Scores(by_group, importance, aggregate, normalize, self.n_batches, self.tokens, self.means, self.counts,
+                      raw, None, {}, crit.costs, dict(crit.uncosted_kinds))
 
     def stats(self) -> Stats | None:
         if self.spec is None or not self.keep_stats:
@@ -1031,6 +1032,13 @@ def _score_requires(model: Any, checkpoint: Any, analysis: Any, *args: Any, **kw
     check(isinstance(checkpoint, Checkpoint), BadInputError, "score_sequential() needs a fxprune.io.Checkpoint")
     check(hasattr(analysis, "groups") and hasattr(analysis, "graph"), BadInputError,
           "score_sequential() needs the Analysis of the skeleton (fxprune.analyze)")
+    spec = kwargs.get("spec")
+    check(spec is None or isinstance(spec, StatSpec), BadInputError,
+          "sequential mode gathers one StatSpec for every layer; per-layer specs ({layer: StatSpec}) are not supported")
+    crit = IMPORTANCE.get(kwargs.get("importance") or "")
+    check(crit is None or not crit.drives_data, BadInputError,
+          f"importance {kwargs.get('importance')!r} runs its own passes over the whole model (curvature); "
+          "sequential mode supports the block-streamed criteria (activation, flap, taylor*, l1, l2, random)")
 
 
 @fxpass("score_sequential", requires=_score_requires)

@@ -9,7 +9,17 @@ For every *linear-like* layer (``nn.Linear``, HF ``Conv1D``, non-grouped ``Conv1
   fluctuation and the means its bias compensation adds back);
 * ``x xᵀ`` (``input_cov``: OBS's ``H``, K-FAC's ``A``; with ``bias_column`` a constant 1 is appended
   for layers with a bias, as K-FAC does);
-* ``g gᵀ`` with ``g = ∂L/∂y`` the gradient at the layer output (``grad_cov``: K-FAC's ``G``).
+* ``g gᵀ`` with ``g = ∂L/∂y`` the gradient at the layer output (``grad_cov``: K-FAC's ``G``);
+* ``(Wᵀg)²`` per input feature (``grad_input_sq``: the diagonal of ``Wᵀ G W``, what a K-FAC
+  *column* cost needs, in ``d_in`` floats instead of ``G``'s ``d_out²``; for layers such as an LM
+  head whose output width is the vocabulary and whose rows are never removed);
+* ``y · g`` per output feature (``output_taylor``, any module whose output's last dim is its
+  feature dim: embeddings, norms): the first-order change of the per-token loss when that output
+  feature is zeroed, the first-order fallback for members that are no linear contraction.
+
+``spec`` is one :class:`StatSpec` for every layer, or a mapping ``{layer: StatSpec}`` (curvature
+criteria ask for ``G`` only where rows can go).  Layers sharing an input slot must agree on the
+input-side fields.
 
 Conv layers contribute per-channel rows to the moments and im2col columns (``C·k·k``, the order of
 ``weight.view(out, -1)``) to ``input_cov``, so a conv kernel position is a column like any other.
@@ -166,10 +176,35 @@ class StatSpec:
     input_cov: bool = False
     grad_cov: bool = False
     bias_column: bool = False
+    grad_input_sq: bool = False
+    output_taylor: bool = False
 
     @property
     def needs_backward(self) -> bool:
-        return self.grad_cov
+        return self.grad_cov or self.grad_input_sq or self.output_taylor
+
+    @property
+    def needs_cov(self) -> bool:
+        return self.input_cov or self.grad_cov or self.grad_input_sq
+
+    @property
+    def output_only(self) -> bool:
+        """Only output-side statistics that need no layer adapter (``output_taylor``)."""
+        return self.output_taylor and not (self.input_moments or self.needs_cov)
+
+
+
+def spec_of(spec: Any, name: str) -> StatSpec:
+    """The :class:`StatSpec` of layer ``name`` under a single spec or a per-layer mapping."""
+    return spec if isinstance(spec, StatSpec) else spec[name]
+
+
+def any_needs_backward(spec: Any) -> bool:
+    return spec.needs_backward if isinstance(spec, StatSpec) else any(s.needs_backward for s in spec.values())
+
+
+def _freeze_spec(spec: Any) -> Any:
+    return spec if isinstance(spec, StatSpec) else types.MappingProxyType(dict(spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +227,8 @@ class LayerStats:
     cov_count: int = 0
     grad_count: int = 0
     ggT: torch.Tensor | None = None
+    gx_sq: torch.Tensor | None = None  # sum over rows of (Wᵀ g)² per input feature (grad_input_sq)
+    yg: torch.Tensor | None = None  # sum over rows of y · g per output feature (output_taylor)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -214,7 +251,7 @@ class LayerStats:
         return self.ggT / max(self.grad_count, 1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("x_sum", "x_sq", "xxT", "ggT") if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ("x_sum", "x_sq", "xxT", "ggT", "gx_sq", "yg") if getattr(self, k) is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +259,7 @@ class Stats(Mapping[str, LayerStats]):
     """The statistics pass' result: ``{layer FQN: LayerStats}`` plus how much data made them."""
 
     layers: Mapping[str, LayerStats]
-    spec: StatSpec
+    spec: Any  # a StatSpec, or a read-only {layer: StatSpec}
     n_batches: int
     n_tokens: int
     fisher: str = "empirical"
@@ -254,7 +291,7 @@ class Stats(Mapping[str, LayerStats]):
 
     def merge(self, other: "Stats") -> "Stats":
         """The sums of two gatherings over the same layers (e.g. two data shards)."""
-        if set(self.layers) != set(other.layers) or self.spec != other.spec:
+        if set(self.layers) != set(other.layers) or dict_spec(self.spec) != dict_spec(other.spec):
             raise ScoringError("statistics to merge must cover the same layers with the same spec")
         merged: dict[str, LayerStats] = {}
         done: dict[int, torch.Tensor] = {}
@@ -310,19 +347,29 @@ class Stats(Mapping[str, LayerStats]):
         return f"Stats(layers={len(self.layers)}, batches={self.n_batches}, tokens={self.n_tokens}, MB={self.nbytes / 2**20:.1f})"
 
 
+def dict_spec(spec: Any) -> Any:
+    return spec if isinstance(spec, StatSpec) else dict(spec)
+
+
 def combine_stats(parts: Sequence[Stats], n_batches: int, n_tokens: int) -> Stats:
     """One ``Stats`` from gatherings over *disjoint* layer sets on the same data (sequential mode
-    gathers one block at a time); ``n_batches``/``n_tokens`` describe that data."""
+    gathers one block at a time); ``n_batches``/``n_tokens`` describe that data.
+
+    Parts gathered with one :class:`StatSpec` keep it; per-layer specs (``{layer: StatSpec}``,
+    what the curvature criteria ask for) are joined into one mapping over the combined layers."""
     layers: dict[str, LayerStats] = {}
-    specs = {p.spec for p in parts}
-    if len(specs) > 1:
-        raise ScoringError("statistics to combine must share one spec")
+    shared = [p.spec for p in parts if isinstance(p.spec, StatSpec)]
+    if shared and (len(shared) < len(parts) or len(set(shared)) > 1):
+        raise ScoringError("statistics to combine must share one spec (or all have per-layer specs)")
+    per_layer: dict[str, StatSpec] = {}
     for part in parts:
         overlap = set(part.layers) & set(layers)
         if overlap:
             raise ScoringError(f"statistics to combine overlap on {sorted(overlap)[:3]}")
         layers.update(part.layers)
-    spec = specs.pop() if specs else StatSpec()
+        if not isinstance(part.spec, StatSpec):
+            per_layer.update(part.spec)
+    spec: Any = shared[0] if shared else (_freeze_spec(per_layer) if parts else StatSpec())
     fisher = parts[0].fisher if parts else "empirical"
     return Stats(types.MappingProxyType(layers), spec, n_batches, n_tokens, fisher)
 
@@ -361,10 +408,14 @@ class Collector:
     the batch's mean loss averaged over makes ``G`` the Fisher of the per-token loss).
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], spec: StatSpec, *, device: str | torch.device = "cpu",
+    def __init__(self, layers: Mapping[str, nn.Module], spec: Any, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         self.layers = dict(layers)
-        self.spec = spec
+        self.spec = _freeze_spec(spec)
+        if not isinstance(spec, StatSpec):
+            missing = sorted(set(self.layers) - set(spec))
+            if missing:
+                raise BadInputError(f"no StatSpec for layers {missing[:5]}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_scale = 1.0
@@ -374,6 +425,8 @@ class Collector:
         # (input tensor, slot) for the last few inputs: held, so identity comparisons are sound
         self._recent: list[tuple[torch.Tensor, str]] = []
         self._ggT: dict[str, torch.Tensor] = {}
+        self._gx_sq: dict[str, torch.Tensor] = {}
+        self._yg: dict[str, torch.Tensor] = {}
         self._grad_count: dict[str, int] = {}
         self._dims: dict[str, tuple[int, int, bool]] = {}
         self._handles: list[Any] = []
@@ -381,14 +434,18 @@ class Collector:
 
     # -- lifecycle
     def __enter__(self) -> "Collector":
-        cov = self.spec.input_cov or self.spec.grad_cov
         for name, module in self.layers.items():
+            spec = spec_of(self.spec, name)
+            cov = spec.needs_cov
             adapter = adapter_of(module, cov)
+            if spec.output_only:
+                self._handles.append(module.register_forward_hook(self._post_hook(name, module, adapter)))
+                continue
             if adapter is None:
                 raise BadInputError(f"no statistics adapter for {name} ({type(module).__name__})"
                                     + (" covariances" if cov else ""))
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, module, adapter)))
-            if self.spec.grad_cov:
+            if spec.needs_backward:
                 self._handles.append(module.register_forward_hook(self._post_hook(name, module, adapter)))
         return self
 
@@ -408,7 +465,7 @@ class Collector:
 
     # -- hooks
     def _pre_hook(self, name: str, module: nn.Module, adapter: LayerAdapter) -> Callable:
-        spec = self.spec
+        spec = spec_of(self.spec, name)
 
         def hook(mod: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
@@ -450,19 +507,36 @@ class Collector:
         return hook
 
     def _post_hook(self, name: str, module: nn.Module, adapter: LayerAdapter) -> Callable:
+        spec = spec_of(self.spec, name)
+
         def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
             if not isinstance(out, torch.Tensor) or not torch.is_grad_enabled():
                 return out
             if not out.requires_grad:
                 out.requires_grad_(True)  # a leaf: nothing upstream needs a gradient
             scale = self.batch_scale
+            y = out.detach() if spec.output_taylor else None
+            if spec.output_only:
+                self._dims.setdefault(name, (0, int(out.shape[-1]), False))
 
             def grad_hook(g: torch.Tensor) -> None:
                 with torch.no_grad():
+                    if y is not None:
+                        yg = (y.to(self.dtype) * g.detach().to(self.dtype)).reshape(-1, y.shape[-1])
+                        self._yg[name] = _add(self._yg.get(name), yg.sum(0) * scale, self.device)
+                    if spec.output_only:
+                        if not bool(torch.isfinite(g).all()):
+                            self.nonfinite = self.nonfinite or name
+                        self._grad_count[name] = self._grad_count.get(name, 0) + g.numel() // g.shape[-1]
+                        return
                     rows = adapter.grad_rows(module, g.detach()).to(self.dtype) * scale
                     if not bool(torch.isfinite(rows).all()):
                         self.nonfinite = self.nonfinite or name
-                    self._ggT[name] = _add(self._ggT.get(name), rows.t() @ rows, self.device)
+                    if spec.grad_cov:
+                        self._ggT[name] = _add(self._ggT.get(name), rows.t() @ rows, self.device)
+                    if spec.grad_input_sq:
+                        gx = rows @ adapter.weight_matrix(module).detach().to(rows.device, self.dtype)
+                        self._gx_sq[name] = _add(self._gx_sq.get(name), (gx * gx).sum(0), self.device)
                     self._grad_count[name] = self._grad_count.get(name, 0) + rows.shape[0]
 
             out.register_hook(grad_hook)
@@ -477,12 +551,13 @@ class Collector:
             if name not in self._dims:
                 continue  # never reached by the data
             d_in, d_out, bias_col = self._dims[name]
-            slot_name = self._slot_of[name]
-            slot = self._slots[slot_name]
+            slot_name = self._slot_of.get(name, name)
+            slot = self._slots.get(slot_name) or _Slot()
             layers[name] = LayerStats(
                 name=name, slot=slot_name, d_in=d_in, d_out=d_out, bias_column=bias_col,
                 count=slot.count, x_sum=slot.x_sum, x_sq=slot.x_sq, xxT=slot.xxT, cov_count=slot.cov_count,
-                grad_count=self._grad_count.get(name, 0), ggT=self._ggT.get(name),
+                grad_count=self._grad_count.get(name, 0), ggT=self._ggT.get(name), gx_sq=self._gx_sq.get(name),
+                yg=self._yg.get(name),
             )
         return Stats(types.MappingProxyType(layers), self.spec, self.n_batches, n_tokens, fisher)
 
@@ -518,6 +593,11 @@ def _sampled_loss(model: nn.Module, batch: Batch, generator: torch.Generator) ->
         logits = out.get("logits")
     if not isinstance(logits, torch.Tensor):
         raise ScoringError("fisher='sampled' needs a model that returns logits")
+    return sampled_cross_entropy(logits, generator)
+
+
+def sampled_cross_entropy(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against labels drawn from their own softmax (the true Fisher's loss)."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     with torch.no_grad():
         probs = torch.softmax(flat, dim=-1)
@@ -527,7 +607,8 @@ def _sampled_loss(model: nn.Module, batch: Batch, generator: torch.Generator) ->
 
 def _requires(model: Any, batches: Any, spec: Any = None, **kwargs: Any) -> None:
     check(isinstance(model, nn.Module), BadInputError, f"gather_stats() needs an nn.Module, got {type(model).__name__}")
-    check(isinstance(spec, StatSpec), BadInputError, "gather_stats() needs a StatSpec saying what to gather")
+    check(isinstance(spec, (StatSpec, Mapping)), BadInputError,
+          "gather_stats() needs a StatSpec (or {layer: StatSpec}) saying what to gather")
     check(kwargs.get("fisher", "empirical") in ("empirical", "sampled"), BadInputError,
           "fisher must be 'empirical' or 'sampled'")
 
@@ -536,7 +617,7 @@ def _requires(model: Any, batches: Any, spec: Any = None, **kwargs: Any) -> None
 def gather_stats(
     model: nn.Module,
     batches: Iterable[Batch],
-    spec: StatSpec,
+    spec: Any,
     *,
     layers: Sequence[str] | None = None,
     loss_fn: LossFn | None = None,
@@ -556,7 +637,15 @@ def gather_stats(
     """
     from tqdm.auto import tqdm
 
-    chosen = linear_layers(model, layers, cov=spec.input_cov or spec.grad_cov)
+    if not isinstance(spec, StatSpec) and layers is None:
+        layers = list(spec)
+    if isinstance(spec, StatSpec):
+        chosen = linear_layers(model, layers, cov=spec.needs_cov)
+    else:  # per-layer specs: output-only layers need no adapter
+        chosen = {}
+        for n in layers:
+            chosen.update({n: model.get_submodule(n)} if spec[n].output_only
+                          else linear_layers(model, [n], cov=spec[n].needs_cov))
     dev = resolve_device(device)
     tokens = 0
     generator = torch.Generator().manual_seed(seed)
@@ -571,7 +660,7 @@ def gather_stats(
             batch = to_device(batch, dev)
             n = count_tokens(batch)
             col.next_batch(scale=float(max(n, 1)))
-            if spec.needs_backward:
+            if any_needs_backward(spec):
                 with torch.enable_grad():
                     loss = _sampled_loss(model, batch, generator) if fisher == "sampled" else model_loss(model, batch, loss_fn)
                     if not math.isfinite(float(loss.detach())):

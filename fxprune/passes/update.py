@@ -10,7 +10,19 @@ an update).
 
 Update methods live in the :data:`UPDATES` registry (``register_update``); each takes the model,
 the analysis, the plan and the statistics gathered for it, and returns the tensors it changed or
-added.  ``"none"`` (the default) changes nothing and copies nothing.
+added.  ``"none"`` (the default) changes nothing and copies nothing.  The others:
+
+* ``"surgeon"``: the LLM Surgeon's correlated K-FAC update of the surviving rows (``G̃⁻¹``) and
+  columns (``Ã⁻¹``) of every layer the plan touches, all removed units of a layer at once;
+* ``"obs"``: layer-wise OBS, each consumer's output reconstructed from its kept inputs
+  (``W_K += W_M H_MK H_KK⁻¹``);
+* ``"flap"``: FLAP's bias compensation ``b += W[:, P] · x̄[P]`` for the removed input columns
+  ``P`` (a bias is *added* to linear layers that have none).
+
+The curvature methods read their statistics through the scoring pass' ``Scores.stats`` (a
+:class:`~fxprune.passes.curvature.CurvatureSource`: kept from scoring when they fit its memory
+budget, re-gathered chunk by chunk otherwise), or a :class:`~fxprune.passes.stats.Stats` given
+directly.  The math is in :mod:`fxprune.passes.curvature`.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import BadInputError, PlanError
+from fxprune.passes import curvature
 from fxprune.passes.base import check, fxpass
 from fxprune.passes.plan import Plan, as_plan
 from fxprune.util.modules import set_tensor
@@ -106,6 +119,76 @@ IDENTITY = WeightUpdate("none", types.MappingProxyType({}), types.MappingProxyTy
 @register_update("none")
 def _no_update(model: nn.Module, analysis: Any, plan: Plan, stats: Any) -> UpdateOutput:
     return UpdateOutput()
+
+
+def _curvature_source(stats: Any, method: str) -> "curvature.CurvatureSource":
+    from fxprune.passes.stats import Stats
+
+    source = getattr(stats, "stats", None) if not isinstance(stats, Stats) else None
+    if isinstance(source, curvature.CurvatureSource):
+        return source
+    if isinstance(stats, Stats):
+        src = curvature.CurvatureSource(None, [])
+        src.kept = stats
+        return src
+    raise PlanError(f"update {method!r} needs curvature statistics: the Scores of importance='surgeon'/'obs', "
+                    "or fxprune.passes.stats.Stats with input (and, for surgeon, gradient) covariances")
+
+
+def _curvature_update(method: str) -> UpdateFn:
+    def fn(model: nn.Module, analysis: Any, plan: Plan, stats: Any) -> UpdateOutput:
+        source = _curvature_source(stats, method)
+        changed, notes = curvature.plan_update(model, analysis, plan, source, method,
+                                               damping=getattr(source, "damping", curvature.DAMPING))
+        return UpdateOutput(changed, {}, tuple(notes))
+
+    fn.__name__ = f"_{method}_update"
+    fn.__doc__ = f"The {method!r} weight update (see :func:`fxprune.passes.curvature.plan_update`)."
+    return fn
+
+
+register_update("surgeon")(_curvature_update("surgeon"))
+register_update("obs")(_curvature_update("obs"))
+
+
+@register_update("flap")
+def _flap_update(model: nn.Module, analysis: Any, plan: Plan, stats: Any) -> UpdateOutput:
+    """FLAP's bias compensation from the scoring pass' input means (``Scores.input_mean``)."""
+    means = getattr(stats, "input_mean", None)
+    if not means:
+        raise PlanError("update 'flap' needs the Scores of a criterion with input statistics "
+                        "(importance='flap' or 'activation'): they carry the input means")
+    changed: dict[str, torch.Tensor] = {}
+    added: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for layer, (rows, cols) in curvature.layer_removals(model, analysis, plan).items():
+        if not len(cols):
+            continue
+        prefix = f"{layer}." if layer else ""
+        module = model.get_submodule(layer)
+        mean = means.get(prefix + "weight")
+        if mean is None:
+            skipped.append(layer)
+            continue
+        w = curvature.weight_matrix(module)
+        mean_cols = torch.as_tensor(mean, dtype=torch.float64)
+        if w.shape[1] != mean_cols.numel():  # conv: every kernel position of a channel sees its mean
+            mean_cols = mean_cols.repeat_interleave(w.shape[1] // mean_cols.numel())
+        delta = curvature.flap_bias_delta(w, mean_cols, cols)
+        if len(rows):
+            delta[torch.as_tensor(rows, dtype=torch.long)] = 0.0  # those rows go (the zeroed oracle agrees)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            changed[prefix + "bias"] = (bias.detach().to(torch.float64) + delta.to(bias.device)).to(bias.dtype)
+        elif isinstance(module, nn.Linear):
+            added[prefix + "bias"] = delta.to(module.weight.dtype).to(module.weight.device)
+        else:
+            skipped.append(layer)
+    notes = [f"flap update: bias compensation in {len(changed) + len(added)} layers "
+             f"({len(added)} new biases)"]
+    if skipped:
+        notes.append(f"flap update: no compensation for {', '.join(sorted(skipped))} (no input means, or no bias to add)")
+    return UpdateOutput(changed, added, tuple(notes))
 
 
 def _requires(model: Any, analysis: Any, plan: Any, stats: Any = None, **kwargs: Any) -> None:

@@ -1,0 +1,132 @@
+"""Curvature planning end to end: statistics that are exact sums, chunked gathering that changes
+nothing, the cost allocation across kinds, and multi-shot pruning on a real HF causal LM."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+import fxprune
+from fxprune.passes import curvature
+from fxprune.passes.stats import StatSpec, gather_stats
+from fxprune.passes.update import update
+from tests.conftest import traced
+from tests.test_stats import TwoHead, _batches
+
+
+def _lm_batches(n: int = 3, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, 100, (2, 16), generator=g) for _ in range(n)]
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
+
+
+def test_grad_input_sq_and_output_taylor_are_exact_sums():
+    model = TwoHead().eval()
+    batches = _batches(2)
+    spec = {"o": StatSpec(grad_input_sq=True, grad_cov=True), "q": StatSpec(input_cov=True)}
+    stats = gather_stats(model, batches, spec, loss_fn=lambda out, b: out.pow(2).mean(), progress=False,
+                         dtype=torch.float64)
+    o = stats["o"]
+    w = model.o.weight.detach().double()
+    torch.testing.assert_close(o.gx_sq, torch.diagonal(w.t() @ o.ggT @ w))  # diag(Wᵀ G W), without G
+    twice = stats.merge(stats)
+    torch.testing.assert_close(twice["o"].gx_sq, 2 * o.gx_sq)
+    assert stats["q"].ggT is None and stats["q"].xxT is not None
+
+
+def test_chunked_gathering_gives_the_same_costs_and_updates():
+    model, _, analysis = traced("llama_gqa")
+    groups = [g for g in analysis.groups if g.kind in ("channels", "kv_heads", "hidden")]
+    batches = _lm_batches()
+    whole = curvature.CurvatureSource(model, batches, progress=False)
+    chunked = curvature.CurvatureSource(model, batches, budget=1, progress=False)  # one layer per gathering
+    a = curvature.group_costs(model, groups, whole, "surgeon")
+    b = curvature.group_costs(model, groups, chunked, "surgeon")
+    assert whole.gatherings == 1 and chunked.gatherings > 5
+    assert chunked.peak_stats_bytes < whole.peak_stats_bytes
+    for gid in a.costs:
+        np.testing.assert_allclose(a.costs[gid], b.costs[gid], rtol=1e-5)
+    plan = fxprune.make_plan(analysis, a.costs, 0.3, allocation="cost", kinds={"head_repeat": False})
+    ua, _ = curvature.plan_update(model, analysis, plan, whole, "surgeon")
+    ub, _ = curvature.plan_update(model, analysis, plan, chunked, "surgeon")
+    assert set(ua) == set(ub) and ua
+    for k in ua:
+        torch.testing.assert_close(ua[k], ub[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cost_allocation_chooses_across_kinds_and_kinds_still_override():
+    model, _, analysis = traced("llama_gqa")
+    scores = fxprune.score(model, analysis, _lm_batches(), importance="surgeon", progress=False)
+    assert scores.is_cost and scores.update_method == "surgeon"
+    plan = fxprune.make_plan(analysis, scores, 0.4, allocation="cost")
+    info = plan.info
+    assert abs(info["achieved_ratio"] - 0.4) < 0.03
+    by_kind = info["by_kind"]
+    assert {"channels", "hidden", "kv_heads", "head_repeat"} <= set(by_kind)
+    assert sum(e["params"] for e in by_kind.values()) >= info["removed_params"] * 0.99
+    assert "head_dim" not in {analysis.by_id[g].kind for g in plan}  # opt-in for the cost allocation
+    only = fxprune.make_plan(analysis, scores, 0.4, allocation="cost",
+                             kinds={"channels": True, "hidden": False, "kv_heads": False, "head_repeat": False})
+    assert {analysis.by_id[g].kind for g in only} == {"channels"}
+    hidden = fxprune.make_plan(analysis, scores, 0.2, allocation="cost", kinds={"hidden": 0.25})
+    (gid,) = [g.id for g in analysis.groups if g.kind == "hidden"]
+    assert len(hidden[gid]) == round(0.25 * analysis.by_id[gid].size)
+
+
+def test_one_shot_prune_is_the_passes_composed_and_every_shot_is_verified():
+    model, _, analysis = traced("llama_gqa")
+    batches = _lm_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = fxprune.prune(analysis, 0.3, calib=batches, importance="obs", shots=1, progress=False)
+        scores = fxprune.score(model, analysis, batches, importance="obs", progress=False)
+        plan = fxprune.make_plan(analysis, scores, 0.3, allocation="cost")
+        weights = update(model, analysis, plan, scores, method="obs")
+        assert one.plan.as_dict() == plan.as_dict()
+        assert set(one.weights.changed) == set(weights.changed)
+        for k, v in weights.changed.items():
+            torch.testing.assert_close(one.weights.changed[k], v)
+        two = fxprune.prune(model, 0.3, calib=batches, example_inputs={k: v for k, v in batches[0].items()},
+                            importance="obs", shots=2, progress=False)
+    rep = two.report
+    assert len(rep.shots) == 2 and all("zeroed original" in s["verification"] for s in rep.shots)
+    assert rep.shots[0]["target_total"] == 0.15 and rep.shots[1]["target_total"] == 0.3
+    assert abs(rep.ratio_achieved - 0.3) < 0.03 and rep.params_before == one.report.params_before
+    out = two.model(**batches[0]).logits
+    assert torch.isfinite(out).all()
+
+
+def test_default_prune_uses_the_curvature_criterion_with_its_update():
+    _, _, analysis = traced("llama_gqa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxprune.prune(analysis, 0.2, calib=_lm_batches(), progress=False)
+    rep = res.report
+    assert rep.importance == fxprune.api.DEFAULT_IMPORTANCE and rep.allocation == "cost"
+    assert rep.update == rep.importance and not res.weights.is_identity
+    assert rep.by_kind and any("costs per member" in n for n in rep.notes)
+    assert "cost/param" in rep.table()
+
+
+def test_auto_shots_is_one_per_fifth_removed_for_curvature_criteria_only():
+    from fxprune.api import auto_shots
+
+    calib = ["text"]
+    assert [auto_shots(r, "surgeon", calib) for r in (0.1, 0.2, 0.3, 0.5, 0.6)] == [1, 1, 2, 3, 3]
+    model, _, _ = traced("llama_gqa")
+    assert auto_shots(0.5, None, calib, model) == 3  # a causal LM's default is surgeon
+    assert auto_shots(0.5, "taylor", calib) == 1 and auto_shots(0.5, None, None) == 1
+    assert auto_shots(0.5, "obs", calib) == 1
+
+
+def test_default_criterion_is_surgeon_with_a_loss_and_obs_without():
+    from fxprune.api import default_importance
+
+    lm, _, _ = traced("llama_gqa")
+    enc = torch.nn.Linear(3, 3)
+    assert default_importance(lm, None, ["x"]) == "surgeon"
+    assert default_importance(enc, None, ["x"]) == "obs"
+    assert default_importance(enc, lambda out, b: out.sum(), ["x"]) == "surgeon"
+    assert default_importance(lm, None, None) == "l2"
