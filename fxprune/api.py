@@ -390,6 +390,7 @@ def prune_once(
     seed: int = 0,
     verify: bool = True,
     progress: bool = True,
+    distributed: Any = None,
 ) -> PruneResult:
     """One shot of :func:`prune`: every pass once (``model_or_graph`` and ``ratio`` as there).
 
@@ -431,6 +432,9 @@ def prune_once(
         update_method: a weight-update method from ``fxprune.passes.update.UPDATES``; ``"auto"``
             (default) uses the criterion's own (surgeon, obs and flap update; the rest none).
         importance_options: options of the criterion (``score(importance_options=...)``).
+        distributed: a :class:`fxprune.distributed.DistContext` (``init_distributed()`` under
+            torchrun): each rank scores its shard of the calibration batches, the sums are
+            all-reduced, rank 0 plans and broadcasts the plan, every rank updates and rewrites.
     """
     if importance is None:
         target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
@@ -477,10 +481,13 @@ def prune_once(
             notes.append(
                 f"importance '{importance}' had no calibration data (calib=...); scored on the example inputs only"
             )
+    if distributed is not None and batches is not None:
+        batches = distributed.shard(batches)
     with clock("score"):
         scores = score(model, _width_groups(analysis, kinds), batches, importance=importance, aggregate=aggregate,
                        device=device, dtype=dtype, loss_fn=loss_fn, seed=seed, progress=progress,
-                       importance_options=importance_options)
+                       importance_options=importance_options,
+                       sync=distributed.reduce_scoring if distributed is not None else None)
         if analysis.blocks and kind_enabled("blocks", kinds):
             depth_batches = batches if batches is not None else [dict(graph.example_kwargs)]
             blocks = score_blocks(model, analysis, depth_batches, importance=block_importance, device=device,
@@ -503,11 +510,15 @@ def prune_once(
         if allocation == "uniform" or uniform:
             kinds = _describable(model, analysis, kinds, round_to, notes)
         numel = numel_by_name(model)
-        plan = make_plan(analysis, scores, float(ratio), numel=numel, allocation=allocation,
-                         max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
-                         keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
-        if uniform and allocation != "uniform":
-            plan = make_uniform(analysis, plan, scores, numel=numel)
+        plan = None
+        if distributed is None or distributed.is_main:
+            plan = make_plan(analysis, scores, float(ratio), numel=numel, allocation=allocation,
+                             max_group_ratio=max_group_ratio, keep_blocks_first=keep_blocks_first,
+                             keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
+            if uniform and allocation != "uniform":
+                plan = make_uniform(analysis, plan, scores, numel=numel)
+        if distributed is not None:
+            plan = distributed.broadcast_plan(analysis, plan)
     if update_method == "auto":
         update_method = scores.update_method
     with clock("update"):

@@ -2,6 +2,7 @@
 
     fxprune analyze MODEL [--meta] [--graphml deps.graphml] [--ignore NAME ...] [--coverage]
     fxprune explain MODEL PARAM_OR_GROUP [OTHER]     # why frozen / why coupled
+    fxprune prune MODEL --ratio 0.2 [--sequential]   # torchrun --nproc-per-node N -m fxprune prune ...
 
 MODEL is a local Hugging Face model directory (config.json + weights) or ``module:factory``, a
 Python callable that returns an ``nn.Module`` (and optionally example inputs, see
@@ -350,22 +351,63 @@ def check_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import fxprune
+    """Prune in memory, or one block at a time (``--sequential``, or when the model would not fit);
+    under torchrun every rank scores its shard of the calibration data and rank 0 writes."""
     from fxprune.checkpoint import transformer_dir
+    from fxprune.distributed import init_distributed
     from fxprune.util.publish import Publication
 
     out_dir = args.out or (args.model.rstrip("/") + "-pruned")
     pub = getattr(args, "reserved", None) or Publication(out_dir, overwrite=args.overwrite, protect=[args.model, args.calib])
-    _log.info("loading %s...", args.model)
-    model_path = transformer_dir(args.model) if os.path.isdir(args.model) else args.model
-    if os.path.isfile(os.path.join(model_path, "fxprune.json")):  # pruned before (maybe per-layer widths)
+    dist = init_distributed()
+    main_rank = dist is None or dist.is_main
+    try:
+        _log.info("loading %s...", args.model)
+        model_path = transformer_dir(args.model) if os.path.isdir(args.model) else args.model
+        pruned_before = os.path.isfile(os.path.join(model_path, "fxprune.json"))
+        sequential = args.sequential
+        if sequential is None and os.path.isdir(model_path) and not pruned_before:
+            from fxprune.passes.sequential import needs_sequential
+
+            sequential, why = needs_sequential(model_path, args.device)
+            if sequential and main_rank:
+                print(f"fxprune: pruning one block at a time (--sequential): {why}")
+        if sequential and (not os.path.isdir(model_path) or pruned_before):
+            raise BadInputError("--sequential streams a Hugging Face checkpoint: MODEL must be a local HF directory")
+        tokenizer = load_tokenizer(model_path)
+        if sequential:
+            result, write = _prune_sequential(args, model_path, tokenizer, dist)
+        else:
+            result, write = _prune_in_memory(args, model_path, pruned_before, tokenizer, dist)
+        if main_rank:
+            print(result.report.table())
+            _log.info("writing %s...", out_dir)
+            with pub:
+                ckpt = write(str(pub.tmp))
+                pub.commit()
+            print(f"pruned model, model card (README.md), report.md and report.html written to {out_dir}"
+                  if ckpt is not None else f"pruned model, report.md and report.html written to {out_dir}")
+            if ckpt is not None:
+                print(f"load it with ({ckpt.loads_with}):\n  " + ckpt.how_to_load(out_dir).replace("\n", "\n  "))
+        if dist is not None:
+            dist.barrier()
+    finally:
+        if dist is not None:
+            dist.close()
+    return EXIT_OK
+
+
+def _prune_in_memory(args: argparse.Namespace, model_path: str, pruned_before: bool, tokenizer: Any,
+                     dist: Any) -> tuple[Any, Any]:
+    import fxprune
+
+    if pruned_before:  # pruned by fxprune before (maybe per-layer widths)
         from fxprune.util.hf import default_example_inputs
 
         model = fxprune.load(model_path)
         inputs = default_example_inputs(model)
     else:
         model, inputs = load_model(model_path)
-    tokenizer = load_tokenizer(model_path)
     calib = _calibration(args, tokenizer, inputs)
     result = fxprune.prune(
         model, args.ratio, example_inputs=inputs, calib=calib, tokenizer=tokenizer,
@@ -373,16 +415,51 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shots=args.shots,
         n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed,
         progress=not args.quiet, kinds=_depth_kinds(args), block_importance=args.block_importance,
+        distributed=dist,
     )
-    print(result.report.table())
-    quality = _prune_quality(args, model, result, tokenizer)
-    _log.info("writing %s...", out_dir)
-    with pub:
-        ckpt = _write_pruned(result, str(pub.tmp), args, tokenizer, quality)
-        pub.commit()
-    print(f"pruned model, model card (README.md), report.md and report.html written to {out_dir}")
-    print(f"load it with ({ckpt.loads_with}):\n  " + ckpt.how_to_load(out_dir).replace("\n", "\n  "))
-    return EXIT_OK
+
+    def write(tmp: str) -> Any:
+        quality = _prune_quality(args, model, result, tokenizer)
+        return _write_pruned(result, tmp, args, tokenizer, quality)
+
+    return result, write
+
+
+def _prune_sequential(args: argparse.Namespace, model_path: str, tokenizer: Any, dist: Any) -> tuple[Any, Any]:
+    from fxprune.passes.sequential import prune_sequential, save_sequential_into
+    from fxprune.report import write_report
+
+    if args.shots not in ("auto", 1):
+        raise BadInputError("--sequential prunes in one shot: drop --shots (or use --no-sequential)")
+    if args.depth or args.depth_only or args.uniform:
+        raise BadInputError("--sequential prunes widths only: drop --depth/--depth-only/--uniform "
+                            "(or use --no-sequential)")
+    calib = _calibration(args, tokenizer, None)
+    chosen = {k: v for k, v in (("importance", args.importance), ("allocation", args.allocation)) if v}
+    result = prune_sequential(
+        model_path, args.ratio, calib=calib, tokenizer=tokenizer, **chosen, round_to=args.round_to,
+        n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, seed=args.seed, distributed=dist,
+        offload_dir=args.offload_dir, progress=not args.quiet,
+    )
+    if not args.quiet and (dist is None or dist.is_main):
+        blocks = [t for t in result.run.timings if t.block.startswith(tuple(result.cut.blocks))]
+        per = sum(t.total_s for t in blocks) / max(len(blocks), 1)
+        peak = result.run.activation_bytes
+        print(f"sequential: {len(result.cut.blocks)} blocks, {per:.1f} s per block pass, saved activations "
+              f"{peak['activations_ram_peak_bytes'] / 2**20:.0f} MiB in RAM, "
+              f"{peak['activations_disk_peak_bytes'] / 2**20:.0f} MiB on disk")
+
+    def write(tmp: str) -> None:
+        report = result.report
+        save_sequential_into(result, tmp, progress=not args.quiet, extra={"source": os.path.abspath(args.model)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "prune_report.json"), "w") as f:
+            json.dump(report.to_dict(timings=False), f, indent=1, default=str)
+        write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
+                     report.headline(), prune_report=report, sections={"Details": report.table(timings=False)})
+
+    return result, write
 
 
 def _round_to_arg(value: str) -> Any:
@@ -640,6 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (never an input, nor one holding an input)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="one block at a time from the checkpoint (default: only when in-memory pruning would "
+                        "not fit in RAM/GPU memory)")
+    p.add_argument("--offload-dir", help="where sequential mode spills block activations that do not fit in RAM")
     p.set_defaults(func=cmd_prune, check=check_prune)
 
     p = sub.add_parser("eval", help="perplexity (causal LMs) or embedding similarity (encoders)")

@@ -26,8 +26,10 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import math
 import os
-from typing import Any, Iterable, Iterator, Mapping
+import types
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -113,6 +115,15 @@ def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> Save
         )
     state = _dedup_state(model)
     save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+    return _write_record(model, info, _tied_names(model), tmp, extra)
+
+
+def _write_record(model: torch.nn.Module, info: Any, tied: dict[str, str], tmp: str,
+                  extra: dict | None) -> SavedModel:
+    """``fxprune.json`` describing ``model``'s skeleton for ``load`` (the HF files are
+    :func:`fxprune.checkpoint.write_checkpoint`'s), and what a skeleton built from its config lacks."""
+    from safetensors.torch import save_file
+
     config = hf.config_of(model)
     record: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -121,7 +132,7 @@ def save_into(model_or_result: Any, tmp: str, extra: dict | None = None) -> Save
         "attributes": _attr_changes(info),
         "module_configs": {},
         "config_updated": bool(getattr(info, "config_updated", False)),
-        "tied": _tied_names(model),
+        "tied": tied,
     }
     depth = getattr(info, "depth", None)
     if depth is not None and depth.changed:  # deleted layers and zeroed branches, redone by load
@@ -171,26 +182,30 @@ def load(directory: str, model_class: Any = None, *, config: Any = None, device:
 
     ``model_class`` is the class (or a zero-argument factory) to rebuild; for HF models it can be
     omitted (the class recorded at save time is imported).  ``config`` overrides the recorded
-    original config.  A missing, truncated or malformed file raises
-    :class:`~fxprune.errors.ModelLoadError` naming it; the directory is recorded as an input
-    (no later output of this process may replace it).
+    original config.  Weights are one ``model.safetensors`` or shards with an index;
+    ``device="meta"`` reads only their headers (shapes and dtypes, no weight bytes).  A missing,
+    truncated or malformed file raises :class:`~fxprune.errors.ModelLoadError` naming it; the
+    directory is recorded as an input (no later output of this process may replace it).
     """
-    from safetensors.torch import load_file
-
     record = read_record(directory)
     weights = os.path.join(directory, WEIGHTS)
-    check_safetensors(weights)
+    if os.path.exists(weights):
+        check_safetensors(weights)
     note_input(directory)
     cls = model_class or _import(record["class"])
     skeleton = rebuild(cls, record, config)
     try:
-        state = load_file(weights, device=device)
+        state = Checkpoint.open(directory).state(device)
+    except FxpruneError:
+        raise
     except Exception as exc:  # noqa: BLE001 - named, one line
-        raise ModelLoadError(f"{weights} cannot be read: {exc}") from None
+        raise ModelLoadError(f"the weights in {directory} cannot be read: {exc}") from None
     for key in [k for k in state if k.startswith(_BUFFER_PREFIX)]:  # format 1 saved them with the weights
         _set_buffer(skeleton, key[len(_BUFFER_PREFIX):], state.pop(key))
     if record.get("buffers"):
-        for name, value in load_file(os.path.join(directory, BUFFERS), device=device).items():
+        from safetensors.torch import load_file
+
+        for name, value in load_file(os.path.join(directory, BUFFERS), device=str(device)).items():
             _set_buffer(skeleton, name, value)
     for name, alias in record.get("tied", {}).items():
         if alias in state and name not in state:
@@ -428,7 +443,10 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _materialise_meta(model: torch.nn.Module, device: str) -> None:
-    """Every tensor must be real after loading; computed buffers follow the weights' device."""
+    """Every tensor must be real after loading (unless loading on meta); computed buffers follow
+    the weights' device."""
+    if str(device) == "meta":
+        return
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise FxpruneError(f"{name} was neither saved nor rebuilt by its class; it cannot be loaded")
@@ -495,3 +513,214 @@ def _import(path: str) -> Any:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise FxpruneError(f"cannot import model class {path}; pass model_class= to load()") from exc
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints tensor by tensor: lazy reading, and shard-by-shard writing (sequential mode)
+# ------------------------------------------------------------------------------------------
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """The safetensors weights of a model directory, read lazily.
+
+    Opening reads only the headers (name -> file, shape, dtype).  :meth:`read` memory-maps the
+    files (``safetensors.safe_open``) and copies out just the tensors asked for, so a caller
+    that reads one block at a time holds one block, never the checkpoint.
+    """
+
+    directory: str
+    files: Mapping[str, str]  # tensor name -> absolute file path
+    shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, torch.dtype]
+
+    @classmethod
+    def open(cls, directory: str) -> "Checkpoint":
+        from safetensors import safe_open
+
+        index = os.path.join(directory, INDEX_NAME)
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            paths = sorted({os.path.join(directory, v) for v in weight_map.values()})
+        elif os.path.exists(single):
+            paths = [single]
+        else:
+            paths = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors"))
+        if not paths:
+            raise ModelLoadError(f"{directory} has no safetensors weights (model.safetensors or {INDEX_NAME})")
+        files: dict[str, str] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, torch.dtype] = {}
+        for path in paths:
+            if not os.path.exists(path):
+                raise ModelLoadError(f"{path} is listed in {INDEX_NAME} but does not exist")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        files[name], shapes[name] = path, tuple(sl.get_shape())
+                        dtypes[name] = SAFETENSORS_DTYPES[sl.get_dtype()]
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"cannot read the safetensors header of {path}: {exc}") from exc
+        return cls(os.path.abspath(directory), types.MappingProxyType(files), types.MappingProxyType(shapes),
+                   types.MappingProxyType(dtypes))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.files
+
+    def nbytes(self, names: Iterable[str] | None = None) -> int:
+        """Bytes of the named tensors (all of them by default) as stored."""
+        chosen = self.files if names is None else [n for n in names if n in self.files]
+        return sum(math.prod(self.shapes[n]) * _itemsize(self.dtypes[n]) for n in chosen)
+
+    def read(self, names: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The named tensors, copied out of the memory-mapped files onto ``device``."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.files:
+                raise ModelLoadError(f"{self.directory} has no tensor {n!r}")
+            by_file.setdefault(self.files[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        dev = str(device)
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt", device=dev if dev != "meta" else "cpu") as f:
+                for n in group:
+                    out[n] = f.get_tensor(n) if dev != "meta" else torch.empty(self.shapes[n], dtype=self.dtypes[n],
+                                                                                  device="meta")
+        return out
+
+    def state(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Every tensor (``device="meta"``: shapes and dtypes only)."""
+        if str(device) == "meta":
+            return {n: torch.empty(s, dtype=self.dtypes[n], device="meta") for n, s in self.shapes.items()}
+        return self.read(self.files, device)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class ShardedWriter:
+    """Write safetensors shards tensor by tensor, never holding a shard in memory.
+
+    Every name, shape and dtype is known before the first byte (sequential mode plans the pruned
+    shapes on meta), so each shard's header is written first and each tensor is then written at
+    its offset as it comes.  More than one shard: ``model-0000i-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json`` (the Hugging Face layout); one shard: ``model.safetensors``.
+    """
+
+    def __init__(self, directory: str, entries: Sequence[tuple[str, Sequence[int], torch.dtype]], *,
+                 max_shard_bytes: int = 5 * 10**9) -> None:
+        self.directory = directory
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            if dtype not in _DTYPE_CODES:
+                raise FxpruneError(f"cannot write {name}: dtype {dtype} has no safetensors code")
+            nbytes = math.prod(shape) * _itemsize(dtype)
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(int(d) for d in shape), dtype, nbytes))
+            size += nbytes
+        n = len(shards)
+        self.file_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._where: dict[str, tuple[int, int, int, tuple[int, ...], torch.dtype]] = {}  # name -> shard, start, end
+        self._headers: list[bytes] = []
+        self._sizes: list[int] = []
+        for i, shard in enumerate(shards):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape, dtype, nbytes in shard:
+                header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                self._where[name] = (i, offset, offset + nbytes, shape, dtype)
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            self._headers.append(raw)
+            self._sizes.append(offset)
+        self._files: dict[int, Any] = {}
+        self._written: set[str] = set()
+        self.total_bytes = sum(self._sizes)
+
+    def _file(self, i: int) -> Any:
+        f = self._files.get(i)
+        if f is None:
+            f = self._files[i] = open(os.path.join(self.directory, self.file_names[i]), "wb+")
+            f.write(len(self._headers[i]).to_bytes(8, "little"))
+            f.write(self._headers[i])
+            f.truncate(8 + len(self._headers[i]) + self._sizes[i])
+        return f
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` as ``name`` (its shape and dtype must be the planned ones)."""
+        if name not in self._where:
+            raise FxpruneError(f"{name} was not planned for this checkpoint")
+        i, start, end, shape, dtype = self._where[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise FxpruneError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        f = self._file(i)
+        f.seek(8 + len(self._headers[i]) + start)
+        f.write(memoryview(data))
+        self._written.add(name)
+
+    def abort(self) -> None:
+        """Close the open shards without finishing them (the caller discards the directory)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def close(self) -> list[str]:
+        """Finish every shard (and the index); returns the file names.  All tensors must be written."""
+        missing = sorted(set(self._where) - self._written)
+        for i in range(len(self.file_names)):
+            self._file(i)  # a shard whose tensors are all empty still gets its header
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if missing:
+            raise FxpruneError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
+        if len(self.file_names) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {n: self.file_names[w[0]] for n, w in sorted(self._where.items())}}
+            with open(os.path.join(self.directory, INDEX_NAME), "w") as f:
+                json.dump(index, f, indent=1)
+            return [*self.file_names, INDEX_NAME]
+        return list(self.file_names)
+
+
+def save_streamed_into(model: torch.nn.Module, info: Any, tmp: str, tensors: Iterable[tuple[str, torch.Tensor]],
+                       entries: Sequence[tuple[str, Sequence[int], torch.dtype]], *, tied: Mapping[str, str],
+                       max_shard_bytes: int = 5 * 10**9, extra: dict | None = None) -> list[str]:
+    """``save_into`` for a model whose weights never sit in memory together (sequential mode).
+
+    ``model`` is the pruned skeleton (parameters may be on meta) that ``load`` rebuilds;
+    ``entries`` lists every tensor to write (name, shape, dtype, in write order), ``tensors``
+    yields them one by one (non-persistent buffers under ``__nonpersistent__.NAME`` as ``save``
+    writes them), and ``tied`` maps each tied alias to the name written.  Returns the weight files.
+    """
+    writer = ShardedWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
+    try:
+        for name, t in tensors:
+            writer.write(name, t)
+    except BaseException:
+        writer.abort()
+        raise
+    files = writer.close()
+    _write_record(model, info, dict(tied), tmp, extra)
+    config = hf.config_of(model)
+    if config is not None:
+        config.save_pretrained(tmp)
+    return files

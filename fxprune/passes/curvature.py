@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -549,8 +549,10 @@ class CurvatureSource:
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], *, loss_fn: Any = None,
                  device: Any = "auto", stats_device: Any = "cpu", dtype: torch.dtype = torch.float32,
-                 budget: int | None = None, progress: bool = True) -> None:
+                 budget: int | None = None, progress: bool = True,
+                 reduce: Callable[[Any], Any] | None = None) -> None:
         self.batches = list(batches)
+        self.reduce = reduce  # sums each gathering over data shards (DistContext.reduce_stats)
         self.loss_fn = loss_fn
         self.device = device
         self.stats_device = stats_device
@@ -573,6 +575,8 @@ class CurvatureSource:
             stats = gather_stats(model, self.batches, {n: specs[n] for n in chunk}, loss_fn=self.loss_fn,
                                  device=self.device, stats_device=self.stats_device, dtype=self.dtype,
                                  progress=self.progress)
+            if self.reduce is not None:
+                stats = self.reduce(stats)
             self.gatherings += 1
             self.peak_stats_bytes = max(self.peak_stats_bytes, stats.nbytes)
             if len(chunks) == 1:

@@ -643,6 +643,7 @@ class _CurvatureImportance(Importance):
         self._costs: dict[str, np.ndarray] = {}
         self.how: dict[str, str] = {}
         self.source: curvature.CurvatureSource | None = None
+        self.reduce_stats: Callable[[Any], Any] | None = None  # set by a distributed sync's prepare()
 
     def run(self, model: nn.Module, groups: Sequence[Group], batches: Sequence[Batch], ctx: ScoringContext, *,
             device: torch.device, loss_fn: LossFn | None, progress: bool) -> int:
@@ -652,7 +653,7 @@ class _CurvatureImportance(Importance):
             weight_bytes = sum(p.numel() * p.element_size() for p in unique_params(model))
             budget = max(weight_bytes // 2, 128 * 2**20)
         self.source = curvature.CurvatureSource(model, batches, loss_fn=loss_fn, device=device, budget=budget,
-                                                progress=progress)
+                                                progress=progress, reduce=self.reduce_stats)
         self.source.damping = self.damping
         gc = curvature.group_costs(model, groups, self.source, self.method, damping=self.damping,
                                    relative=self.relative)
@@ -832,6 +833,20 @@ def _progress(batches: Iterable[Batch], name: str, enabled: bool) -> Any:
     return tqdm(batches, total=total, desc=f"scoring ({name})", disable=not enabled, leave=False)
 
 
+def check_loss(loss: Any, i: int) -> float:
+    """The value of batch ``i``'s loss, which must be a finite scalar that has a gradient."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ScoringError(f"batch {i}: the loss must be a scalar tensor, got {type(loss).__name__}.")
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ScoringError(f"batch {i}: loss is {value}; check the model and this batch's inputs.")
+    if not loss.requires_grad:
+        raise ScoringError(
+            f"batch {i}: the loss does not depend on any grouped parameter, so it has no gradient."
+        )
+    return value
+
+
 def _run_backward(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -852,15 +867,7 @@ def _run_backward(
         batch = _to_device(batch, device)
         with autocast:
             loss = model_loss(model, batch, loss_fn)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ScoringError(f"batch {i}: the loss must be a scalar tensor, got {type(loss).__name__}.")
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ScoringError(f"batch {i}: loss is {value}; check the model and this batch's inputs.")
-        if not loss.requires_grad:
-            raise ScoringError(
-                f"batch {i}: the loss does not depend on any grouped parameter, so it has no gradient."
-            )
+        value = check_loss(loss, i)
         loss.backward()
         del loss
         bad = crit.pop_nonfinite()
@@ -940,6 +947,7 @@ def score(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     progress: bool = True,
+    sync: Callable[[Importance, ScoringContext, int], int] | None = None,
     importance_options: Mapping[str, Any] | None = None,
 ) -> Scores:
     """Score every unit of every group; higher means more important.
@@ -965,6 +973,10 @@ def score(
             :func:`default_loss` (sum of squares of the outputs).
         seed: seeds torch during the pass and the ``random`` criterion.
         progress: show a tqdm bar over batches.
+        sync: ``sync(criterion, context, tokens) -> tokens``, called once after the calibration
+            passes and before any score is computed, to sum the accumulated state over data
+            shards (``fxprune.distributed.DistContext.reduce_scoring``: each rank scores its shard);
+            its ``prepare(criterion, context)``, if it has one, runs before the passes.
         importance_options: keyword options of the criterion (``surgeon``/``obs``: ``damping``,
             ``budget``, ``relative``).
 
@@ -994,6 +1006,8 @@ def score(
             "'l1', 'l2' and 'random' need none."
         )
     tokens = 0
+    if sync is not None and callable(getattr(sync, "prepare", None)):
+        sync.prepare(crit, ctx)
     if crit.needs_data and targets:
         dev = _resolve_device(device)
         with contextlib.ExitStack() as stack:
@@ -1013,6 +1027,8 @@ def score(
                 tokens = _run_forward(model, batches, crit, ctx, dev, autocast, progress, collector)
             if collector is not None:
                 _fill_input_stats(collector, ctx)
+            if sync is not None:
+                tokens = sync(crit, ctx, tokens)
             if ctx.n_batches == 0:
                 raise DataError("no calibration batches: the batches iterable was empty.")
             scores, raw = _all_group_scores(groups, crit, ctx, agg, norm)

@@ -60,8 +60,8 @@ from fxprune.util.loss import Batch, LossFn, count_tokens, model_loss
 from fxprune.util.modules import call, eval_mode, on_device, resolve_device, to_device, unique_params
 
 __all__ = [
-    "LAYER_ADAPTERS", "LayerAdapter", "LayerStats", "StatSpec", "Stats", "Collector", "gather_stats",
-    "linear_layers", "register_adapter",
+    "LAYER_ADAPTERS", "LayerAdapter", "LayerStats", "StatSpec", "Stats", "Collector", "combine_stats",
+    "gather_stats", "linear_layers", "register_adapter",
 ]
 
 
@@ -309,11 +309,13 @@ class Stats(Mapping[str, LayerStats]):
         return Stats(types.MappingProxyType(merged), self.spec, self.n_batches + other.n_batches,
                      self.n_tokens + other.n_tokens, self.fisher)
 
-    def all_reduce(self, group: Any = None) -> "Stats":
+    def all_reduce(self, group: Any = None, comm_device: str | torch.device | None = None) -> "Stats":
         """Sum every statistic over the ranks of ``torch.distributed`` (a no-op when not initialised).
 
         Each distinct tensor is reduced once (shared input slots stay shared); counts are reduced
-        too.  Returns a new ``Stats``; this one is left as it was.
+        too.  ``comm_device``: where the reduction runs (CUDA under NCCL, which cannot reduce CPU
+        tensors); results come back to each tensor's device.  Returns a new ``Stats``; this one is
+        left as it was.
         """
         import torch.distributed as dist
 
@@ -324,15 +326,18 @@ class Stats(Mapping[str, LayerStats]):
         names = sorted(self.layers)  # the same order on every rank
         counts = torch.tensor([[self.layers[n].count, self.layers[n].cov_count, self.layers[n].grad_count]
                                for n in names] + [[self.n_batches, self.n_tokens, 0]], dtype=torch.float64)
+        if comm_device is not None:
+            counts = counts.to(comm_device)
         dist.all_reduce(counts, group=group)
+        counts = counts.cpu()
         for i, name in enumerate(names):
             ls = self.layers[name]
             fields = {}
             for key, t in ls.tensors().items():
                 if id(t) not in reduced:
-                    r = t.clone()
+                    r = t.to(comm_device, copy=True) if comm_device is not None else t.clone()
                     dist.all_reduce(r, group=group)
-                    reduced[id(t)] = r
+                    reduced[id(t)] = r.to(t.device)
                 fields[key] = reduced[id(t)]
             c = counts[i]
             out[name] = dataclasses.replace(ls, count=int(c[0]), cov_count=int(c[1]), grad_count=int(c[2]), **fields)
@@ -344,6 +349,29 @@ class Stats(Mapping[str, LayerStats]):
 
 def dict_spec(spec: Any) -> Any:
     return spec if isinstance(spec, StatSpec) else dict(spec)
+
+
+def combine_stats(parts: Sequence[Stats], n_batches: int, n_tokens: int) -> Stats:
+    """One ``Stats`` from gatherings over *disjoint* layer sets on the same data (sequential mode
+    gathers one block at a time); ``n_batches``/``n_tokens`` describe that data.
+
+    Parts gathered with one :class:`StatSpec` keep it; per-layer specs (``{layer: StatSpec}``,
+    what the curvature criteria ask for) are joined into one mapping over the combined layers."""
+    layers: dict[str, LayerStats] = {}
+    shared = [p.spec for p in parts if isinstance(p.spec, StatSpec)]
+    if shared and (len(shared) < len(parts) or len(set(shared)) > 1):
+        raise ScoringError("statistics to combine must share one spec (or all have per-layer specs)")
+    per_layer: dict[str, StatSpec] = {}
+    for part in parts:
+        overlap = set(part.layers) & set(layers)
+        if overlap:
+            raise ScoringError(f"statistics to combine overlap on {sorted(overlap)[:3]}")
+        layers.update(part.layers)
+        if not isinstance(part.spec, StatSpec):
+            per_layer.update(part.spec)
+    spec: Any = shared[0] if shared else (_freeze_spec(per_layer) if parts else StatSpec())
+    fisher = parts[0].fisher if parts else "empirical"
+    return Stats(types.MappingProxyType(layers), spec, n_batches, n_tokens, fisher)
 
 
 # ------------------------------------------------------------------------------------------
