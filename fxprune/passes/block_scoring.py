@@ -361,8 +361,8 @@ class BlockTaylor(BlockImportance):
 class CurvatureCost(BlockImportance):
     """The loss increase a registered cost model (:data:`BLOCK_COSTS`) predicts per branch.
 
-    ``cost=NAME`` picks the model (default: the only one registered).  The surgeon pass
-    registers its curvature costs here; nothing is built in.
+    ``cost=NAME`` picks the model (default: the only one registered, ``surgeon`` unless you
+    register another).  Cost models receive ``loss_fn``, ``device`` and ``progress`` as options.
     """
 
     def scores(self, ctx: BlockContext) -> np.ndarray:
@@ -375,11 +375,69 @@ class CurvatureCost(BlockImportance):
                     "and pass cost=NAME")
             name = next(iter(BLOCK_COSTS))
         fn = _lookup(BLOCK_COSTS, name, "block cost model")
-        extra = {k: v for k, v in self.options.items() if k != "cost"}
+        extra = {"loss_fn": ctx.loss_fn, "device": ctx.device, "progress": ctx.progress,
+                 **{k: v for k, v in self.options.items() if k != "cost"}}
         out = np.asarray(fn(ctx.model, ctx.analysis, ctx.group, ctx.batches, **extra), dtype=np.float64)
         if out.shape != (ctx.group.size,):
             raise ScoringError(f"cost model {name!r} returned shape {out.shape}, expected ({ctx.group.size},)")
         return out
+
+
+def output_projection(model: Any, analysis: Any, branch: Any) -> str | None:
+    """The module of the last linear-like layer on the branch's path (graph order), or None."""
+    from fxprune.util.hf import linear_input_dim
+
+    graph = analysis.graph
+    nodes = {n.name: n for n in graph.exported_program.graph.nodes}
+    own = set(branch.params)
+    for name in reversed(branch.nodes):
+        node = nodes.get(name)
+        if node is None or node.op != "call_function":
+            continue
+        for arg in node.all_input_nodes:
+            fqn = graph.param_of.get(arg.name)
+            if fqn is None or graph.canonical(fqn) not in own and fqn not in own:
+                continue
+            mod_name, _, attr = fqn.rpartition(".")
+            if attr == "weight" and linear_input_dim(model.get_submodule(mod_name)) is not None:
+                return mod_name
+    return None
+
+
+@register_block_cost("surgeon")
+def surgeon_block_cost(model: Any, analysis: Any, group: Any, batches: Sequence[Any], *, loss_fn: Any = None,
+                       device: Any = "cpu", progress: bool = False, **_: Any) -> np.ndarray:
+    """The LLM Surgeon's K-FAC estimate of the loss increase of removing each branch.
+
+    Removing a branch removes its output; its last linear-like layer (the output projection)
+    zeroed is the weight change ``ΔW = -W`` (bias included) that does so.  Under the
+    Kronecker-factored Fisher ``F ≈ A ⊗ G`` (``A = E[x xᵀ]`` with a bias column, ``G = E[g gᵀ]`` of
+    its output gradients) the predicted loss increase is ``½ tr(G W A Wᵀ)``.
+    """
+    from fxprune.passes.stats import StatSpec, gather_stats
+    from fxprune.util.hf import linear_input_dim
+
+    proj: dict[int, str] = {}
+    for unit, b in enumerate(group.branches):
+        name = output_projection(model, analysis, b)
+        if name is None:
+            raise ScoringError(f"the surgeon block cost needs a linear-like output projection; branch {b.id} "
+                               "has none: use another block criterion")
+        proj[unit] = name
+    stats = gather_stats(model, batches, StatSpec(input_cov=True, grad_cov=True, bias_column=True),
+                         layers=sorted(set(proj.values())), loss_fn=loss_fn, device=device, progress=progress)
+    out = np.zeros(group.size)
+    for unit, mod_name in proj.items():
+        mod, ls = model.get_submodule(mod_name), stats[mod_name]
+        w = mod.weight.detach().double().cpu()
+        w = w.T if linear_input_dim(mod) == 0 else w.reshape(w.shape[0], -1)  # (out, in)
+        if ls.bias_column:
+            bias = getattr(mod, "bias", None)
+            col = bias.detach().double().cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+            w = torch.cat([w, col[:, None]], dim=1)
+        a, g = ls.A.double(), ls.G.double()
+        out[unit] = 0.5 * float(((g @ w) * (w @ a)).sum())
+    return out
 
 
 @register_block_importance("random")
