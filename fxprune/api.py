@@ -508,7 +508,7 @@ def prune_once(
                 raise PlanError(f"round_to must be a positive int, a per-kind mapping or 'auto', got {round_to!r}")
             round_to = device_round_to(analysis, device)
         if allocation == "uniform" or uniform:
-            kinds = _describable(model, analysis, kinds, round_to, notes)
+            kinds = drop_undescribable_kinds(model, analysis, kinds, round_to, notes)
         numel = numel_by_name(model)
         plan = None
         if distributed is None or distributed.is_main:
@@ -580,7 +580,7 @@ class _Clock:
 
 
 # ------------------------------------------------------------------------------------------
-def _describable(model: Any, analysis: Analysis, kinds: Mapping[str, Any] | None, round_to: Any,
+def drop_undescribable_kinds(model: Any, analysis: Analysis, kinds: Mapping[str, Any] | None, round_to: Any,
                  notes: list[str]) -> Mapping[str, Any] | None:
     """Turn off default kinds the model's HF config cannot describe (kinds the user named stay)."""
     named = set(kinds or {})

@@ -470,9 +470,7 @@ def _round_to_arg(value: str) -> Any:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
-    return n
+    return n  # the range is checked with the other prune arguments (one message for CLI and Python)
 
 
 def _prune_quality(args: argparse.Namespace, dense: Any, result: Any, tokenizer: Any) -> dict | None:
@@ -501,7 +499,7 @@ def _write_pruned(result: Any, tmp: str, args: argparse.Namespace, tokenizer: An
     write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
                  result.report.headline(), prune_report=result.report,
                  sections={"Details": result.report.table(timings=False),
-                           "How to load": ckpt.how_to_load(args.out or "OUT")})
+                           "How to load": ckpt.how_to_load("path/to/this/directory")})
     return ckpt
 
 

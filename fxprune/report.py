@@ -221,7 +221,6 @@ def model_card(model: Any, checkpoint: Any, *, report: Any = None, source: str |
         md.append(f"- importance criterion: `{report.importance}`; allocation: `{report.allocation}`"
                   + (f" (plan: `{plan_info.get('allocation')}`)" if plan_info and plan_info.get("allocation") != report.allocation else ""))
         md.append(f"- kept sizes rounded to multiples of: `{report.round_to}` (units per kind)")
-        md.append("- time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
         md += [f"- note: {n}" for n in report.notes]
     md += ["- library: fxprune (exact structured pruning over torch.export graphs)", ""]
     md += ["## Quality", ""]

@@ -65,7 +65,7 @@ ROWS: tuple[Row, ...] = (
     Row("importance", "an unknown --importance", "prune {model} --ratio 0.2 --importance magic", 2,
         "unknown importance criterion 'magic'; choose from [*'taylor'*]"),
     Row("round-to", "--round-to below 1", "prune {model} --ratio 0.2 --round-to 0", 2,
-        "round_to must be a positive integer (or a dict of them per kind), got 0"),
+        "round_to must be a positive integer (or a dict of them per kind, or 'auto'), got 0"),
     Row("n-samples", "--n-samples below 1", "prune {model} --ratio 0.2 --n-samples 0", 2,
         "n_samples must be a positive integer, got 0"),
     Row("device", "an unknown --device", "prune {model} --ratio 0.2 --device gpu", 2,

@@ -41,6 +41,7 @@ from fxprune.passes.compare import (
     FLOAT64_BUDGET_BYTES,
     Verdict,
     check_cases,
+    float32_casts,
     float64_bytes,
     float64_copy,
     judge,
@@ -918,7 +919,8 @@ def verify(
             worst = max(worst, diff)
         return VerifyReport(True, worst, shapes_ok, finite, judged_in="float32 (rtol/atol given)", oracle=oracle)
     float64 = _float64_pair(reference, pruned) if reference is not None else None
-    verdict = judge(reference_run, _model_runner(pruned), cases, float64=float64)
+    verdict = judge(reference_run, _model_runner(pruned), cases, float64=float64,
+                    float64_floor=float32_casts(graph.exported_program.graph))
     if not verdict:
         raise VerificationError(
             f"pruned model differs from the original with the removed units zeroed: {verdict.why}. "
@@ -1133,7 +1135,8 @@ class _GraphCheck:
     def __call__(self, module: torch.nn.Module) -> Verdict:
         try:
             return judge(self._reference, runner(module), self.cases, float64=self._float64(module),
-                         force_float64=self.force_float64, require_float64=self.require_float64)
+                         force_float64=self.force_float64, require_float64=self.require_float64,
+                         float64_floor=float32_casts(self.program.graph_module.graph))
         except Exception as exc:  # noqa: BLE001 - a failing forward is a mismatch
             return Verdict(False, math.inf, math.inf, "-", (), f"{type(exc).__name__}: {exc}")
 

@@ -1227,7 +1227,7 @@ def prune_sequential(
     importance: str = "taylor",
     aggregate: str = "sum",
     allocation: str = "uniform",
-    round_to: int | Mapping[str, int] = 1,
+    round_to: int | Mapping[str, int] | str = "auto",
     kinds: Mapping[str, Any] | None = None,
     max_group_ratio: float = 0.9,
     keep_blocks_first: int = 0,
@@ -1295,6 +1295,12 @@ def prune_sequential(
                                distributed=distributed, ram_bytes=ram_bytes, offload_dir=offload_dir,
                                progress=progress)
     with clock("plan"):
+        from fxprune.api import device_round_to, drop_undescribable_kinds
+
+        if round_to == "auto":  # as prune(): widths a multiple of the device's GEMM panel
+            round_to = device_round_to(analysis, device)
+        if allocation == "uniform":  # as prune(): kinds no standard config describes stay whole
+            kinds = drop_undescribable_kinds(model, analysis, kinds, round_to, notes)
         plan = None
         if distributed is None or distributed.is_main:
             plan = make_plan(analysis, run.scores, float(ratio), numel=numel_by_name(model), allocation=allocation,
