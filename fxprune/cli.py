@@ -326,7 +326,35 @@ def check_recover(args: argparse.Namespace) -> None:
         check_tokenizer(args.dir, "recover --data")
     if args.teacher:
         check_model(args.teacher, "--teacher")
+    args.method = _recover_method(args.dir, args.method)
+    if "distill" in args.method and not args.teacher:
+        source = _recorded_source(args.dir)
+        if source is None:
+            raise BadInputError(f"--method {args.method} needs the dense model: pass --teacher DIR")
+        check_model(source, "the recorded source model (the distillation teacher)")
+    if args.method != "distill" and not _is_causal_lm_dir(args.dir):
+        raise BadInputError(f"--method {args.method} trains the next-token loss, which {args.dir} (not a causal LM) "
+                            "has not: use --method distill (teacher: the dense model)")
     _reserve(args, args.out or (args.dir.rstrip("/") + "-recovered"), [args.dir, args.data, args.teacher])
+
+
+def _is_causal_lm_dir(path: str) -> bool:
+    """Whether a checkpoint's config names a causal-LM class (read before any model is loaded)."""
+    from fxprune.checkpoint import transformer_dir
+
+    try:
+        with open(os.path.join(transformer_dir(path), "config.json"), encoding="utf-8") as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return True  # no config to read: let recover() decide
+    return not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def _recover_method(path: str, method: str) -> str:
+    """``--method auto``: LoRA on the next-token loss for causal LMs, distillation otherwise."""
+    if method != "auto":
+        return method
+    return "lora" if _is_causal_lm_dir(path) else "distill"
 
 
 def check_export(args: argparse.Namespace) -> None:
@@ -557,6 +585,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     protect = (args.dir, args.data, args.teacher)
     check_destination(out_dir, overwrite=args.overwrite, protect=[p for p in protect if p and os.path.exists(p)])
     _log.info("loading %s...", args.dir)
+    args.method = _recover_method(args.dir, args.method)
     model = load_any(args.dir)
     tokenizer = load_tokenizer(args.dir)
     teacher = None
@@ -735,7 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="pruned model directory")
     p.add_argument("--data", required=True, help=f"training data: {DATA_FILES} (or Alpaca instruction/input/"
                    "output fields)")
-    p.add_argument("--method", default="lora", choices=["lora", "distill", "lora+distill"])
+    p.add_argument("--method", default="auto", choices=["auto", "lora", "distill", "lora+distill"],
+                   help="auto (default): lora for causal LMs, distill (teacher: the dense source) for encoders")
     p.add_argument("--teacher", help="dense model directory for distillation (default: the recorded source)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=4)

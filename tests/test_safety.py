@@ -185,6 +185,21 @@ def _interrupt_at(ckpt: Path, out: Path, marker: str, sig: int, *, ignore_sigint
     return code, elapsed, "".join(lines)
 
 
+def test_ctrl_c_while_the_command_starts_is_not_lost(ckpt, tmp_path):
+    """The console command (fxprune_cli) owns SIGINT before torch is imported: a background run
+    (SIGINT inherited as ignored) interrupted during its imports stops with 130 and writes nothing."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fxprune_cli", "prune", str(ckpt / "llama"), "--ratio", "0.2",
+                             "--importance", "l2", "--out", str(out), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT), preexec_fn=_ignore_sigint)
+    time.sleep(0.5)  # importing torch takes longer than this
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == cli.EXIT_INTERRUPTED, proc.stdout.read()[-2000:]
+    assert "nothing was written" in proc.stdout.read()
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
 STAGES = {  # stage -> (the line that announces it, the signal, SIGINT ignored at start, extra arguments)
     "loading": ("fxprune: loading", signal.SIGTERM, False, ()),
     "capture": ("fxprune: capture...", signal.SIGINT, True, ()),
