@@ -266,8 +266,16 @@ def _reserve(args: argparse.Namespace, path: str, inputs: list) -> None:
     so a second run into the same --out fails at once instead of after its work)."""
     from fxprune.util.publish import Publication
 
+    if not _writing_rank():  # under torchrun only rank 0 writes (and holds the lock)
+        args.reserved = None
+        return
     args.reserved = Publication(path, overwrite=args.overwrite, protect=[p for p in inputs if p],
                                 what="output directory")
+
+
+def _writing_rank() -> bool:
+    """Whether this process writes outputs: always, except the ranks > 0 of a torchrun launch."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _check_export_runtime() -> None:
@@ -386,9 +394,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from fxprune.util.publish import Publication
 
     out_dir = args.out or (args.model.rstrip("/") + "-pruned")
-    pub = getattr(args, "reserved", None) or Publication(out_dir, overwrite=args.overwrite, protect=[args.model, args.calib])
     dist = init_distributed()
     main_rank = dist is None or dist.is_main
+    pub = None
+    if main_rank:
+        pub = getattr(args, "reserved", None) or Publication(out_dir, overwrite=args.overwrite,
+                                                             protect=[args.model, args.calib])
     try:
         _log.info("loading %s...", args.model)
         model_path = transformer_dir(args.model) if os.path.isdir(args.model) else args.model
