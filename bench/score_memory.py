@@ -202,6 +202,18 @@ def _scoring_pass(model, batches, groups) -> None:
     score(model, groups, batches, importance="taylor", progress=False, device="auto")
 
 
+def random_batches(n: int, seq_len: int, vocab: int, device: str) -> list[dict]:
+    """``n`` seeded batches of one window of random token ids (memory does not depend on them)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)})
+    return out
+
+
 def _backward_pass(model, batches, groups) -> None:
     """What a naive implementation does: backprop every batch and keep all gradients."""
     for b in batches:
@@ -220,12 +232,7 @@ def _child(mode: str, n_batches: int, seq_len: int, groups_from: str) -> dict:
     model = LlamaForCausalLM(_config()).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    batches = [
-        {"input_ids": (ids := torch.randint(0, 32000, (1, seq_len), generator=gen)).to(device),
-         "attention_mask": torch.ones_like(ids).to(device)}
-        for _ in range(n_batches)
-    ]
+    batches = random_batches(n_batches, seq_len, 32000, device)
     with torch.no_grad():  # warm-up: one-time allocations (thread pools, kernels) not counted
         model(**batches[0], use_cache=False)
     groups = []

@@ -55,7 +55,7 @@ def _config():
 
 def _child(mode: str, n_batches: int, seq_len: int, budget_mb: int | None) -> dict:
     import torch
-    from score_memory import _Probe
+    from score_memory import _Probe, random_batches
     from transformers import LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
@@ -68,9 +68,7 @@ def _child(mode: str, n_batches: int, seq_len: int, budget_mb: int | None) -> di
     model = LlamaForCausalLM(_config()).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": (ids := torch.randint(0, 16384, (1, seq_len), generator=gen)).to(device),
-                "attention_mask": torch.ones_like(ids).to(device)} for _ in range(n_batches)]
+    batches = random_batches(n_batches, seq_len, 16384, device)
     with torch.no_grad():
         model(**batches[0], use_cache=False)
     with warnings.catch_warnings():

@@ -383,12 +383,14 @@ class CurvatureCost(BlockImportance):
         return out
 
 
-def output_projection(model: Any, analysis: Any, branch: Any) -> str | None:
-    """The module of the last linear-like layer on the branch's path (graph order), or None."""
+def output_projection(model: Any, analysis: Any, branch: Any, nodes: Mapping[str, Any] | None = None) -> str | None:
+    """The module of the last linear-like layer on the branch's path (graph order), or None.
+    ``nodes``: the graph's ``{name: node}`` (built here when not given)."""
     from fxprune.util.hf import linear_input_dim
 
     graph = analysis.graph
-    nodes = {n.name: n for n in graph.exported_program.graph.nodes}
+    if nodes is None:
+        nodes = {n.name: n for n in graph.exported_program.graph.nodes}
     own = set(branch.params)
     for name in reversed(branch.nodes):
         node = nodes.get(name)
@@ -418,8 +420,9 @@ def surgeon_block_cost(model: Any, analysis: Any, group: Any, batches: Sequence[
     from fxprune.util.hf import linear_input_dim
 
     proj: dict[int, str] = {}
+    nodes = {n.name: n for n in analysis.graph.exported_program.graph.nodes}
     for unit, b in enumerate(group.branches):
-        name = output_projection(model, analysis, b)
+        name = output_projection(model, analysis, b, nodes)
         if name is None:
             raise ScoringError(f"the surgeon block cost needs a linear-like output projection; branch {b.id} "
                                "has none: use another block criterion")

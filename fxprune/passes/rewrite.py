@@ -1114,6 +1114,7 @@ class _GraphCheck:
             self.cases.append(case)
             self.outputs[id(case[1])] = out
         self._graph64: Any = None
+        self._casts = float32_casts(program.graph_module.graph)  # once: every trial module is judged here
 
     def _reference(self, args: tuple, kwargs: dict) -> Any:
         return self.outputs[id(kwargs)]
@@ -1136,7 +1137,7 @@ class _GraphCheck:
         try:
             return judge(self._reference, runner(module), self.cases, float64=self._float64(module),
                          force_float64=self.force_float64, require_float64=self.require_float64,
-                         float64_floor=float32_casts(self.program.graph_module.graph))
+                         float64_floor=self._casts)
         except Exception as exc:  # noqa: BLE001 - a failing forward is a mismatch
             return Verdict(False, math.inf, math.inf, "-", (), f"{type(exc).__name__}: {exc}")
 
