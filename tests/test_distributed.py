@@ -7,8 +7,8 @@ float tolerance.  One spawned job runs every two-rank check (process start-up an
 trace dominate the cost); a three-rank job goes through ``torchrun -m fxprune prune``.
 
 Statistics for OBS (``H = Σ x xᵀ``) and the surgeon criteria (K-FAC ``A`` with the bias column,
-``G = Σ g gᵀ``) are checked as the ``Stats`` those criteria consume; the criteria themselves are
-not on main yet.
+``G = Σ g gᵀ``) are checked as the ``Stats`` those criteria consume, and the criteria with their
+weight updates end to end, in memory and in sequential mode.
 """
 
 from __future__ import annotations
@@ -95,6 +95,12 @@ def _worker(rank: int, world: int, port: int, out: str, checkpoint: str) -> None
                                importance="taylor", spec=SPEC, device="cpu", distributed=dist, progress=False)
     results["seq_scores"] = {k: np.asarray(v) for k, v in run.scores.items()}
     results["seq_stats"] = _stats(run.stats)
+    # sequential obs with its update: per-block H all-reduced for the costs and again for the update
+    res = seq.prune_sequential(checkpoint, 0.3, calib=_batches(), importance="obs", example_inputs=_batches(1)[0],
+                               device="cpu", distributed=dist, progress=False)
+    results["seq_obs"] = {"plan": res.plan.as_dict(), "update": {k: v.clone() for k, v in res.update.changed.items()},
+                          "scores": {k: np.asarray(v) for k, v in res.scores.raw.items()}}
+    results["checkpoint"] = checkpoint
     # FSDP2: module-hook statistics work on sharded parameters; gradient criteria are refused
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -171,6 +177,21 @@ def test_two_ranks_give_the_single_process_obs_and_kfac_statistics(two_ranks):
     for rank in two_ranks:
         _close_stats(rank["stats"], want)
         _close_stats(rank["seq_stats"], want)  # sequential + distributed
+
+
+def test_two_ranks_in_sequential_mode_give_the_single_process_obs_plan_and_update(two_ranks):
+    from fxprune.passes import sequential as seq
+
+    warnings.simplefilter("ignore")
+    one = seq.prune_sequential(two_ranks[0]["checkpoint"], 0.3, calib=_batches(), importance="obs",
+                               example_inputs=_batches(1)[0], device="cpu", progress=False)
+    for rank in two_ranks:
+        got = rank["seq_obs"]
+        _close_scores(got["scores"], {k: np.asarray(v) for k, v in one.scores.raw.items()})
+        assert got["plan"] == one.plan.as_dict()
+        assert set(got["update"]) == set(one.update.changed)
+        for k, t in one.update.changed.items():
+            torch.testing.assert_close(got["update"][k], t, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_two_ranks_in_sequential_mode_give_the_single_process_taylor_scores(two_ranks):

@@ -271,3 +271,64 @@ def test_only_the_current_block_and_the_resident_weights_are_alive(root):
     assert [b for b, _ in alive][:2] == ["model.layers.0", "model.layers.1"]
     assert all(n == per_block + 1 for b, n in alive if b.startswith("model.layers.")), alive  # + the embedding
     assert not [p for p in real_matrices() if id(p) not in known]  # everything offloaded at the end
+
+
+@pytest.mark.parametrize("name, importance", [("llama_gqa", "obs"), ("bert", "obs"), ("llama_gqa", "surgeon"),
+                                              ("qwen3", "surgeon")])
+def test_curvature_costs_equal_in_memory(root, name, importance):
+    """obs reads H = E[x xᵀ] of each block's exact inputs: its costs are the in-memory ones bit for
+    bit.  surgeon's A is exact too; its G comes through the streamed backward (float rounding)."""
+    ref, run = _score_both(name, root, importance)
+    assert run.mode == ("forward" if importance == "obs" else "recompute")
+    assert set(ref) == set(run.scores) and dict(run.scores.member_methods) == dict(ref.member_methods)
+    for gid in ref:
+        if importance == "obs":
+            np.testing.assert_array_equal(run.scores.raw[gid], ref.raw[gid], err_msg=gid)
+        else:
+            np.testing.assert_allclose(run.scores.raw[gid], ref.raw[gid], rtol=1e-4, atol=1e-12, err_msg=gid)
+    assert (run.scores.n_batches, run.scores.n_tokens) == (ref.n_batches, ref.n_tokens)
+    _, _, _, skeleton, _ = _setup(name, root)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+
+
+@pytest.mark.parametrize("name, importance", [("llama_gqa", "obs"), ("qwen3", "surgeon")])
+def test_curvature_prune_with_its_update_equals_in_memory(root, tmp_path, name, importance):
+    """The whole sequential pipeline with the criterion's weight update, block by block: the same
+    plan, the same compensated weights and the same outputs as the in-memory one-shot prune."""
+    model, _, path, _, _ = _setup(name, root)
+    batches = _batches(name=name)
+    ref = fxprune.prune(model, 0.3, calib=batches, importance=importance, shots=1, example_inputs=batches[0],
+                        progress=False)
+    res = seq.prune_sequential(path, 0.3, calib=batches, importance=importance, example_inputs=batches[0],
+                               device="cpu", progress=False)
+    assert res.plan.as_dict() == ref.plan.as_dict()
+    assert res.report.allocation == ref.report.allocation == "cost"
+    assert res.update is not None and res.update.method == importance == ref.report.update
+    assert set(res.update.changed) <= set(ref.weights.changed) and len(res.update.changed) > 0
+    out = tmp_path / "out"
+    seq.save_sequential(res, str(out), progress=False)
+    loaded = fxprune.load(str(out))
+    want, got = ref.model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        if importance == "obs":
+            assert torch.equal(got[k], want[k]), k
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, ref.model(**batches[0]).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sequential_update_past_its_ram_spills_to_disk_and_cleans_up(root, tmp_path):
+    _, _, path, _, _ = _setup("llama_gqa", root)
+    batches = _batches()
+    res = seq.prune_sequential(path, 0.3, calib=batches, importance="obs", example_inputs=batches[0], device="cpu",
+                               progress=False)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    upd = seq.update_sequential(res.model, res.analysis, res.plan, res.scores, ram_bytes=0, offload_dir=str(spill))
+    assert os.listdir(spill) and set(upd.changed) == set(res.update.changed)
+    for k in upd.changed:
+        assert torch.equal(upd.changed[k], res.update.changed[k]), k
+    upd.changed.close()
+    assert os.listdir(spill) == []

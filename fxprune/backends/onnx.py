@@ -92,7 +92,8 @@ def ort_session(
     :class:`~fxprune.passes.export.ExportResult` (so runtime helpers compose with ``export_onnx``).
 
     ``providers`` default to :func:`ort_providers`; ``intra_op_threads`` (None: ORT's default)
-    pins the CPU thread pool, as benchmarks want.
+    pins the CPU thread pool, as benchmarks want.  Idle pool threads stop spinning when a run
+    returns (``session.force_spinning_stop``), so sessions opened side by side do not slow each other.
     """
     ort = import_ort()
     if isinstance(session_or_path, ort.InferenceSession):
@@ -104,6 +105,10 @@ def ort_session(
         raise ExportError(f"ONNX file not found: {path}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # keep ORT's warnings about unused initializers out of the way
+    # the pool spins during a run and stops when it returns: fxprune opens the dense and the pruned
+    # model side by side (bench, parity), and an idle session spinning into the other's run takes
+    # its cores (bench/onnx_latency.py)
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
     return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers or ort_providers()))

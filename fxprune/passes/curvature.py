@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -563,6 +563,13 @@ class CurvatureSource:
         self.gatherings = 0
         self.peak_stats_bytes = 0
 
+    def each_chunk(self, model: nn.Module, specs: Mapping[str, Any], fn: Callable[[list[str], Any], None]) -> None:
+        """Call ``fn(layers, stats)`` for chunks covering every layer of ``specs``, each while those
+        layers' weights are in ``model`` (always, in memory; sequential mode overrides this and runs
+        ``fn`` block by block while the block is onloaded)."""
+        for layers, stats in self.iter_stats(model, specs):
+            fn(layers, stats)
+
     def iter_stats(self, model: nn.Module, specs: Mapping[str, Any]) -> Iterator[tuple[list[str], Any]]:
         """Yield ``(layers, Stats)`` covering every layer of ``specs``, chunk by chunk."""
         from fxprune.passes.stats import gather_stats
@@ -640,7 +647,7 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
             how[r.key] = "not scored by forward-only OBS (its group's consumer columns carry the cost)"
         else:
             how[r.key] = "not scored: no linear contraction and no first-order statistic"
-    for layers, stats in source.iter_stats(model, specs):
+    def chunk(layers: list[str], stats: Any) -> None:
         for layer in layers:
             module = model.get_submodule(layer)
             ls = stats.layers.get(layer)
@@ -671,6 +678,8 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
                     how[r.key] += " [no calibration data: damped]"
                 costs[r.group] += c
             del lc
+
+    source.each_chunk(model, specs, chunk)
     for gid, c in costs.items():
         if not np.all(np.isfinite(c)):
             raise ScoringError(f"group {gid!r}: non-finite curvature costs")
@@ -719,10 +728,12 @@ def layer_removals(model: nn.Module, analysis: Any, plan: Any,
 
 
 def plan_update(model: nn.Module, analysis: Any, plan: Any, source: CurvatureSource, method: str, *,
-                damping: float = DAMPING) -> tuple[dict[str, torch.Tensor], list[str]]:
+                damping: float = DAMPING, out: MutableMapping[str, torch.Tensor] | None = None,
+                ) -> tuple[MutableMapping[str, torch.Tensor], list[str]]:
     """New values of every weight/bias ``method`` (``"surgeon"``/``"obs"``) changes for ``plan``.
 
-    Returns ``({fqn: tensor of the parameter's shape}, notes)``.  Tied weights (one tensor used by
+    Returns ``({fqn: tensor of the parameter's shape}, notes)``; ``out`` is the mapping to fill
+    (sequential mode passes one that spills to disk).  Tied weights (one tensor used by
     several modules) are left as they are: an update for one use would change the others.
 
     In a coupled group a unit's producer rows feed only its consumer columns, which go with it;
@@ -751,8 +762,9 @@ def plan_update(model: nn.Module, analysis: Any, plan: Any, source: CurvatureSou
             specs[layer] = StatSpec(input_cov=True, bias_column=True)
     if skipped_tied:
         notes.append(f"{method} update: tied weights not updated ({', '.join(sorted(skipped_tied))})")
-    changed: dict[str, torch.Tensor] = {}
-    for layers, stats in source.iter_stats(model, specs):
+    changed: MutableMapping[str, torch.Tensor] = out if out is not None else {}
+
+    def chunk(layers: list[str], stats: Any) -> None:
         for layer in layers:
             module = model.get_submodule(layer)
             r, c = removals[layer]
@@ -768,6 +780,8 @@ def plan_update(model: nn.Module, analysis: Any, plan: Any, source: CurvatureSou
             if b is not None and isinstance(bias, torch.Tensor):
                 changed[prefix + "bias"] = b.to(bias.dtype).to(bias.device).reshape(bias.shape)
             del lc
+
+    source.each_chunk(model, specs, chunk)
     n = len(changed)
     notes.append(f"{method} update: {n} tensors in {len(specs)} layers compensated "
                  f"({source.gatherings} statistics gathering(s))")

@@ -652,8 +652,9 @@ class _CurvatureImportance(Importance):
         if budget is None:
             weight_bytes = sum(p.numel() * p.element_size() for p in unique_params(model))
             budget = max(weight_bytes // 2, 128 * 2**20)
-        self.source = curvature.CurvatureSource(model, batches, loss_fn=loss_fn, device=device, budget=budget,
-                                                progress=progress, reduce=self.reduce_stats)
+        if self.source is None:  # sequential mode brings its own (block by block)
+            self.source = curvature.CurvatureSource(model, batches, loss_fn=loss_fn, device=device, budget=budget,
+                                                    progress=progress, reduce=self.reduce_stats)
         self.source.damping = self.damping
         gc = curvature.group_costs(model, groups, self.source, self.method, damping=self.damping,
                                    relative=self.relative)

@@ -48,6 +48,17 @@ reads the largest input count of the model (the ``activation`` criterion's norm 
 biases) are rescored once every piece has been seen (a CNN's stem sees the most rows, and runs
 outside the blocks), so they are exact too.
 
+**Curvature criteria and their updates.**  ``obs`` and ``surgeon`` gather their per-layer
+statistics (``H``; K-FAC ``A`` and ``G``) one block at a time (:class:`SequentialCurvatureSource`):
+each block's members are costed while its weights are onloaded, then its statistics are dropped,
+so at most one block's factors exist at once.  ``H`` and ``A`` are exact (block inputs); ``G``
+comes through the streamed backward above, so it is the in-memory one up to summation order.
+After the plan, :func:`update_sequential` sweeps once more and computes each block's
+compensated weights (``W_K += W_M H_MK H_KK⁻¹``; surgeon's ``Ã⁻¹``/``G̃⁻¹`` updates) while it is
+loaded; they wait for the save in RAM up to a budget, then on disk.  Sequential mode prunes in one
+shot (in memory ``shots="auto"`` re-gathers between shots for surgeon), and it does not apply
+FLAP's bias compensation, which adds tensors.
+
 Data parallelism (:mod:`fxprune.distributed`) composes: each rank pushes its shard of the batches
 through each block, and the block's sums are all-reduced once, before it is scored.
 """
@@ -75,12 +86,14 @@ from fxprune.graph import PrunableGraph
 from fxprune.io import Checkpoint, save_streamed_into
 from fxprune.passes.base import check, fxpass
 from fxprune.passes.capture import _aliases
+from fxprune.passes.curvature import CurvatureSource
 from fxprune.passes.scoring import (
     AGGREGATES, IMPORTANCE, NORMALIZERS, Importance, ScoringContext, Scores, Target, _all_group_scores,
     _collect_targets, _fill_input_stats, _gradient_session, _input_hooks, _input_means, _lookup, check_loss,
 )
-from fxprune.passes.stats import Collector, Stats, StatSpec, _sampled_loss, combine_stats, frozen_params
-from fxprune.passes.stats import linear_layers as _stat_layers
+from fxprune.passes.stats import (
+    Collector, Stats, StatSpec, _sampled_loss, any_needs_backward, combine_stats, frozen_params, layers_for, spec_of,
+)
 from fxprune.util import hf
 from fxprune.util.loss import Batch, LossFn, count_tokens, model_loss
 from fxprune.util.modules import call, resolve_device, set_tensor, to_device
@@ -90,6 +103,7 @@ __all__ = [
     "RESIDENT", "POST", "BlockCut", "BlockTiming", "SequentialScores", "SequentialPruneResult", "MemoryEstimate",
     "cut_blocks", "meta_twin", "skeleton_from_checkpoint", "score_sequential", "gather_stats_sequential",
     "prune_sequential", "save_sequential", "save_sequential_into", "estimate_memory", "needs_sequential",
+    "SequentialCurvatureSource", "update_sequential",
 ]
 
 RESIDENT = "<resident>"  # outside tensors used before or between the blocks (loaded throughout)
@@ -634,7 +648,7 @@ class _Consumers:
             for m in g.params:
                 self.members[piece_tensors[self.graph.canonical(m.name)]].append((g, m))
         block_of_module = {}
-        layers = _stat_layers(model, None, cov=bool(spec and (spec.input_cov or spec.grad_cov))) if spec else {}
+        layers = layers_for(model, spec) if spec else {}
         for name in layers:
             block_of_module[name] = next((b for b in cut.blocks if name == b or name.startswith(b + ".")), RESIDENT)
         self.stat_layers = {p: {n: layers[n] for n, b in block_of_module.items() if b == p} for p in cut.blocks}
@@ -648,7 +662,7 @@ class _Consumers:
 
     @property
     def needs_grad(self) -> bool:
-        return bool((self.crit_cls and self.crit_cls.needs_grad) or (self.spec and self.spec.grad_cov))
+        return bool((self.crit_cls and self.crit_cls.needs_grad) or (self.spec and any_needs_backward(self.spec)))
 
     @property
     def needs_data(self) -> bool:
@@ -708,20 +722,27 @@ class _Consumers:
             return []
         out = []
         if p.name in _OUTSIDE:  # input side in the final pass only; output gradients in every backward pass
-            if inputs and (spec.input_moments or spec.input_cov):
-                if self.outside_in_col is None:
-                    self.outside_in_col = Collector(layers, dataclasses.replace(spec, grad_cov=False),
+            if inputs and self.outside_in_col is None:
+                in_side = {n: dataclasses.replace(s, grad_cov=False, grad_input_sq=False, output_taylor=False)
+                           for n, s in ((n, spec_of(spec, n)) for n in layers) if s.input_moments or s.input_cov}
+                if in_side:
+                    self.outside_in_col = Collector({n: layers[n] for n in in_side}, in_side,
                                                     device=self.stats_device, dtype=self.stats_dtype)
+            if inputs and self.outside_in_col is not None:
                 out.append((stack.enter_context(self.outside_in_col), False))
-            if grads and spec.grad_cov:
-                if self.outside_grad_col is None:
-                    self.outside_grad_col = Collector(layers, StatSpec(grad_cov=True, bias_column=spec.bias_column),
+            if grads and self.outside_grad_col is None:
+                grad_side = {n: StatSpec(grad_cov=s.grad_cov, grad_input_sq=s.grad_input_sq,
+                                         output_taylor=s.output_taylor, bias_column=s.bias_column)
+                             for n, s in ((n, spec_of(spec, n)) for n in layers) if s.needs_backward}
+                if grad_side:
+                    self.outside_grad_col = Collector({n: layers[n] for n in grad_side}, grad_side,
                                                       device=self.stats_device, dtype=self.stats_dtype)
+            if grads and self.outside_grad_col is not None:
                 out.append((stack.enter_context(self.outside_grad_col), True))
             return out
         if inputs:
             p.stat_col = Collector(layers, spec, device=self.stats_device, dtype=self.stats_dtype)
-            out.append((stack.enter_context(p.stat_col), spec.grad_cov))
+            out.append((stack.enter_context(p.stat_col), any_needs_backward(spec)))
         return out
 
     # -- finishing a piece: reduce over ranks, score, hand on the statistics ----------------------
@@ -779,7 +800,8 @@ class _Consumers:
             if len(parts) == 2:
                 for name, g in parts[1].layers.items():
                     base = layers.get(name)
-                    layers[name] = g if base is None else dataclasses.replace(base, ggT=g.ggT, grad_count=g.grad_count)
+                    layers[name] = g if base is None else dataclasses.replace(base, ggT=g.ggT, gx_sq=g.gx_sq, yg=g.yg,
+                                                                              grad_count=g.grad_count)
             return Stats(types.MappingProxyType(layers), self.spec, self.n_batches, self.tokens, self.fisher)
         if p.stat_col is None:
             return None
@@ -1034,12 +1056,8 @@ def _score_requires(model: Any, checkpoint: Any, analysis: Any, *args: Any, **kw
     check(hasattr(analysis, "groups") and hasattr(analysis, "graph"), BadInputError,
           "score_sequential() needs the Analysis of the skeleton (fxprune.analyze)")
     spec = kwargs.get("spec")
-    check(spec is None or isinstance(spec, StatSpec), BadInputError,
-          "sequential mode gathers one StatSpec for every layer; per-layer specs ({layer: StatSpec}) are not supported")
-    crit = IMPORTANCE.get(kwargs.get("importance") or "")
-    check(crit is None or not crit.drives_data, BadInputError,
-          f"importance {kwargs.get('importance')!r} runs its own passes over the whole model (curvature); "
-          "sequential mode supports the block-streamed criteria (activation, flap, taylor*, l1, l2, random)")
+    check(spec is None or isinstance(spec, (StatSpec, Mapping)), BadInputError,
+          "spec= is a StatSpec, or a {layer: StatSpec} mapping")
 
 
 @fxpass("score_sequential", requires=_score_requires)
@@ -1067,6 +1085,7 @@ def score_sequential(
     ram_bytes: int | None = None,
     offload_dir: str | None = None,
     progress: bool = True,
+    importance_options: Mapping[str, Any] | None = None,
 ) -> SequentialScores:
     """Score (and/or gather statistics for) a checkpoint's model one block at a time.
 
@@ -1080,8 +1099,12 @@ def score_sequential(
         analysis: ``fxprune.analyze(fxprune.trace(meta_twin(model), ...))`` (the analysis of any
             instance of the same architecture serves: only tensor names are looked up).
         batches: calibration batches (this rank's shard when ``distributed``).
-        importance: a criterion from ``IMPORTANCE``, or None for statistics only.
-        spec: statistics to gather as well (``Stats``, one block at a time); ``keep_stats``
+        importance: a criterion from ``IMPORTANCE``, or None for statistics only.  The curvature
+            criteria (``obs``, ``surgeon``) gather their per-layer statistics block by block and
+            cost each block's members while it is loaded (:class:`SequentialCurvatureSource`);
+            ``importance_options`` are theirs (``damping``, ``relative``).
+        spec: statistics to gather as well (a :class:`StatSpec`, or one per layer; ``Stats``, one
+            block at a time); ``keep_stats``
             returns them all, ``on_block(block, module, stats)`` sees each block's while its weights
             are loaded.
         device: where blocks run (``"auto"``: CUDA if available); activations stay on the CPU.
@@ -1098,6 +1121,16 @@ def score_sequential(
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:  # safetensors and NCCL want the index
         dev = torch.device("cuda", torch.cuda.current_device())
+    crit_cls = _lookup(IMPORTANCE, importance, "importance criterion") if importance else None
+    if crit_cls is not None and crit_cls.drives_data:
+        check(spec is None, BadInputError, f"importance {importance!r} gathers its own statistics: drop spec=")
+        if batches is None:
+            raise DataError(f"importance {importance!r} needs calibration batches")
+        sweep = dict(cut=cut, device=dev, dtype=dtype, loss_fn=loss_fn, fisher=fisher, stats_device=stats_device,
+                     stats_dtype=stats_dtype, seed=seed, distributed=distributed, ram_bytes=ram_bytes,
+                     offload_dir=offload_dir, progress=progress)
+        return _score_curvature(model, checkpoint, analysis, list(batches), crit_cls, importance, aggregate,
+                                normalize, importance_options, sweep)
     work = _Consumers(model, analysis, cut, importance=importance, seed=seed, spec=spec,
                       stats_device=torch.device(stats_device), stats_dtype=stats_dtype, dist=distributed,
                       keep_stats=keep_stats, on_block=on_block)
@@ -1122,6 +1155,132 @@ def gather_stats_sequential(model: nn.Module, checkpoint: Checkpoint, analysis: 
     run = score_sequential(model, checkpoint, analysis, batches, importance=None, spec=spec, keep_stats=True, **kwargs)
     assert run.stats is not None
     return run.stats
+
+
+# ------------------------------------------------------------------------------------------
+# Curvature criteria (obs, surgeon) and their weight updates, block by block
+# ------------------------------------------------------------------------------------------
+class SequentialCurvatureSource(CurvatureSource):
+    """Curvature statistics of a checkpoint's model, gathered one block at a time.
+
+    Each gathering is one sequential sweep (:func:`score_sequential` with the criterion's
+    per-layer :class:`StatSpec`): ``fn(layers, stats)`` of :meth:`each_chunk` runs on a block's
+    layers while that block's weights are onloaded, then its statistics are dropped, so at most one
+    block's ``H`` / ``A`` / ``G`` exist at a time whatever the model's size.  Scoring gathers once
+    and the update gathers again on the same batches (in memory the update reuses the scoring
+    statistics when they fit its budget; here they never outlive their block).  ``H`` and ``A``
+    come from the block's exact inputs; ``G`` from the exact streamed backward (module docs).
+    """
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, analysis: Any, batches: Sequence[Batch], *,
+                 sweep: Mapping[str, Any]) -> None:
+        super().__init__(model, batches, loss_fn=sweep.get("loss_fn"), device=sweep.get("device", "auto"),
+                         progress=sweep.get("progress", True))
+        self.checkpoint, self.analysis, self.sweep = checkpoint, analysis, dict(sweep)
+        self.runs: list[SequentialScores] = []
+        self.n_batches = self.n_tokens = 0
+
+    def iter_stats(self, model: nn.Module, specs: Mapping[str, Any]) -> Iterator[tuple[list[str], Any]]:
+        raise NotImplementedError("sequential statistics exist only while their block is onloaded: use each_chunk()")
+
+    def each_chunk(self, model: nn.Module, specs: Mapping[str, Any], fn: Callable[[list[str], Any], None]) -> None:
+        if not specs:
+            return
+        blocks = self.sweep["cut"].blocks
+        owner = {n: next((b for b in blocks if n == b or n.startswith(b + ".")), RESIDENT) for n in specs}
+
+        def on_block(block: str, module: nn.Module, stats: Stats) -> None:
+            piece = RESIDENT if block in _OUTSIDE else block
+            self.peak_stats_bytes = max(self.peak_stats_bytes, stats.nbytes)
+            self.n_batches, self.n_tokens = stats.n_batches, stats.n_tokens
+            fn([n for n, b in owner.items() if b == piece], stats)
+
+        run = score_sequential(model, self.checkpoint, self.analysis, self.batches, importance=None, spec=dict(specs),
+                               keep_stats=False, on_block=on_block, **self.sweep)
+        self.gatherings += 1
+        self.runs.append(run)
+
+
+def _score_curvature(model: nn.Module, checkpoint: Checkpoint, analysis: Any, batches: list[Batch], crit_cls: type,
+                     importance: str, aggregate: str, normalize: str | None, options: Mapping[str, Any] | None,
+                     sweep: Mapping[str, Any]) -> SequentialScores:
+    """``score(importance="obs"/"surgeon")`` of the checkpoint's model, one block at a time."""
+    try:
+        crit = crit_cls(seed=sweep["seed"], **dict(options or {}))
+    except TypeError as exc:
+        raise ScoringError(f"importance {importance!r} does not take options {dict(options or {})}: {exc}") from None
+    groups = list(analysis.groups)
+    ctx = ScoringContext(_collect_targets(model, groups), model=model)
+    source = SequentialCurvatureSource(model, checkpoint, analysis, batches, sweep=sweep)
+    crit.source = source
+    crit.run(model, groups, batches, ctx, device=sweep["device"], loss_fn=sweep["loss_fn"], progress=sweep["progress"])
+    ctx.n_batches = source.n_batches
+    agg, norm = _lookup(AGGREGATES, aggregate, "aggregate"), _lookup(NORMALIZERS, normalize, "normalize")
+    by_group, raw = _all_group_scores(groups, crit, ctx, agg, norm)
+    scores = Scores(by_group, importance, aggregate, normalize, source.n_batches, source.n_tokens, {}, {}, raw,
+                    source, dict(crit.how), crit.costs, dict(crit.uncosted_kinds))
+    run = source.runs[-1] if source.runs else None
+    return SequentialScores(scores, None, sweep["cut"], run.timings if run else (),
+                            run.activation_bytes if run else types.MappingProxyType({}),
+                            "recompute" if crit_cls.needs_grad or crit.method == "surgeon" else "forward")
+
+
+class _SpilledTensors(Mapping):
+    """``{fqn: tensor}`` kept in RAM up to ``ram_bytes``, then in files under ``spill_dir`` (read
+    back memory-mapped): a sequential update holds every touched layer's new weights until the
+    save, which for a large model is more than the RAM sequential mode promises to use."""
+
+    def __init__(self, ram_bytes: int, spill_dir: str | None) -> None:
+        import weakref
+
+        self._store = _Store(ram_bytes, spill_dir)
+        self._keys: dict[str, None] = {}
+        self._finalizer = weakref.finalize(self, self._store.close)
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._store.put((key, 0), value)
+        self._keys[key] = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._store.get((key, 0))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def close(self) -> None:
+        """Delete the spilled files (also done when the mapping is garbage-collected)."""
+        self._finalizer()
+
+
+def update_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores, *, method: str = "auto",
+                      ram_bytes: int | None = None, offload_dir: str | None = None) -> Any:
+    """``fxprune.update`` for a sequential prune: the curvature updates (``obs``, ``surgeon``) of the
+    plan's layers, computed block by block while each block is onloaded (one more sweep over the
+    calibration batches); the new tensors wait for :func:`save_sequential` in RAM up to
+    ``ram_bytes`` (default 512 MiB), then on disk under ``offload_dir``.  Returns a
+    :class:`~fxprune.passes.update.WeightUpdate`.  Methods that add tensors (``flap``'s new biases)
+    are not supported here."""
+    from fxprune.errors import PlanError
+    from fxprune.passes import curvature
+    from fxprune.passes.update import IDENTITY
+
+    if method == "auto":
+        method = scores.update_method
+    if method == "none" or not plan:
+        return dataclasses.replace(IDENTITY, method=method)
+    source = scores.stats
+    if method not in ("obs", "surgeon") or not isinstance(source, SequentialCurvatureSource):
+        raise PlanError(f"sequential mode applies the curvature updates (obs, surgeon) of importance='obs'/'surgeon' "
+                        f"scores; got update {method!r} with importance {scores.importance!r} (use update='none')")
+    out = _SpilledTensors(512 * 2**20 if ram_bytes is None else ram_bytes, offload_dir)
+    changed, notes = curvature.plan_update(model, analysis, plan, source, method,
+                                           damping=getattr(source, "damping", curvature.DAMPING), out=out)
+    return dataclasses.replace(IDENTITY, method=method, changed=changed, notes=tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1209,6 +1368,7 @@ class SequentialPruneResult:
     plan: Any
     rewrite: Any  # the RewriteResult of the meta rewrite: pruned skeleton, shapes, attribute changes
     report: Any
+    update: Any = None  # the WeightUpdate the save applies before slicing (obs, surgeon), or None
 
     @property
     def scores(self) -> Scores:
@@ -1224,9 +1384,9 @@ def prune_sequential(
     tokenizer: Any = None,
     factory: Callable[[], nn.Module] | None = None,
     example_inputs: Mapping[str, torch.Tensor] | None = None,
-    importance: str = "taylor",
+    importance: str | None = None,
     aggregate: str = "sum",
-    allocation: str = "uniform",
+    allocation: str | None = None,
     round_to: int | Mapping[str, int] | str = "auto",
     kinds: Mapping[str, Any] | None = None,
     max_group_ratio: float = 0.9,
@@ -1244,12 +1404,18 @@ def prune_sequential(
     ram_bytes: int | None = None,
     offload_dir: str | None = None,
     progress: bool = True,
+    update_method: str = "auto",
+    importance_options: Mapping[str, Any] | None = None,
 ) -> SequentialPruneResult:
     """``fxprune.prune`` for a checkpoint on disk, one block at a time (see the module docs).
 
     Traces and analyses the model on meta, scores it block by block, plans (rank 0 when
-    ``distributed``, then broadcast) and rewrites the skeleton on meta; write the pruned weights
-    with :func:`save_sequential`.  Arguments are those of :func:`fxprune.prune`.
+    ``distributed``, then broadcast), computes the curvature update block by block (obs,
+    surgeon: one more sweep) and rewrites the skeleton on meta; write the pruned weights with
+    :func:`save_sequential`.  Arguments are those of :func:`fxprune.prune`, with the same defaults
+    (``importance``: surgeon for a model with a loss, obs without one, l2 without calibration
+    data; ``allocation``: cost for the curvature criteria); it prunes in one shot.  FLAP's bias
+    compensation (which adds tensors) is not applied here: ``importance="flap"`` gets no update.
     """
     from fxprune.api import _Clock, _report
     from fxprune.calib import load_calibration
@@ -1279,11 +1445,19 @@ def prune_sequential(
     with clock("analyze"):
         analysis = analyze(graph, ignore=ignore)
         cut = cut_blocks(graph)
+    from fxprune.api import default_importance
+
+    if importance is None:
+        importance = default_importance(model, loss_fn, calib)
     crit = IMPORTANCE.get(importance)
     if crit is None:
         from fxprune.errors import PlanError
 
         raise PlanError(f"unknown importance criterion {importance!r}; choose from {sorted(IMPORTANCE)}")
+    if allocation is None:
+        allocation = "cost" if crit.costs else "uniform"
+    if getattr(crit, "multi_shot", False) and batches is not None:
+        notes.append(f"sequential mode prunes in one shot ({importance} in memory takes shots='auto')")
     if batches is None and (crit.needs_grad or crit.needs_inputs):
         batches = [dict(inputs)]
         notes.append(f"importance '{importance}' had no calibration data (calib=...); scored on example inputs only")
@@ -1293,7 +1467,7 @@ def prune_sequential(
         run = score_sequential(model, checkpoint, analysis, batches, importance=importance, aggregate=aggregate,
                                cut=cut, device=device, dtype=dtype, loss_fn=loss_fn, seed=seed,
                                distributed=distributed, ram_bytes=ram_bytes, offload_dir=offload_dir,
-                               progress=progress)
+                               progress=progress, importance_options=importance_options)
     with clock("plan"):
         from fxprune.api import device_round_to, drop_undescribable_kinds
 
@@ -1308,6 +1482,14 @@ def prune_sequential(
                              keep_blocks_last=keep_blocks_last, ignore=ignore, round_to=round_to, kinds=kinds)
         if distributed is not None:
             plan = distributed.broadcast_plan(analysis, plan)
+    if update_method == "auto":
+        update_method = run.scores.update_method
+        if update_method == "flap":
+            update_method = "none"
+            notes.append("sequential mode does not apply flap's bias compensation (it adds tensors): update=none")
+    with clock("update"):
+        weights = update_sequential(model, analysis, plan, run.scores, method=update_method, offload_dir=offload_dir)
+        notes.extend(weights.notes)
     with clock("rewrite (meta)"):
         result = rewrite(model, analysis, plan) if plan else None
         if result is not None and result.problems:
@@ -1316,7 +1498,9 @@ def prune_sequential(
     pruned = result.model if result is not None else model
     report = _report(model, pruned, graph, analysis, plan, run.scores, float(ratio), importance, allocation,
                      timings, notes, result)
-    return SequentialPruneResult(checkpoint, model, graph, analysis, cut, run, plan, result, report)
+    report = dataclasses.replace(report, update=update_method)
+    return SequentialPruneResult(checkpoint, model, graph, analysis, cut, run, plan, result, report,
+                                 None if weights.is_identity else weights)
 
 
 def _settle_conflicts_on_meta(model: nn.Module, analysis: Any, plan: Any, result: Any, notes: list[str]) -> Any:
@@ -1412,6 +1596,7 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
         per_piece[cut.piece_of(canonical) if any(canonical in v for v in cut.tensors.values()) else POST].append(
             (name, canonical))
     shapes = pruned.state_dict()
+    changed = result.update.changed if result.update is not None else {}
     entries: list[tuple[str, Sequence[int], torch.dtype]] = []
     sources: dict[str, str | None] = {}
     for piece in cut.pieces:
@@ -1436,6 +1621,9 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
                         value = result.model.get_buffer(canonical)
                     else:
                         value = values.pop(src)
+                    new = next((changed[k] for k in (canonical, name) if k in changed), None)
+                    if new is not None:  # the sequential update's compensated weights
+                        value = new.to(value.dtype)
                     dims = dims_of.get(canonical, dims_of.get(name, {}))
                     yield name, (_slice_tensor(value, dims) if dims else value)
                 del values

@@ -61,7 +61,7 @@ from fxprune.util.modules import call, eval_mode, on_device, resolve_device, to_
 
 __all__ = [
     "LAYER_ADAPTERS", "LayerAdapter", "LayerStats", "StatSpec", "Stats", "Collector", "combine_stats",
-    "gather_stats", "linear_layers", "register_adapter",
+    "gather_stats", "layers_for", "linear_layers", "register_adapter",
 ]
 
 
@@ -163,6 +163,19 @@ def linear_layers(model: nn.Module, names: Iterable[str] | None = None, cov: boo
                                 f"supported: {sorted(t.__name__ for t in LAYER_ADAPTERS)}")
         out[n] = m
     return out
+
+
+def layers_for(model: nn.Module, spec: Any, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """The modules ``spec`` gathers for: under a single :class:`StatSpec`, every supported layer
+    (or those ``names``); under a per-layer mapping, its layers (or ``names``), where output-only
+    layers (norms, embeddings) need no adapter."""
+    if isinstance(spec, StatSpec):
+        return linear_layers(model, names, cov=spec.needs_cov)
+    chosen: dict[str, nn.Module] = {}
+    for n in (list(spec) if names is None else names):
+        chosen.update({n: model.get_submodule(n)} if spec[n].output_only
+                      else linear_layers(model, [n], cov=spec[n].needs_cov))
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------
@@ -637,15 +650,7 @@ def gather_stats(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(spec, StatSpec) and layers is None:
-        layers = list(spec)
-    if isinstance(spec, StatSpec):
-        chosen = linear_layers(model, layers, cov=spec.needs_cov)
-    else:  # per-layer specs: output-only layers need no adapter
-        chosen = {}
-        for n in layers:
-            chosen.update({n: model.get_submodule(n)} if spec[n].output_only
-                          else linear_layers(model, [n], cov=spec[n].needs_cov))
+    chosen = layers_for(model, spec, layers)
     dev = resolve_device(device)
     tokens = 0
     generator = torch.Generator().manual_seed(seed)
