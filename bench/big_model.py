@@ -16,9 +16,11 @@ What it does, each heavy step in its own subprocess (so peak RSS is that step's 
    meta: trace, analyse, cut, and the device memory sequential mode needs on one GPU
    (:func:`fxprune.passes.sequential.estimate_memory`: largest block + outside weights + one
    batch's activations), with the CPU/disk the saved activations take.
-4. ``fidelity``: how close sequential gradient criteria (streamed backward) are to in-memory, on
-   small random Llama (untied) and GPT-2 (tied embeddings) models: max relative score error,
-   rank correlation, and whether the 20% plans agree.
+4. ``fidelity``: how close sequential scores are to in-memory -- the block-local criteria
+   (``activation``, ``obs``: exact), the gradient criteria through the streamed backward
+   (``taylor*``, and ``surgeon``, whose K-FAC ``G`` comes that way) -- on small random Llama
+   (untied) and GPT-2 (tied embeddings) models: max relative score error, rank correlation, and
+   whether the 20% plans agree.
 5. ``--device cuda`` (when a GPU is lent): step 2 on one GPU in bf16, with time and peak GPU
    memory (``torch.cuda.max_memory_allocated``) against the weight bytes.
 
@@ -238,7 +240,7 @@ def step_fidelity() -> dict:
         analysis = fxprune.analyze(fxprune.trace(model, kwargs=batches[0]))
         skeleton = seq.skeleton_from_checkpoint(path)
         numel = {n: p.numel() for n, p in model.named_parameters()}
-        for imp in ("activation", "taylor", "taylor-element", "taylor-2"):
+        for imp in ("activation", "obs", "taylor", "taylor-element", "taylor-2", "surgeon"):
             t0 = time.perf_counter()
             ref = fxprune.score(model, analysis, batches, importance=imp, progress=False)
             t_mem = time.perf_counter() - t0

@@ -34,7 +34,7 @@ import functools
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -74,6 +74,9 @@ class Checkpoint:
             return f'import fxprune\nmodel = fxprune.load("{path}")'
         auto = next((a for a in self.auto_classes if a != "AutoModel"), "AutoModel") if self.auto_classes else "AutoModel"
         lines = [f"from transformers import {auto}", f'model = {auto}.from_pretrained("{path}"{remote})']
+        if remote and os.path.isfile(os.path.join(path, "tokenizer_config.json")):  # AutoTokenizer reads the config
+            lines[0] = f"from transformers import {auto}, AutoTokenizer"
+            lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{path}"{remote})')
         if auto == "AutoModelForCausalLM":
             lines += ["from transformers import pipeline",
                       f'generate = pipeline("text-generation", model="{path}"{remote})']
@@ -126,13 +129,16 @@ def copy_source_files(source: str, dest: str) -> list[str]:
 
 
 def write_checkpoint(model_or_result: Any, tmp: str, *, source: str | None = None, tokenizer: Any = None,
-                     quality: Mapping[str, Any] | None = None, extra: dict | None = None) -> Checkpoint:
+                     quality: Mapping[str, Any] | None = None, extra: dict | None = None,
+                     save_weights: Callable[[str, dict], io.SavedModel] | None = None) -> Checkpoint:
     """Write a complete checkpoint directory into ``tmp`` (an unpublished temporary directory).
 
     ``model_or_result`` is a ``PruneResult`` (best: the model card then says what was pruned),
     a ``RewriteResult`` or a module.  ``source``: the checkpoint the model was loaded from, whose
     other files are carried over.  ``tokenizer`` is saved when the source has no tokenizer
     files.  ``quality``: measured numbers for the model card (see :func:`measure_quality`).
+    ``save_weights(dir, extra)`` writes the weights and ``fxprune.json`` instead of
+    :func:`fxprune.io.save_into` (sequential mode streams them shard by shard).
     """
     model, _ = io._unpack(model_or_result)
     report = getattr(model_or_result, "report", None)
@@ -141,7 +147,7 @@ def write_checkpoint(model_or_result: Any, tmp: str, *, source: str | None = Non
         model_dir = os.path.join(tmp, os.path.relpath(transformer_dir(source), source))
         os.makedirs(model_dir, exist_ok=True)
     extra = {**(extra or {}), **({"source": os.path.abspath(source)} if source else {})}
-    saved = io.save_into(model_or_result, model_dir, extra=extra)
+    saved = (save_weights or (lambda d, e: io.save_into(model_or_result, d, extra=e)))(model_dir, extra)
     loads_with, autos, notes = _write_config(model, saved, model_dir)
     copied = copy_source_files(source, tmp) if source else []
     if tokenizer is not None and not any(os.path.basename(c) in _TOKENIZER_FILES for c in copied):

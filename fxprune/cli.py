@@ -166,7 +166,10 @@ def load_tokenizer(path: str) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        # a per-layer checkpoint fxprune wrote maps its config to modeling_fxprune.py, which
+        # AutoTokenizer loads too: that code is fxprune's own
+        ours = os.path.isfile(os.path.join(path, "fxprune.json"))
+        return AutoTokenizer.from_pretrained(path, **({"trust_remote_code": True} if ours else {}))
     except Exception:  # noqa: BLE001 - fall back to the raw tokenizers file
         tok_file = os.path.join(path, "tokenizer.json")
         if os.path.exists(tok_file):
@@ -465,7 +468,7 @@ def _prune_in_memory(args: argparse.Namespace, model_path: str, pruned_before: b
 
 
 def _prune_sequential(args: argparse.Namespace, model_path: str, tokenizer: Any, dist: Any) -> tuple[Any, Any]:
-    from fxprune.passes.sequential import prune_sequential, save_sequential_into
+    from fxprune.passes.sequential import prune_sequential, write_sequential_checkpoint
     from fxprune.report import write_report
 
     if args.shots not in ("auto", 1):
@@ -490,13 +493,12 @@ def _prune_sequential(args: argparse.Namespace, model_path: str, tokenizer: Any,
 
     def write(tmp: str) -> None:
         report = result.report
-        save_sequential_into(result, tmp, progress=not args.quiet, extra={"source": os.path.abspath(args.model)})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        ckpt = write_sequential_checkpoint(result, tmp, progress=not args.quiet, tokenizer=tokenizer)
         with open(os.path.join(tmp, "prune_report.json"), "w") as f:
             json.dump(report.to_dict(timings=False), f, indent=1, default=str)
         write_report(tmp, f"fxprune: {os.path.basename(args.model.rstrip('/'))} pruned by {args.ratio:.0%}",
                      report.headline(), prune_report=report, sections={"Details": report.table(timings=False)})
+        return ckpt
 
     return result, write
 

@@ -703,13 +703,15 @@ class ShardedWriter:
 
 def save_streamed_into(model: torch.nn.Module, info: Any, tmp: str, tensors: Iterable[tuple[str, torch.Tensor]],
                        entries: Sequence[tuple[str, Sequence[int], torch.dtype]], *, tied: Mapping[str, str],
-                       max_shard_bytes: int = 5 * 10**9, extra: dict | None = None) -> list[str]:
+                       max_shard_bytes: int = 5 * 10**9, extra: dict | None = None) -> "SavedModel":
     """``save_into`` for a model whose weights never sit in memory together (sequential mode).
 
     ``model`` is the pruned skeleton (parameters may be on meta) that ``load`` rebuilds;
-    ``entries`` lists every tensor to write (name, shape, dtype, in write order), ``tensors``
-    yields them one by one (non-persistent buffers under ``__nonpersistent__.NAME`` as ``save``
-    writes them), and ``tied`` maps each tied alias to the name written.  Returns the weight files.
+    ``entries`` lists every tensor of the state dict to write (name, shape, dtype, in write
+    order), ``tensors`` yields them one by one, and ``tied`` maps each tied alias to the name
+    written; non-persistent buffers the class would not rebuild go to their own file, as ``save``
+    writes them.  Returns what
+    :func:`save_into` returns (:func:`fxprune.checkpoint.write_checkpoint` takes it from there).
     """
     writer = ShardedWriter(tmp, entries, max_shard_bytes=max_shard_bytes)
     try:
@@ -718,9 +720,9 @@ def save_streamed_into(model: torch.nn.Module, info: Any, tmp: str, tensors: Ite
     except BaseException:
         writer.abort()
         raise
-    files = writer.close()
-    _write_record(model, info, dict(tied), tmp, extra)
+    writer.close()
+    saved = _write_record(model, info, dict(tied), tmp, extra)
     config = hf.config_of(model)
     if config is not None:
         config.save_pretrained(tmp)
-    return files
+    return saved

@@ -103,7 +103,7 @@ __all__ = [
     "RESIDENT", "POST", "BlockCut", "BlockTiming", "SequentialScores", "SequentialPruneResult", "MemoryEstimate",
     "cut_blocks", "meta_twin", "skeleton_from_checkpoint", "score_sequential", "gather_stats_sequential",
     "prune_sequential", "save_sequential", "save_sequential_into", "estimate_memory", "needs_sequential",
-    "SequentialCurvatureSource", "update_sequential",
+    "SequentialCurvatureSource", "update_sequential", "write_sequential_checkpoint",
 ]
 
 RESIDENT = "<resident>"  # outside tensors used before or between the blocks (loaded throughout)
@@ -1498,7 +1498,11 @@ def prune_sequential(
     pruned = result.model if result is not None else model
     report = _report(model, pruned, graph, analysis, plan, run.scores, float(ratio), importance, allocation,
                      timings, notes, result)
-    report = dataclasses.replace(report, update=update_method)
+    from fxprune.api import _config_state
+
+    report = dataclasses.replace(report, update=update_method, round_to=round_to,
+                                 by_kind=dict(plan.info.get("by_kind", {})) if plan else {},
+                                 config=_config_state(pruned, result))
     return SequentialPruneResult(checkpoint, model, graph, analysis, cut, run, plan, result, report,
                                  None if weights.is_identity else weights)
 
@@ -1560,29 +1564,49 @@ def _cpu_view(model: nn.Module) -> nn.Module:
 
 def save_sequential(result: SequentialPruneResult, directory: str, *, overwrite: bool = False,
                     protect: Iterable[str] = (), max_shard_bytes: int = 5 * 10**9, progress: bool = True,
-                    extra: dict | None = None) -> str:
-    """Write the pruned model of a sequential prune to ``directory``, block by block (atomically)."""
+                    extra: dict | None = None, tokenizer: Any = None) -> str:
+    """Write the pruned model of a sequential prune to ``directory``, block by block (atomically):
+    the same checkpoint directory as :func:`fxprune.save` (config or per-layer config with
+    ``modeling_fxprune.py``, tokenizer and other files of the source, model card)."""
     from fxprune.util.publish import publish_dir
 
     protect = [result.checkpoint.directory, *protect]
     with publish_dir(directory, overwrite=overwrite, protect=protect) as tmp:
-        save_sequential_into(result, str(tmp), max_shard_bytes=max_shard_bytes, progress=progress, extra=extra)
+        write_sequential_checkpoint(result, str(tmp), max_shard_bytes=max_shard_bytes, progress=progress,
+                                    extra=extra, tokenizer=tokenizer)
     return os.path.abspath(directory)
 
 
+def write_sequential_checkpoint(result: SequentialPruneResult, tmp: str, *, max_shard_bytes: int = 5 * 10**9,
+                                progress: bool = True, extra: dict | None = None, tokenizer: Any = None) -> Any:
+    """:func:`fxprune.checkpoint.write_checkpoint` with the weights streamed by
+    :func:`save_sequential_into`; returns its :class:`~fxprune.checkpoint.Checkpoint`."""
+    from fxprune.checkpoint import write_checkpoint
+
+    def weights(model_dir: str, info: dict) -> Any:
+        return save_sequential_into(result, model_dir, max_shard_bytes=max_shard_bytes, progress=progress,
+                                    extra={**info, **(extra or {})})
+
+    try:
+        return write_checkpoint(result, tmp, source=result.checkpoint.directory, tokenizer=tokenizer,
+                                save_weights=weights)
+    finally:
+        if result.update is not None and hasattr(result.update.changed, "close"):
+            result.update.changed.close()  # the spilled compensated weights are written: delete them
+
+
 def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_bytes: int = 5 * 10**9,
-                         progress: bool = True, extra: dict | None = None) -> list[str]:
-    """Read each block of the source checkpoint, slice it to the plan and write it into ``tmp``'s
-    shards; peak memory is one block.  Tensors keep the checkpoint's dtype (``dtype=`` of the prune is
-    the compute dtype only).  Also writes ``fxprune.json``/``config.json`` (``fxprune.load``)."""
-    from fxprune.io import _BUFFER_PREFIX
+                         progress: bool = True, extra: dict | None = None) -> Any:
+    """Read each block of the source checkpoint, apply the sequential update to it (obs, surgeon),
+    slice it to the plan and write it into ``tmp``'s shards; peak memory is one block.  Tensors keep
+    the checkpoint's dtype (``dtype=`` of the prune is the compute dtype only).  Also writes
+    ``fxprune.json``/``config.json`` (``fxprune.load``); returns :class:`fxprune.io.SavedModel`."""
     from fxprune.passes.rewrite import _slice_tensor, new_tensor_shapes
 
     ckpt, cut, graph = result.checkpoint, result.cut, result.graph
     pruned = result.rewrite.model if result.rewrite is not None else result.model
     dims_of = new_tensor_shapes(result.analysis, result.plan.removed_by_class) if result.plan else {}
     state_names = list(pruned.state_dict().keys())
-    persistent = set(state_names)
     written: dict[str, str] = {}  # canonical -> the name it is written under
     tied: dict[str, str] = {}
     per_piece: dict[str, list[tuple[str, str]]] = {p: [] for p in cut.pieces}  # (written name, canonical)
@@ -1605,8 +1629,6 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
             sources[name] = src
             dtype = ckpt.dtypes[src] if src is not None else shapes[name].dtype
             entries.append((name, tuple(shapes[name].shape), dtype))
-    nonpersistent = [(n, b) for n, b in pruned.named_buffers() if n not in persistent and b is not None]
-    entries += [(_BUFFER_PREFIX + n, tuple(b.shape), b.dtype) for n, b in nonpersistent]
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         bar = _bar(len(cut.pieces), "writing", progress)
@@ -1628,8 +1650,6 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
                     yield name, (_slice_tensor(value, dims) if dims else value)
                 del values
                 bar.update(1)
-            for n, b in nonpersistent:
-                yield _BUFFER_PREFIX + n, b
         finally:
             bar.close()
 
