@@ -207,6 +207,7 @@ STAGES = {  # stage -> (the line that announces it, the signal, SIGINT ignored a
     "statistics": ("statistics", signal.SIGINT, True, ()),  # the default criterion's (surgeon) pass
     "rewrite+verify": ("fxprune: rewrite+verify...", signal.SIGTERM, False, ()),
     "writing": ("fxprune: writing", signal.SIGINT, False, ()),
+    "sequential": ("fxprune: score...", signal.SIGINT, False, ("--sequential",)),  # mid block sweep
 }
 
 
