@@ -293,6 +293,14 @@ def measure(rows: list[dict[str, Any]], args, providers: list[str], spec: str) -
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "cpu_share": cpu / (wall * n_threads), "seconds": wall, "models": {},
     }
+    block["models"] = _summaries(rows, pre, dec)
+    return block
+
+
+def _summaries(rows: list[dict[str, Any]], pre: list[list[float]], dec: list[list[float]]) -> dict[str, Any]:
+    """Per model: median latencies, and against the dense model (row 0) the paired speedups
+    (median of per-round ratios), the ratio of medians and the interquartile range."""
+    out = {}
     for i, row in enumerate(rows):
         entry = {"prefill_ms": statistics.median(pre[i]), "decode_ms_per_token": statistics.median(dec[i]),
                  "prefill_samples_ms": pre[i], "decode_samples_ms": dec[i]}
@@ -303,8 +311,8 @@ def measure(rows: list[dict[str, Any]], args, providers: list[str], spec: str) -
                 entry[f"speedup_{phase}_ratio_of_medians"] = statistics.median(samples[0]) / statistics.median(samples[i])
                 q = statistics.quantiles(paired, n=4) if len(paired) >= 4 else [min(paired), 0, max(paired)]
                 entry[f"speedup_{phase}_iqr"] = [q[0], q[-1]]
-        block["models"][row["name"]] = entry
-    return block
+        out[row["name"]] = entry
+    return out
 
 
 _ISOLATED = """
@@ -339,16 +347,7 @@ def measure_isolated(rows: list[dict[str, Any]], args, providers: list[str]) -> 
             dec[i].append(d_ms)
     block = {"spec": "isolated", "threads": f"ORT default ({os.cpu_count()} on this machine), one process per model",
              "spinning": True, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpu_share": float("nan"),
-             "seconds": time.perf_counter() - t0, "models": {}}
-    for i, row in enumerate(rows):
-        entry = {"prefill_ms": statistics.median(pre[i]), "decode_ms_per_token": statistics.median(dec[i]),
-                 "prefill_samples_ms": pre[i], "decode_samples_ms": dec[i]}
-        if i:
-            for phase, samples in (("prefill", pre), ("decode", dec)):
-                paired = [d / p for d, p in zip(samples[0], samples[i], strict=True)]
-                entry[f"speedup_{phase}"] = statistics.median(paired)
-                entry[f"speedup_{phase}_ratio_of_medians"] = statistics.median(samples[0]) / statistics.median(samples[i])
-        block["models"][row["name"]] = entry
+             "seconds": time.perf_counter() - t0, "models": _summaries(rows, pre, dec)}
     return block
 
 
