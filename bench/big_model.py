@@ -21,13 +21,17 @@ What it does, each heavy step in its own subprocess (so peak RSS is that step's 
    (``taylor*``, and ``surgeon``, whose K-FAC ``G`` comes that way) -- on small random Llama
    (untied) and GPT-2 (tied embeddings) models: max relative score error, rank correlation, and
    whether the 20% plans agree.
-5. ``--device cuda`` (when a GPU is lent): step 2 on one GPU in bf16, with time and peak GPU
+5. ``curvature`` (not in the default steps): ``obs`` (or ``--curvature-importance surgeon``) in
+   sequential mode, with its update and the save, on a view of the first ``--curvature-layers``
+   blocks of the 7B checkpoint: peak RSS and seconds per block pass at 7B widths, where one
+   block's statistics dominate.
+6. ``--device cuda`` (when a GPU is lent): step 2 on one GPU in bf16, with time and peak GPU
    memory (``torch.cuda.max_memory_allocated``) against the weight bytes.
 
 The machine is shared: children run niced, and a watchdog kills a child whose RSS passes
 ``--max-rss-gb`` (default 8) or when the machine's available memory drops under 2.5 GiB.
 
-Usage:  python bench/big_model.py [--steps generate,prune,plan70b,fidelity] [--device cpu|cuda]
+Usage:  python bench/big_model.py [--steps generate,prune,plan70b,fidelity,curvature] [--device cpu|cuda]
 Writes: bench/results/big_model.json (atomically)
 """
 
@@ -167,6 +171,54 @@ def step_prune(device: str, out: str) -> dict:
         row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         row["gpu"] = torch.cuda.get_device_name()
     return row
+
+
+def step_curvature(layers: int, importance: str) -> dict:
+    """``importance`` (obs / surgeon) in sequential mode on the first ``layers`` blocks of the 7B
+    checkpoint (a view: its config with fewer layers, the same shards), with the update and the
+    save: peak RSS and time per block at 7B widths, where the statistics of one block
+    (``H`` of down_proj alone: 11008² fp32 = 485 MB) dominate."""
+    import torch
+
+    from fxprune.passes.sequential import prune_sequential, save_sequential
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    view = Path(tempfile.mkdtemp(dir=CACHE, prefix="view-"))
+    out = CACHE / "curvature-pruned"
+    try:
+        for f in CKPT.iterdir():
+            if f.suffix in (".safetensors", ".json") and f.name != "config.json":
+                (view / f.name).symlink_to(f)
+        config = json.loads((CKPT / "config.json").read_text())
+        config["num_hidden_layers"] = layers
+        (view / "config.json").write_text(json.dumps(config))
+        g = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, LLAMA_7B["vocab_size"], (BATCH, SEQ_LEN), generator=g)}
+                   for _ in range(N_SAMPLES // BATCH)]
+        t0 = time.perf_counter()
+        res = prune_sequential(str(view), RATIO, calib=batches, importance=importance, device="cpu",
+                               dtype=torch.float32, example_inputs=batches[0], progress=False)
+        t_prune = time.perf_counter() - t0
+        source = res.scores.stats
+        shutil.rmtree(out, ignore_errors=True)
+        t1 = time.perf_counter()
+        save_sequential(res, str(out), progress=False)
+        t_save = time.perf_counter() - t1
+        sweeps = [t for run in source.runs for t in run.timings if t.block.startswith("model.layers.")]
+        return {
+            "importance": importance, "layers": layers, "update": res.report.update,
+            "params_before": res.report.params_before, "params_after": res.report.params_after,
+            "weight_bytes_bf16": res.report.params_before * 2,
+            "prune_s": t_prune, "save_s": t_save, "timings": res.report.timings,
+            "block_pass_s_mean": sum(t.total_s for t in sweeps) / max(len(sweeps), 1),
+            "block_passes": len(sweeps), "gatherings": source.gatherings,
+            "stats_peak_bytes_per_block": source.peak_stats_bytes,
+            "updated_tensors": len(res.update.changed) if res.update is not None else 0,
+            "peak_rss_bytes": _rss_peak(), "notes": res.report.notes,
+        }
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def step_plan70b() -> dict:
@@ -371,6 +423,14 @@ def _table(results: dict) -> str:
                      f"block-local, {s['recompute_mode_bytes'] / GB:.0f} GB with gradients (recompute)")
     elif q:
         lines.append(f"plan70b: {q['error'].splitlines()[0]}")
+    for key in ("curvature_obs", "curvature_surgeon"):
+        c = results.get(key, {})
+        if c and "error" not in c:
+            lines += ["", f"{c['importance']} in sequential mode (update + save), first {c['layers']} blocks of the 7B "
+                          f"shape: peak RSS {c['peak_rss_bytes'] / GB:.2f} GB, {c['block_pass_s_mean']:.1f} s per block "
+                          f"pass ({c['block_passes']} passes, {c['gatherings']} sweeps), statistics "
+                          f"{c['stats_peak_bytes_per_block'] / 2**20:.0f} MiB per block, score {c['timings']['score']:.0f} s, "
+                          f"update {c['timings']['update']:.0f} s"]
     f = results.get("fidelity", {})
     if f and "error" not in f:
         lines += ["", f"{'sequential vs in-memory scores':<34} {'exact':>6} {'max rel err':>12} {'rank corr':>10} {'same plan':>10}"]
@@ -389,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-output", action="store_true", help="keep the pruned 7B output under .cache/")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--verbose", action="store_true", help="echo the children's output")
+    parser.add_argument("--curvature-layers", type=int, default=4,
+                        help="curvature step: blocks of the 7B checkpoint to prune (a view of its first N)")
+    parser.add_argument("--curvature-importance", default="obs", choices=["obs", "surgeon"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--prune-out", default=str(CACHE / "llama2-7b-pruned"), help=argparse.SUPPRESS)
@@ -397,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         fn = {"generate": step_generate, "prune": lambda: step_prune(args.device, args.prune_out),
-              "plan70b": step_plan70b, "fidelity": step_fidelity}[args.child]
+              "plan70b": step_plan70b, "fidelity": step_fidelity,
+              "curvature": lambda: step_curvature(args.curvature_layers, args.curvature_importance)}[args.child]
         with open(args.child_out, "w") as f:
             json.dump(fn(), f, default=str)
         return 0
@@ -415,13 +479,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not enough disk under {CACHE}: {free / GB:.1f} GB free, {need / GB:.1f} GB needed")
         return 1
     for step in steps:
-        if step == "prune" and not (CKPT / "COMPLETE").exists():
+        if step in ("prune", "curvature") and not (CKPT / "COMPLETE").exists():
             print("prune needs the checkpoint: run the generate step first")
             return 1
         print(f"running {step} (niced child, watchdog at {args.max_rss_gb:g} GiB RSS / 2.5 GiB machine free) ...",
               flush=True)
         key = "prune" if step == "prune" and args.device == "cpu" else (f"prune_{args.device}" if step == "prune" else step)
-        results[key] = _run_child(step, args)
+        extra = (["--curvature-layers", str(args.curvature_layers), "--curvature-importance",
+                  args.curvature_importance] if step == "curvature" else None)
+        if step == "curvature":
+            key = f"curvature_{args.curvature_importance}"
+        results[key] = _run_child(step, args, extra)
         r = results[key]
         print(f"  {'error: ' + r['error'].splitlines()[0] if 'error' in r else 'done'} in {r['subprocess_wall_s']:.0f} s",
               flush=True)
