@@ -133,7 +133,9 @@ def damped(m: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """``m + damping · mean(diag m) · I`` (``damping · I`` when the diagonal is all zero)."""
     d = float(torch.diagonal(m).mean()) if m.numel() else 0.0
     lam = damping * d if d > 0 and math.isfinite(d) else damping
-    return m + lam * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    out = m.clone()  # no identity matrix: at 11008² in float64 that is a gigabyte
+    out.diagonal().add_(lam)
+    return out
 
 
 def balance(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +147,16 @@ def balance(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return a * (s / na), g * (s / ng)
 
 
-def _inv(m: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric positive definite matrix (Cholesky; ``linalg.inv`` if that fails)."""
-    try:
-        return torch.cholesky_inverse(torch.linalg.cholesky(m))
-    except RuntimeError:
-        return torch.linalg.inv(m)
+def damped_inverse(m: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """``damped(m)⁻¹`` for a symmetric positive semi-definite ``m`` (Cholesky; ``linalg.inv`` if
+    the damped matrix is not positive definite).  At most three matrices of ``m``'s size are alive
+    at once (``m``, the damped copy or its factor, the inverse)."""
+    d = damped(m, damping)
+    factor, info = torch.linalg.cholesky_ex(d)
+    if int(info) != 0:
+        return torch.linalg.inv(d)
+    del d
+    return torch.cholesky_inverse(factor)
 
 
 @dataclasses.dataclass
@@ -237,11 +243,11 @@ class LayerCurvature:
 
     @property
     def A_inv(self) -> torch.Tensor:
-        return self._get("A_inv", lambda: _inv(damped(self.A, self.damping)))
+        return self._get("A_inv", lambda: damped_inverse(self.A, self.damping))
 
     @property
     def G_inv(self) -> torch.Tensor:
-        return self._get("G_inv", lambda: _inv(damped(self.G, self.damping)))
+        return self._get("G_inv", lambda: damped_inverse(self.G, self.damping))
 
     @property
     def output_energy(self) -> float:
