@@ -361,6 +361,11 @@ def resize(model, config, prefix=""):
         path, _, attr = name.rpartition(".")
         module = model.get_submodule(path)
         old = getattr(module, attr)
+        if old is None and module._parameters.get(attr, False) is None:  # a bias an update added
+            like = next(iter(module.parameters(recurse=False)))
+            module._parameters[attr] = torch.nn.Parameter(torch.empty(tuple(shape), dtype=like.dtype,
+                                                                      device=like.device))
+            continue
         if tuple(old.shape) == tuple(shape):
             continue
         new = torch.empty(tuple(shape), dtype=old.dtype, device=old.device)

@@ -416,6 +416,11 @@ def _shrink_skeleton(model: torch.nn.Module, record: Mapping[str, Any]) -> None:
         mod_path, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_path) if mod_path else model
         old = getattr(mod, attr, None)
+        if old is None and mod._parameters.get(attr, False) is None:  # a bias an update added (flap)
+            like = next(iter(mod.parameters(recurse=False)), None)
+            if like is not None:
+                mod._parameters[attr] = torch.nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device))
+            continue
         if not isinstance(old, torch.Tensor) or list(old.shape) == list(shape):
             continue
         new = torch.empty(shape, dtype=old.dtype, device=old.device)

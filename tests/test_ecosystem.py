@@ -136,6 +136,21 @@ def test_default_curvature_prune_loads_per_layer_or_rounded_to_uniform(uniform, 
     _round_trip("llama_gqa", res, tmp_path, "transformers" if uniform else "trust_remote_code")
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3"])
+def test_flap_biases_added_to_bias_free_layers_survive_the_round_trip(name, tmp_path, monkeypatch):
+    """FLAP's compensation adds a bias to layers that had none (Llama's down_proj): the modeling
+    file and fxprune.load must rebuild those parameters, not drop them as unexpected weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, _, analysis = traced(name)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 100, (2, 16), generator=g)} for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxprune.prune(analysis, 0.3, calib=batches, importance="flap", progress=False)
+    assert res.weights.added and all(k.endswith(".bias") for k in res.weights.added)
+    _round_trip(name, res, tmp_path, "trust_remote_code")
+
+
 def test_per_layer_checkpoint_without_trust_remote_code_says_so(tmp_path):
     res = _prune("llama_gqa", "global")
     fxprune.save(res, str(tmp_path / "out"))
