@@ -332,3 +332,27 @@ def test_a_sequential_update_past_its_ram_spills_to_disk_and_cleans_up(root, tmp
         assert torch.equal(upd.changed[k], res.update.changed[k]), k
     upd.changed.close()
     assert os.listdir(spill) == []
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2"])
+def test_flap_with_its_bias_compensation_equals_in_memory(root, tmp_path, name):
+    """FLAP's update in sequential mode: b += W[:, P]·x̄[P] block by block from the scoring pass'
+    exact input means; biases added to bias-free layers (Llama's down_proj) are written too."""
+    model, _, path, _, _ = _setup(name, root)
+    batches = _batches(name=name)
+    ref = fxprune.prune(model, 0.3, calib=batches, importance="flap", example_inputs=batches[0], progress=False)
+    res = seq.prune_sequential(path, 0.3, calib=batches, importance="flap", example_inputs=batches[0],
+                               device="cpu", progress=False)
+    assert res.plan.as_dict() == ref.plan.as_dict()
+    assert res.update is not None and res.update.method == "flap" == ref.report.update
+    assert set(res.update.added) == set(ref.weights.added) and set(res.update.changed) == set(ref.weights.changed)
+    assert res.update.added or res.update.changed
+    out = tmp_path / "out"
+    seq.save_sequential(res, str(out), progress=False)
+    loaded = fxprune.load(str(out))
+    want, got = ref.model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, ref.model(**batches[0]).logits, rtol=0, atol=0)

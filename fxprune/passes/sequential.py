@@ -56,8 +56,9 @@ comes through the streamed backward above, so it is the in-memory one up to summ
 After the plan, :func:`update_sequential` sweeps once more and computes each block's
 compensated weights (``W_K += W_M H_MK H_KK⁻¹``; surgeon's ``Ã⁻¹``/``G̃⁻¹`` updates) while it is
 loaded; they wait for the save in RAM up to a budget, then on disk.  Sequential mode prunes in one
-shot (in memory ``shots="auto"`` re-gathers between shots for surgeon), and it does not apply
-FLAP's bias compensation, which adds tensors.
+shot (in memory ``shots="auto"`` re-gathers between shots for surgeon).  FLAP's bias
+compensation needs no sweep: each block is onloaded once more and its compensated (or new) biases
+come from the scoring pass' exact input means.
 
 Data parallelism (:mod:`fxprune.distributed`) composes: each rank pushes its shard of the batches
 through each block, and the block's sums are all-reduced once, before it is scored.
@@ -650,7 +651,7 @@ class _Consumers:
         block_of_module = {}
         layers = layers_for(model, spec) if spec else {}
         for name in layers:
-            block_of_module[name] = next((b for b in cut.blocks if name == b or name.startswith(b + ".")), RESIDENT)
+            block_of_module[name] = _owner(cut.blocks, name)
         self.stat_layers = {p: {n: layers[n] for n, b in block_of_module.items() if b == p} for p in cut.blocks}
         self.stat_layers[RESIDENT] = {n: layers[n] for n, b in block_of_module.items() if b == RESIDENT}
         # outside pieces: one criterion and (for gradients) one collector kept across every pass
@@ -1006,16 +1007,26 @@ def _check_finite(work: _Consumers, piece: _Piece, i: int) -> None:
 def _score_without_data(model: nn.Module, checkpoint: Checkpoint, cut: BlockCut, work: _Consumers, *,
                         device: torch.device, dtype: torch.dtype | None, progress: bool) -> list[BlockTiming]:
     """Weight-only criteria (l1, l2, random): onload each piece, score its members, offload."""
+    return _each_piece(model, checkpoint, cut, lambda block: work.finish(work.open_piece(block)), device=device,
+                       dtype=dtype, progress=progress)
+
+
+def _each_piece(model: nn.Module, checkpoint: Checkpoint, cut: BlockCut, fn: Callable[[str], None], *,
+                device: torch.device, dtype: torch.dtype | None, progress: bool,
+                pieces: Sequence[str] | None = None) -> list[BlockTiming]:
+    """Onload each block (and, as :data:`RESIDENT`, everything outside the blocks), call
+    ``fn(piece)`` with its weights in ``model``, offload it: work that needs weights, not data."""
     loader = _Loader(model, checkpoint, _aliases(model), device, dtype)
     timings = []
-    bar = _bar(len(cut.pieces) - 1, "sequential", progress)
+    todo = [p for p in (*cut.blocks, RESIDENT) if pieces is None or p in pieces]
+    bar = _bar(len(todo), "sequential", progress)
     try:
-        for block in (*cut.blocks, RESIDENT):
+        for block in todo:
             t0 = time.perf_counter()
             names = (*cut.tensors[RESIDENT], *cut.tensors[POST]) if block == RESIDENT else cut.tensors[block]
             loader.load(names)
             t1 = time.perf_counter()
-            work.finish(work.open_piece(block))
+            fn(block)
             nbytes = loader.bytes_loaded
             loader.unload(names)
             timings.append(BlockTiming(block, t1 - t0, time.perf_counter() - t1, time.perf_counter() - t0, nbytes))
@@ -1024,6 +1035,11 @@ def _score_without_data(model: nn.Module, checkpoint: Checkpoint, cut: BlockCut,
         bar.close()
         loader.unload(list(loader.loaded))
     return timings
+
+
+def _owner(blocks: Sequence[str], name: str) -> str:
+    """The block a module path lies in, or :data:`RESIDENT` for one outside every block."""
+    return next((b for b in blocks if name == b or name.startswith(b + ".")), RESIDENT)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1187,7 +1203,7 @@ class SequentialCurvatureSource(CurvatureSource):
         if not specs:
             return
         blocks = self.sweep["cut"].blocks
-        owner = {n: next((b for b in blocks if n == b or n.startswith(b + ".")), RESIDENT) for n in specs}
+        owner = {n: _owner(blocks, n) for n in specs}
 
         def on_block(block: str, module: nn.Module, stats: Stats) -> None:
             piece = RESIDENT if block in _OUTSIDE else block
@@ -1199,6 +1215,36 @@ class SequentialCurvatureSource(CurvatureSource):
                                keep_stats=False, on_block=on_block, **self.sweep)
         self.gatherings += 1
         self.runs.append(run)
+
+
+def _flap_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores, changed: "_SpilledTensors",
+                     added: "_SpilledTensors", checkpoint: Checkpoint | None, cut: BlockCut | None, *,
+                     device: Any, dtype: torch.dtype | None, progress: bool) -> Any:
+    from fxprune.errors import PlanError
+    from fxprune.passes import curvature
+    from fxprune.passes.update import IDENTITY, flap_compensation, flap_notes
+
+    if checkpoint is None:
+        raise PlanError("update_sequential(method='flap') needs checkpoint= (the weights are read block by block)")
+    cut = cut or cut_blocks(analysis.graph)
+    layers = [n for n, (_, cols) in curvature.layer_removals(model, analysis, plan).items() if len(cols)]
+    by_piece: dict[str, list[str]] = {}
+    for n in layers:
+        by_piece.setdefault(_owner(cut.blocks, n), []).append(n)
+    skipped: list[str] = []
+
+    def piece(block: str) -> None:
+        out = flap_compensation(model, analysis, plan, scores, layers=set(by_piece[block]))
+        for fqn, t in out.changed.items():
+            changed[fqn] = t
+        for fqn, t in out.added.items():
+            added[fqn] = t
+        skipped.extend(out.skipped)
+
+    _each_piece(model, checkpoint, cut, piece, device=resolve_device(device), dtype=dtype, progress=progress,
+                pieces=list(by_piece))
+    return dataclasses.replace(IDENTITY, method="flap", changed=changed, added=added,
+                               notes=flap_notes(changed, added, skipped))
 
 
 def _score_curvature(model: nn.Module, checkpoint: Checkpoint, analysis: Any, batches: list[Batch], crit_cls: type,
@@ -1258,13 +1304,15 @@ class _SpilledTensors(Mapping):
 
 
 def update_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores, *, method: str = "auto",
-                      ram_bytes: int | None = None, offload_dir: str | None = None) -> Any:
-    """``fxprune.update`` for a sequential prune: the curvature updates (``obs``, ``surgeon``) of the
-    plan's layers, computed block by block while each block is onloaded (one more sweep over the
-    calibration batches); the new tensors wait for :func:`save_sequential` in RAM up to
-    ``ram_bytes`` (default 512 MiB), then on disk under ``offload_dir``.  Returns a
-    :class:`~fxprune.passes.update.WeightUpdate`.  Methods that add tensors (``flap``'s new biases)
-    are not supported here."""
+                      ram_bytes: int | None = None, offload_dir: str | None = None, checkpoint: Checkpoint | None = None,
+                      cut: BlockCut | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      progress: bool = True) -> Any:
+    """``fxprune.update`` for a sequential prune, block by block while each block is onloaded: the
+    curvature updates (``obs``, ``surgeon``: one more sweep over the calibration batches) and FLAP's
+    bias compensation (``flap``: weights and the scoring pass' input means only; needs
+    ``checkpoint``).  The new tensors wait for :func:`save_sequential` in RAM up to ``ram_bytes``
+    (default 512 MiB), then on disk under ``offload_dir``.  Returns a
+    :class:`~fxprune.passes.update.WeightUpdate` (``added``: biases flap gives bias-free layers)."""
     from fxprune.errors import PlanError
     from fxprune.passes import curvature
     from fxprune.passes.update import IDENTITY
@@ -1273,11 +1321,17 @@ def update_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores
         method = scores.update_method
     if method == "none" or not plan:
         return dataclasses.replace(IDENTITY, method=method)
+    budget = 512 * 2**20 if ram_bytes is None else ram_bytes
+    if method == "flap":
+        return _flap_sequential(model, analysis, plan, scores, _SpilledTensors(budget, offload_dir),
+                                _SpilledTensors(budget, offload_dir), checkpoint, cut, device=device, dtype=dtype,
+                                progress=progress)
     source = scores.stats
     if method not in ("obs", "surgeon") or not isinstance(source, SequentialCurvatureSource):
         raise PlanError(f"sequential mode applies the curvature updates (obs, surgeon) of importance='obs'/'surgeon' "
-                        f"scores; got update {method!r} with importance {scores.importance!r} (use update='none')")
-    out = _SpilledTensors(512 * 2**20 if ram_bytes is None else ram_bytes, offload_dir)
+                        f"scores and flap's bias compensation; got update {method!r} with importance "
+                        f"{scores.importance!r} (use update='none')")
+    out = _SpilledTensors(budget, offload_dir)
     changed, notes = curvature.plan_update(model, analysis, plan, source, method,
                                            damping=getattr(source, "damping", curvature.DAMPING), out=out)
     return dataclasses.replace(IDENTITY, method=method, changed=changed, notes=tuple(notes))
@@ -1414,8 +1468,8 @@ def prune_sequential(
     surgeon: one more sweep) and rewrites the skeleton on meta; write the pruned weights with
     :func:`save_sequential`.  Arguments are those of :func:`fxprune.prune`, with the same defaults
     (``importance``: surgeon for a model with a loss, obs without one, l2 without calibration
-    data; ``allocation``: cost for the curvature criteria); it prunes in one shot.  FLAP's bias
-    compensation (which adds tensors) is not applied here: ``importance="flap"`` gets no update.
+    data; ``allocation``: cost for the curvature criteria); it prunes in one shot.  Each
+    criterion's update (surgeon, obs, flap) is applied as in memory.
     """
     from fxprune.api import _Clock, _report
     from fxprune.calib import load_calibration
@@ -1484,16 +1538,20 @@ def prune_sequential(
             plan = distributed.broadcast_plan(analysis, plan)
     if update_method == "auto":
         update_method = run.scores.update_method
-        if update_method == "flap":
-            update_method = "none"
-            notes.append("sequential mode does not apply flap's bias compensation (it adds tensors): update=none")
     with clock("update"):
-        weights = update_sequential(model, analysis, plan, run.scores, method=update_method, offload_dir=offload_dir)
+        weights = update_sequential(model, analysis, plan, run.scores, method=update_method, offload_dir=offload_dir,
+                                    checkpoint=checkpoint, cut=cut, device=device, dtype=dtype, progress=progress)
         notes.extend(weights.notes)
     with clock("rewrite (meta)"):
-        result = rewrite(model, analysis, plan) if plan else None
+        from fxprune.passes.update import IDENTITY
+
+        # the rewrite needs only the shapes of what the update added (flap's new biases), not values
+        shapes_only = dataclasses.replace(IDENTITY, method=weights.method, added={
+            k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in weights.added.items()})
+        result = rewrite(model, analysis, plan, shapes_only if weights.added else None) if plan else None
         if result is not None and result.problems:
-            result = _settle_conflicts_on_meta(model, analysis, plan, result, notes)
+            result = _settle_conflicts_on_meta(model, analysis, plan, result, notes,
+                                               shapes_only if weights.added else None)
     notes.append(f"sequential ({run.mode}): {cut.describe()}")
     pruned = result.model if result is not None else model
     report = _report(model, pruned, graph, analysis, plan, run.scores, float(ratio), importance, allocation,
@@ -1507,7 +1565,8 @@ def prune_sequential(
                                  None if weights.is_identity else weights)
 
 
-def _settle_conflicts_on_meta(model: nn.Module, analysis: Any, plan: Any, result: Any, notes: list[str]) -> Any:
+def _settle_conflicts_on_meta(model: nn.Module, analysis: Any, plan: Any, result: Any, notes: list[str],
+                              weights: Any = None) -> Any:
     """Resolve the module rewrite's attribute conflicts without weights.
 
     In memory, ``rewrite`` tries attribute values until the module's outputs equal the rewritten
@@ -1538,7 +1597,7 @@ def _settle_conflicts_on_meta(model: nn.Module, analysis: Any, plan: Any, result
         return Verdict(ok, 0.0 if ok else math.inf, 0.0 if ok else math.inf, "output shapes on meta", (),
                        "" if ok else "the output shapes differ from the rewritten graph's on meta")
 
-    mod = rewrite_module(model, analysis, plan, result.program)
+    mod = rewrite_module(model, analysis, plan, result.program, weights)
     if not mod.conflicts or not _resolve_conflicts(mod, shape_verdict):
         raise AnalysisError("the pruned skeleton cannot be made consistent with the rewritten graph: "
                             + "; ".join(result.problems))
@@ -1591,8 +1650,9 @@ def write_sequential_checkpoint(result: SequentialPruneResult, tmp: str, *, max_
         return write_checkpoint(result, tmp, source=result.checkpoint.directory, tokenizer=tokenizer,
                                 save_weights=weights)
     finally:
-        if result.update is not None and hasattr(result.update.changed, "close"):
-            result.update.changed.close()  # the spilled compensated weights are written: delete them
+        for spilled in ((result.update.changed, result.update.added) if result.update is not None else ()):
+            if hasattr(spilled, "close"):
+                spilled.close()  # the spilled compensated weights are written: delete them
 
 
 def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_bytes: int = 5 * 10**9,
@@ -1601,7 +1661,7 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
     slice it to the plan and write it into ``tmp``'s shards; peak memory is one block.  Tensors keep
     the checkpoint's dtype (``dtype=`` of the prune is the compute dtype only).  Also writes
     ``fxprune.json``/``config.json`` (``fxprune.load``); returns :class:`fxprune.io.SavedModel`."""
-    from fxprune.passes.rewrite import _slice_tensor, new_tensor_shapes
+    from fxprune.passes.rewrite import _slice_tensor, added_dims, new_tensor_shapes
 
     ckpt, cut, graph = result.checkpoint, result.cut, result.graph
     pruned = result.rewrite.model if result.rewrite is not None else result.model
@@ -1621,13 +1681,21 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
             (name, canonical))
     shapes = pruned.state_dict()
     changed = result.update.changed if result.update is not None else {}
+    added = result.update.added if result.update is not None else {}
+    dims_of = {**dims_of, **{f: d for f in added if (d := added_dims(f, dims_of))}}
     entries: list[tuple[str, Sequence[int], torch.dtype]] = []
     sources: dict[str, str | None] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for piece in cut.pieces:
         for name, canonical in per_piece[piece]:
-            src = loader.source(canonical)
+            src = None if name in added else loader.source(canonical)
             sources[name] = src
-            dtype = ckpt.dtypes[src] if src is not None else shapes[name].dtype
+            if name in added:  # stored like the weight beside it
+                beside = loader.source(graph.canonical(name.rpartition(".")[0] + ".weight"))
+                dtype = ckpt.dtypes[beside] if beside is not None else shapes[name].dtype
+            else:
+                dtype = ckpt.dtypes[src] if src is not None else shapes[name].dtype
+            dtypes[name] = dtype
             entries.append((name, tuple(shapes[name].shape), dtype))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -1639,7 +1707,9 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
                 values = ckpt.read(names, "cpu") if names else {}
                 for name, canonical in items:
                     src = sources[name]
-                    if src is None:  # a buffer the constructor computed: take the skeleton's own
+                    if name in added:  # a tensor the update added (flap's bias), sliced like its weight
+                        value = added[name].to(dtypes[name])
+                    elif src is None:  # a buffer the constructor computed: take the skeleton's own
                         value = result.model.get_buffer(canonical)
                     else:
                         value = values.pop(src)

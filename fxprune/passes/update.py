@@ -40,7 +40,7 @@ from fxprune.passes.base import check, fxpass
 from fxprune.passes.plan import Plan, as_plan
 from fxprune.util.modules import set_tensor
 
-__all__ = ["UPDATES", "WeightUpdate", "register_update", "update", "model_tensors"]
+__all__ = ["UPDATES", "WeightUpdate", "register_update", "update", "model_tensors", "flap_compensation"]
 
 UpdateFn = Callable[[nn.Module, Any, Plan, Any], "UpdateOutput"]
 
@@ -52,6 +52,7 @@ class UpdateOutput:
     changed: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     added: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # layers the method could not compensate (named in the notes)
 
 
 UPDATES: dict[str, UpdateFn] = {}
@@ -154,6 +155,13 @@ register_update("obs")(_curvature_update("obs"))
 @register_update("flap")
 def _flap_update(model: nn.Module, analysis: Any, plan: Plan, stats: Any) -> UpdateOutput:
     """FLAP's bias compensation from the scoring pass' input means (``Scores.input_mean``)."""
+    return flap_compensation(model, analysis, plan, stats)
+
+
+def flap_compensation(model: nn.Module, analysis: Any, plan: Plan, stats: Any,
+                      layers: Any = None) -> UpdateOutput:
+    """``b += W[:, P] · x̄[P]`` for the removed input columns ``P`` of every layer the plan touches
+    (only ``layers``, when given: sequential mode runs it block by block, each block onloaded)."""
     means = getattr(stats, "input_mean", None)
     if not means:
         raise PlanError("update 'flap' needs the Scores of a criterion with input statistics "
@@ -162,7 +170,7 @@ def _flap_update(model: nn.Module, analysis: Any, plan: Plan, stats: Any) -> Upd
     added: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for layer, (rows, cols) in curvature.layer_removals(model, analysis, plan).items():
-        if not len(cols):
+        if not len(cols) or (layers is not None and layer not in layers):
             continue
         prefix = f"{layer}." if layer else ""
         module = model.get_submodule(layer)
@@ -184,11 +192,15 @@ def _flap_update(model: nn.Module, analysis: Any, plan: Plan, stats: Any) -> Upd
             added[prefix + "bias"] = delta.to(module.weight.dtype).to(module.weight.device)
         else:
             skipped.append(layer)
-    notes = [f"flap update: bias compensation in {len(changed) + len(added)} layers "
-             f"({len(added)} new biases)"]
+    return UpdateOutput(changed, added, flap_notes(changed, added, skipped), tuple(skipped))
+
+
+def flap_notes(changed: Any, added: Any, skipped: Any) -> tuple[str, ...]:
+    """The report lines of a flap update."""
+    notes = [f"flap update: bias compensation in {len(changed) + len(added)} layers ({len(added)} new biases)"]
     if skipped:
         notes.append(f"flap update: no compensation for {', '.join(sorted(skipped))} (no input means, or no bias to add)")
-    return UpdateOutput(changed, added, tuple(notes))
+    return tuple(notes)
 
 
 def _requires(model: Any, analysis: Any, plan: Any, stats: Any = None, **kwargs: Any) -> None:
