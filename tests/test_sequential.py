@@ -305,18 +305,25 @@ def test_curvature_prune_with_its_update_equals_in_memory(root, tmp_path, name, 
     assert res.report.allocation == ref.report.allocation == "cost"
     assert res.update is not None and res.update.method == importance == ref.report.update
     assert set(res.update.changed) <= set(ref.weights.changed) and len(res.update.changed) > 0
+    _saved_equals_in_memory(res, ref, tmp_path, batches[0], exact=importance == "obs")
+
+
+def _saved_equals_in_memory(res, ref, tmp_path, inputs, *, exact: bool) -> None:
+    """The sequential prune, saved shard by shard and loaded, has the in-memory prune's weights
+    and outputs (bitwise when ``exact``)."""
     out = tmp_path / "out"
     seq.save_sequential(res, str(out), progress=False)
     loaded = fxprune.load(str(out))
     want, got = ref.model.state_dict(), loaded.state_dict()
     assert set(got) == set(want)
     for k in want:
-        if importance == "obs":
+        if exact:
             assert torch.equal(got[k], want[k]), k
         else:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batches[0]).logits, ref.model(**batches[0]).logits, rtol=1e-4, atol=1e-5)
+        tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-5}
+        torch.testing.assert_close(loaded(**inputs).logits, ref.model(**inputs).logits, **tol)
 
 
 def test_a_sequential_update_past_its_ram_spills_to_disk_and_cleans_up(root, tmp_path):
@@ -347,12 +354,4 @@ def test_flap_with_its_bias_compensation_equals_in_memory(root, tmp_path, name):
     assert res.update is not None and res.update.method == "flap" == ref.report.update
     assert set(res.update.added) == set(ref.weights.added) and set(res.update.changed) == set(ref.weights.changed)
     assert res.update.added or res.update.changed
-    out = tmp_path / "out"
-    seq.save_sequential(res, str(out), progress=False)
-    loaded = fxprune.load(str(out))
-    want, got = ref.model.state_dict(), loaded.state_dict()
-    assert set(got) == set(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batches[0]).logits, ref.model(**batches[0]).logits, rtol=0, atol=0)
+    _saved_equals_in_memory(res, ref, tmp_path, batches[0], exact=True)
