@@ -39,3 +39,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>"
     )
+
+
+def save_tiny_llama(path, *, hidden: int, intermediate: int, head_dim: int, seed: int = 0) -> None:
+    """A 2-layer Llama (4 heads, 2 kv heads) with :func:`tiny_tokenizer`, saved as an HF
+    checkpoint directory at ``path``: what the CLI tests prune."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)

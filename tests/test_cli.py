@@ -46,17 +46,10 @@ def test_missing_model_path_is_one_line_with_exit_code_2(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def hf_dir_with_tokenizer(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.helpers_text import save_tiny_llama
 
-    from tests.helpers_text import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=112, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=12)
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tok")
-    LlamaForCausalLM(cfg).save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
+    save_tiny_llama(root / "llama", hidden=48, intermediate=112, head_dim=12)
     (root / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
     return root
 

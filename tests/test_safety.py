@@ -33,17 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny Llama with a tokenizer, a calibration text, inside a folder with sibling folders."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.helpers_text import save_tiny_llama
 
-    from tests.helpers_text import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
-    LlamaForCausalLM(cfg).save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
+    save_tiny_llama(root / "llama", hidden=64, intermediate=160, head_dim=16)
     for sib in ("sib1", "sib2"):
         (root / sib).mkdir()
         (root / sib / "keep.txt").write_text(sib)

@@ -648,11 +648,11 @@ class _CurvatureImportance(Importance):
     def run(self, model: nn.Module, groups: Sequence[Group], batches: Sequence[Batch], ctx: ScoringContext, *,
             device: torch.device, loss_fn: LossFn | None, progress: bool) -> int:
         batches = list(batches)
-        budget = self.budget
-        if budget is None:
-            weight_bytes = sum(p.numel() * p.element_size() for p in unique_params(model))
-            budget = max(weight_bytes // 2, 128 * 2**20)
         if self.source is None:  # sequential mode brings its own (block by block)
+            budget = self.budget
+            if budget is None:
+                weight_bytes = sum(p.numel() * p.element_size() for p in unique_params(model))
+                budget = max(weight_bytes // 2, 128 * 2**20)
             self.source = curvature.CurvatureSource(model, batches, loss_fn=loss_fn, device=device, budget=budget,
                                                     progress=progress, reduce=self.reduce_stats)
         self.source.damping = self.damping

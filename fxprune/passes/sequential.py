@@ -1217,9 +1217,11 @@ class SequentialCurvatureSource(CurvatureSource):
         self.runs.append(run)
 
 
-def _flap_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores, changed: "_SpilledTensors",
-                     added: "_SpilledTensors", checkpoint: Checkpoint | None, cut: BlockCut | None, *,
+def _flap_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores, method: str,
+                     spill: Callable[[], "_SpilledTensors"], *, checkpoint: Checkpoint | None, cut: BlockCut | None,
                      device: Any, dtype: torch.dtype | None, progress: bool) -> Any:
+    """flap: each block that has compensated layers onloaded once more (weights and the scoring
+    pass' input means; no calibration sweep)."""
     from fxprune.errors import PlanError
     from fxprune.passes import curvature
     from fxprune.passes.update import IDENTITY, flap_compensation, flap_notes
@@ -1227,14 +1229,14 @@ def _flap_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores,
     if checkpoint is None:
         raise PlanError("update_sequential(method='flap') needs checkpoint= (the weights are read block by block)")
     cut = cut or cut_blocks(analysis.graph)
-    layers = [n for n, (_, cols) in curvature.layer_removals(model, analysis, plan).items() if len(cols)]
-    by_piece: dict[str, list[str]] = {}
-    for n in layers:
-        by_piece.setdefault(_owner(cut.blocks, n), []).append(n)
-    skipped: list[str] = []
+    by_piece: dict[str, dict[str, tuple]] = {}
+    for n, rc in curvature.layer_removals(model, analysis, plan).items():
+        if len(rc[1]):
+            by_piece.setdefault(_owner(cut.blocks, n), {})[n] = rc
+    changed, added, skipped = spill(), spill(), []
 
     def piece(block: str) -> None:
-        out = flap_compensation(model, analysis, plan, scores, layers=set(by_piece[block]))
+        out = flap_compensation(model, analysis, plan, scores, removals=by_piece[block])
         for fqn, t in out.changed.items():
             changed[fqn] = t
         for fqn, t in out.added.items():
@@ -1268,7 +1270,7 @@ def _score_curvature(model: nn.Module, checkpoint: Checkpoint, analysis: Any, ba
     run = source.runs[-1] if source.runs else None
     return SequentialScores(scores, None, sweep["cut"], run.timings if run else (),
                             run.activation_bytes if run else types.MappingProxyType({}),
-                            "recompute" if crit_cls.needs_grad or crit.method == "surgeon" else "forward")
+                            run.mode if run else "forward")
 
 
 class _SpilledTensors(Mapping):
@@ -1314,27 +1316,42 @@ def update_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores
     (default 512 MiB), then on disk under ``offload_dir``.  Returns a
     :class:`~fxprune.passes.update.WeightUpdate` (``added``: biases flap gives bias-free layers)."""
     from fxprune.errors import PlanError
-    from fxprune.passes import curvature
     from fxprune.passes.update import IDENTITY
 
     if method == "auto":
         method = scores.update_method
     if method == "none" or not plan:
         return dataclasses.replace(IDENTITY, method=method)
+    run = _SEQUENTIAL_UPDATES.get(method)
+    if run is None:
+        raise PlanError(f"sequential mode applies the updates {sorted(_SEQUENTIAL_UPDATES)}; got {method!r} "
+                        "(use update='none')")
     budget = 512 * 2**20 if ram_bytes is None else ram_bytes
-    if method == "flap":
-        return _flap_sequential(model, analysis, plan, scores, _SpilledTensors(budget, offload_dir),
-                                _SpilledTensors(budget, offload_dir), checkpoint, cut, device=device, dtype=dtype,
-                                progress=progress)
+    return run(model, analysis, plan, scores, method, lambda: _SpilledTensors(budget, offload_dir),
+               checkpoint=checkpoint, cut=cut, device=device, dtype=dtype, progress=progress)
+
+
+def _curvature_sequential(model: nn.Module, analysis: Any, plan: Any, scores: Scores, method: str,
+                          spill: Callable[[], "_SpilledTensors"], **_: Any) -> Any:
+    """obs / surgeon: :func:`~fxprune.passes.curvature.plan_update` on the scoring pass'
+    :class:`SequentialCurvatureSource`, which sweeps once more and runs it block by block."""
+    from fxprune.errors import PlanError
+    from fxprune.passes import curvature
+    from fxprune.passes.update import IDENTITY
+
     source = scores.stats
-    if method not in ("obs", "surgeon") or not isinstance(source, SequentialCurvatureSource):
-        raise PlanError(f"sequential mode applies the curvature updates (obs, surgeon) of importance='obs'/'surgeon' "
-                        f"scores and flap's bias compensation; got update {method!r} with importance "
-                        f"{scores.importance!r} (use update='none')")
-    out = _SpilledTensors(budget, offload_dir)
+    if not isinstance(source, SequentialCurvatureSource):
+        raise PlanError(f"update {method!r} in sequential mode needs importance='obs'/'surgeon' scores, got "
+                        f"importance {scores.importance!r} (use update='none')")
     changed, notes = curvature.plan_update(model, analysis, plan, source, method,
-                                           damping=getattr(source, "damping", curvature.DAMPING), out=out)
+                                           damping=getattr(source, "damping", curvature.DAMPING), out=spill())
     return dataclasses.replace(IDENTITY, method=method, changed=changed, notes=tuple(notes))
+
+
+_SEQUENTIAL_UPDATES: dict[str, Callable[..., Any]] = {
+    "obs": _curvature_sequential, "surgeon": _curvature_sequential, "flap": _flap_sequential,
+}
+"""How each method of :data:`fxprune.passes.update.UPDATES` runs block by block."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -159,9 +159,10 @@ def _flap_update(model: nn.Module, analysis: Any, plan: Plan, stats: Any) -> Upd
 
 
 def flap_compensation(model: nn.Module, analysis: Any, plan: Plan, stats: Any,
-                      layers: Any = None) -> UpdateOutput:
+                      removals: Mapping[str, tuple[Any, Any]] | None = None) -> UpdateOutput:
     """``b += W[:, P] · x̄[P]`` for the removed input columns ``P`` of every layer the plan touches
-    (only ``layers``, when given: sequential mode runs it block by block, each block onloaded)."""
+    (``removals``: a part of :func:`~fxprune.passes.curvature.layer_removals` -- sequential mode
+    passes one block's, while that block is onloaded)."""
     means = getattr(stats, "input_mean", None)
     if not means:
         raise PlanError("update 'flap' needs the Scores of a criterion with input statistics "
@@ -169,8 +170,10 @@ def flap_compensation(model: nn.Module, analysis: Any, plan: Plan, stats: Any,
     changed: dict[str, torch.Tensor] = {}
     added: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
-    for layer, (rows, cols) in curvature.layer_removals(model, analysis, plan).items():
-        if not len(cols) or (layers is not None and layer not in layers):
+    if removals is None:
+        removals = curvature.layer_removals(model, analysis, plan)
+    for layer, (rows, cols) in removals.items():
+        if not len(cols):
             continue
         prefix = f"{layer}." if layer else ""
         module = model.get_submodule(layer)
