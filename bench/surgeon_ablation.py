@@ -129,7 +129,7 @@ def refit(model, res, calib, *, progressive: bool, add_bias: bool) -> torch.nn.M
     return z
 
 
-def search_allocation(model, res, calib, update_method: str) -> tuple[dict, list]:
+def search_allocation(model, res, calib, update_method: str) -> dict:
     """Hill-climb the per-group unit counts of the default plan on the calibration perplexity."""
     an, sc = res.analysis, res.scores
     gids = sorted(res.plan.keys())
@@ -163,8 +163,7 @@ def search_allocation(model, res, calib, update_method: str) -> tuple[dict, list
         cur_v, cur = best
         trace.append(([cur[g] for g in gids], cur_v))
     _, plan, w = ppl(cur)
-    return {"counts": [cur[g] for g in gids], "groups": gids, "trace": trace,
-            "model": zeroed_copy(model, an, plan, w).eval()}, trace
+    return {"counts": [cur[g] for g in gids], "trace": trace, "model": zeroed_copy(model, an, plan, w).eval()}
 
 
 def _greedy_costs(lc, units, numerator) -> np.ndarray:
@@ -279,7 +278,8 @@ def run_family(args, family: str) -> dict:
         row("progressive refit (same plan)", refit(model, res, calib, progressive=True, add_bias=False),
             time.perf_counter() - t0)
         t0 = time.perf_counter()
-        found, trace = search_allocation(model, res, calib, method)
+        found = search_allocation(model, res, calib, method)
+        trace = found["trace"]
         row("allocation searched on loss", found["model"], time.perf_counter() - t0,
             counts_default=trace[0][0], counts_searched=found["counts"],
             calib_ppl_default=trace[0][1], calib_ppl_searched=trace[-1][1])
