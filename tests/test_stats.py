@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -61,6 +63,7 @@ def test_output_gradient_covariance_is_the_per_token_fisher():
 
 
 def test_conv_columns_follow_the_weight_layout():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     x = torch.randn(2, 3, 5, 5)
     with Collector({"0": model[0]}, StatSpec(input_cov=True, input_moments=True), dtype=torch.float64) as col:
@@ -72,7 +75,7 @@ def test_conv_columns_follow_the_weight_layout():
     torch.testing.assert_close(st.xxT, cols.t() @ cols)
     # the weight as [out, C*k*k] times a column reproduces the conv output at that position
     w = model[0].weight.reshape(4, -1).double()
-    y = model[0](x).double()
+    y = copy.deepcopy(model[0]).double()(x.double())  # in float64: the float32 kernel rounds by ~1e-7
     torch.testing.assert_close((cols @ w.t() + model[0].bias.double()).reshape(2, 25, 4).transpose(1, 2).reshape(2, 4, 5, 5), y)
     torch.testing.assert_close(st.x_sum, x.double().sum(dim=(0, 2, 3)))  # moments are per channel
 
@@ -90,3 +93,58 @@ def test_shards_merge_to_the_whole():
         assert merged[name].count == whole[name].count
     assert merged["q"].xxT is merged["k"].xxT
     assert whole.nbytes == (6 + 6 + 36 + 5 + 5 + 25) * 8  # q and k share one slot: counted once
+
+
+class Looped(nn.Module):
+    """One linear applied twice in a forward (a shared router, a looped block), q/k sharing a slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(6, 6)
+        self.k = nn.Linear(6, 6, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.q(x)) * self.k(x)
+        return self.q(h) + self.k(h)
+
+
+def test_a_layer_called_twice_in_one_forward_sums_both_calls():
+    model = Looped().eval()
+    batches = _batches(2)
+    stats = gather_stats(model, batches, StatSpec(input_cov=True), progress=False, dtype=torch.float64)
+    X = torch.cat([b.reshape(-1, 6) for b in batches]).double()
+    with torch.no_grad():
+        H = torch.cat([(torch.tanh(model.q(b)) * model.k(b)).reshape(-1, 6) for b in batches]).double()
+    both = torch.cat([X, H])
+    q, k = stats["q"], stats["k"]
+    assert q.xxT is k.xxT and q.cov_count == len(both)
+    torch.testing.assert_close(q.xxT, both.t() @ both)
+
+
+class FusedExperts(nn.Module):
+    """A 3-D weight indexed inside the forward (HF 5.x fused experts): no module sees its tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(2, 5, 6) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w[0].t()) + x @ self.w[1].t()
+
+
+def test_param_fisher_sums_squared_per_batch_gradients_of_the_summed_loss():
+    model = FusedExperts().eval()
+    batches = _batches(3)
+    loss_fn = lambda out, b: out.pow(2).mean()  # noqa: E731
+    stats = gather_stats(model, batches, {"": StatSpec(param_fisher=("w",))}, loss_fn=loss_fn,
+                         progress=False, dtype=torch.float64)
+    want = torch.zeros_like(model.w, dtype=torch.float64)
+    for b in batches:
+        (g,) = torch.autograd.grad(loss_fn(model(b), b), model.w)
+        want += (g.double() * b.shape[0]) ** 2  # the batch's mean loss times its count: the summed loss
+    ls = stats[""]
+    assert ls.pg_count == 3 * 2
+    torch.testing.assert_close(ls.param_fisher("w", {"w": model.w}, ("w",)), want / 6)
+    assert model.w.grad is None and model.w.requires_grad, "the model must be left as it was"

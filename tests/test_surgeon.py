@@ -6,12 +6,14 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 import fxprune
 from fxprune.passes import curvature
 from fxprune.passes.stats import StatSpec, gather_stats
 from fxprune.passes.update import update
+from tests import zoo
 from tests.conftest import traced
 from tests.test_stats import TwoHead, _batches
 
@@ -132,3 +134,61 @@ def test_default_criterion_is_surgeon_with_a_loss_and_obs_without():
     assert default_importance(enc, None, ["x"]) == "obs"
     assert default_importance(enc, lambda out, b: out.sum(), ["x"]) == "surgeon"
     assert default_importance(lm, None, None) == "l2"
+
+
+# one model per mechanism the curvature path must read: a module called twice per forward
+# (Gemma3n's routers), HF Conv1D (GPT-2), fused qkv (Falcon, Phi-3), full-width q/k norms (OLMo-2),
+# experts (Mixtral), an encoder with no loss (BERT: obs)
+@pytest.mark.parametrize("name", ["gemma3n", "gpt2", "falcon", "phi3", "olmo2", "mixtral", "bert"])
+def test_the_default_criterion_prunes_and_verifies_across_architectures(name):
+    from fxprune.api import default_importance
+
+    zm = zoo.ZOO[name]
+    model = zm.build()
+    calib = [zm.make_inputs(2, 16) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxprune.prune(model, 0.2, calib=calib, example_inputs=zm.make_inputs(2, 8), progress=False)
+    rep = res.report
+    assert rep.importance == default_importance(model, None, calib)
+    assert rep.update == rep.importance and (not res.weights.is_identity or name == "mixtral")
+    v = res.rewrite.verification
+    exact = all(res.analysis.by_id[g].exact for g in res.plan)  # LayerNorm's hidden width is not
+    assert v.finite and v.output_shapes_ok and v.exact_checked == exact  # exact: = the updated model, zeroed
+    assert not any("not scored: no linear contraction" in n for n in rep.notes), rep.notes
+    assert 0.05 < rep.ratio_achieved < 0.35, (rep.ratio_achieved, rep.notes)
+    with torch.no_grad():
+        out = res.model(**zm.make_inputs(2, 8))
+    logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", None)
+    logits = logits if logits is not None else out.last_hidden_state
+    assert torch.isfinite(logits).all()
+
+
+def test_fused_expert_weights_get_a_diagonal_fisher_cost_that_ranks_a_dead_channel_first():
+    """HF 5.x experts are 3-D parameters indexed in the forward: no module hook sees their tokens,
+    so they are costed from per-batch gradients instead of being left free (cost 0)."""
+    zm = zoo.ZOO["mixtral"]
+    model = zm.build()
+    ex = model.model.layers[0].mlp.experts
+    inter = ex.down_proj.shape[-1]
+    with torch.no_grad():  # channel 5 of every expert of layer 0 is dead; channel 7 is loud
+        for c, k in ((5, 0.0), (7, 3.0)):
+            ex.gate_up_proj[:, c].mul_(k)
+            ex.gate_up_proj[:, inter + c].mul_(k)
+            ex.down_proj[:, :, c].mul_(k)
+    calib = [zm.make_inputs(2, 16) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxprune.prune(model, 0.1, calib=calib, example_inputs=zm.make_inputs(2, 8), progress=False)
+    assert any("diagonal Fisher" in n for n in res.report.notes), res.report.notes
+    cost = np.asarray(res.scores["model.layers.0.mlp.experts:channels"])
+    assert cost[5] == 0.0 and np.argmin(cost) == 5 and (np.delete(cost, 5) > 0).all()
+    assert cost[7] > np.median(cost)
+    assert 5 in res.plan.get("model.layers.0.mlp.experts:channels", ())
+
+
+def test_a_group_the_forward_only_criterion_cannot_cost_warns_instead_of_being_free():
+    zm = zoo.ZOO["mixtral"]
+    with pytest.warns(UserWarning, match=r"'obs' cannot score any member of group 'model\.layers\.0\.mlp\.experts:channels'"):
+        fxprune.prune(zm.build(), 0.1, calib=[zm.make_inputs(2, 16) for _ in range(2)], importance="obs",
+                      example_inputs=zm.make_inputs(2, 8), progress=False)

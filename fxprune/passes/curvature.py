@@ -491,37 +491,49 @@ def first_order_ok(module: nn.Module, attr: str, dim: int) -> bool:
     return isinstance(p, torch.Tensor) and p.dim() == 1 and "norm" in type(module).__name__.lower()
 
 
+def diag_fisher_ok(module: nn.Module, attr: str) -> bool:
+    """Whether ``module.<attr>`` gets the diagonal-Fisher fallback: a parameter (not a layer's
+    ``bias``, which goes with its rows) that no contraction or output statistic covers, such as
+    the 3-D weights of fused expert layers."""
+    return attr != "bias" and isinstance(getattr(module, attr, None), nn.Parameter)
+
+
 def stat_specs(model: nn.Module, roles: Sequence[Role], method: str) -> dict[str, Any]:
     """The per-layer :class:`StatSpec` ``method`` (``"surgeon"`` or ``"obs"``) needs for ``roles``."""
     from fxprune.passes.stats import StatSpec
 
     sides: dict[str, set[str]] = {}
     taylor: set[str] = set()
+    diag: dict[str, set[str]] = {}
     for r in roles:
         if r.contraction is not None:
             sides.setdefault(r.layer, set()).add(r.contraction.side)
         elif method == "surgeon" and first_order_ok(model.get_submodule(r.layer), r.attr, r.dim):
             taylor.add(r.layer)
+        elif method == "surgeon" and diag_fisher_ok(model.get_submodule(r.layer), r.attr):
+            diag.setdefault(r.layer, set()).add(r.attr)
     specs: dict[str, Any] = {}
     for layer, s in sides.items():
+        pf = tuple(sorted(diag.get(layer, ())))
         if method == "surgeon":
             specs[layer] = StatSpec(input_cov=True, bias_column=True, grad_cov="rows" in s,
-                                    grad_input_sq="rows" not in s)
+                                    grad_input_sq="rows" not in s, param_fisher=pf)
         elif "cols" in s:
             specs[layer] = StatSpec(input_cov=True, bias_column=True)
-    for layer in taylor - set(specs):
-        specs[layer] = StatSpec(output_taylor=True)
+    for layer in (taylor | set(diag)) - set(specs):
+        specs[layer] = StatSpec(output_taylor=layer in taylor, param_fisher=tuple(sorted(diag.get(layer, ()))))
     return specs
 
 
 def spec_bytes(model: nn.Module, layer: str, spec: Any, itemsize: int = 4) -> int:
     """An upper bound on the bytes ``spec`` gathers for ``layer`` (shared input slots counted per layer)."""
     module = model.get_submodule(layer)
+    n = sum(getattr(module, a).numel() for a in spec.param_fisher)  # one float per parameter entry
     if spec.output_only:
-        return 0
+        return n * itemsize
     w = weight_matrix(module)
     d_out, d_in = int(w.shape[0]), int(w.shape[1]) + 1
-    n = (d_in * d_in if spec.input_cov else 0) + (d_out * d_out if spec.grad_cov else 0)
+    n += (d_in * d_in if spec.input_cov else 0) + (d_out * d_out if spec.grad_cov else 0)
     n += d_in * (2 if spec.input_moments else 0) + (d_in if spec.grad_input_sq else 0)
     return n * itemsize
 
@@ -609,6 +621,7 @@ def _covers(stats: Any, specs: Mapping[str, Any]) -> bool:
             return False
         if (want.input_cov and not have.input_cov) or (want.grad_cov and not have.grad_cov) \
                 or (want.output_taylor and not have.output_taylor) \
+                or not set(want.param_fisher) <= set(have.param_fisher) \
                 or (want.grad_input_sq and not (have.grad_input_sq or have.grad_cov)):
             return False
     return True
@@ -634,7 +647,9 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
     A unit's cost is the sum over its group's members of the member's cost on the side it sits:
     K-FAC rows/columns (surgeon), OBS columns (obs; producer rows get none, the consumers'
     reconstruction covers them), first-order output Taylor for embeddings and norms (surgeon), and
-    nothing for members neither covers (reported in ``how``).
+    the diagonal Fisher ``½ Σ θ² E[(∂ℓ/∂θ)²]`` over the unit's slice for other parameters
+    (surgeon; no update compensates them, so the cost is the uncompensated one), and nothing for
+    members none covers (reported in ``how``).
     """
     roles = roles_of(model, groups)
     specs = stat_specs(model, roles, method)
@@ -653,16 +668,23 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
             how[r.key] = "not scored by forward-only OBS (its group's consumer columns carry the cost)"
         else:
             how[r.key] = "not scored: no linear contraction and no first-order statistic"
+
     def chunk(layers: list[str], stats: Any) -> None:
         for layer in layers:
             module = model.get_submodule(layer)
             ls = stats.layers.get(layer)
-            if specs[layer].output_only:
-                _first_order(layer, ls, by_layer.get(layer, []), costs, how)
+            spec = specs[layer]
+            roles_here = by_layer.get(layer, [])
+            if spec.param_fisher:
+                _diag_fisher(module, layer, ls, [r for r in roles_here if r.contraction is None
+                                                  and r.attr in spec.param_fisher], spec.param_fisher, costs, how)
+                roles_here = [r for r in roles_here if r.contraction is not None or r.attr not in spec.param_fisher]
+            if spec.output_only:
+                _first_order(layer, ls, roles_here, costs, how)
                 continue
             lc = LayerCurvature.of(layer, ls, weight_matrix(module), getattr(module, "bias", None),
                                    damping=damping, need_grad=method == "surgeon")
-            for r in by_layer.get(layer, []):
+            for r in roles_here:
                 if r.contraction is None:
                     how[r.key] = ("bias: with its layer's rows (bias column of A)" if r.attr == "bias"
                                   else "not scored: no linear contraction")
@@ -683,13 +705,35 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
                 if not lc.reached:
                     how[r.key] += " [no calibration data: damped]"
                 costs[r.group] += c
+                scored.add(r.group)
             del lc
 
+    scored: set[str] = set()
     source.each_chunk(model, specs, chunk)
+    scored.update(r.group for r in roles if how.get(r.key, "").startswith(("first order (", "diagonal Fisher (")))
     for gid, c in costs.items():
         if not np.all(np.isfinite(c)):
             raise ScoringError(f"group {gid!r}: non-finite curvature costs")
+        if gid not in scored and any(r.group == gid and how.get(r.key, "").startswith("not scored") for r in roles):
+            warnings.warn(f"importance {method!r} cannot score any member of group {gid!r}; its units all "
+                          "score 0 (see the report's costs per member).", stacklevel=3)
     return GroupCosts(costs, how, source.peak_stats_bytes, source.gatherings)
+
+
+def _diag_fisher(module: nn.Module, layer: str, ls: Any, roles: Sequence[Role], order: Sequence[str],
+                 costs: dict[str, np.ndarray], how: dict[str, str]) -> None:
+    params = {a: getattr(module, a) for a in order}
+    for r in roles:
+        if ls is None or ls.pg_sq is None or ls.pg_count == 0:
+            how[r.key] = "diagonal Fisher: no gradient reached it (cost 0)"
+            continue
+        w = params[r.attr].detach()
+        f = ls.param_fisher(r.attr, params, order).to(w.device, torch.float64)
+        if not bool(torch.isfinite(f).all()):
+            raise ScoringError(f"layer {layer!r}: non-finite gradient statistics for {r.attr!r}")
+        per = (0.5 * w.to(torch.float64).pow(2) * f).movedim(r.dim, 0).reshape(w.shape[r.dim], -1).sum(1).cpu().numpy()
+        costs[r.group] += np.array([float(per[u].sum()) if len(u) else 0.0 for u in r.units])
+        how[r.key] = "diagonal Fisher (per-batch gradients ½ Σ θ²·E[g²], not compensated)"
 
 
 def _first_order(layer: str, ls: Any, roles: Sequence[Role], costs: dict[str, np.ndarray],

@@ -724,7 +724,8 @@ class _Consumers:
         out = []
         if p.name in _OUTSIDE:  # input side in the final pass only; output gradients in every backward pass
             if inputs and self.outside_in_col is None:
-                in_side = {n: dataclasses.replace(s, grad_cov=False, grad_input_sq=False, output_taylor=False)
+                in_side = {n: dataclasses.replace(s, grad_cov=False, grad_input_sq=False, output_taylor=False,
+                                                  param_fisher=())
                            for n, s in ((n, spec_of(spec, n)) for n in layers) if s.input_moments or s.input_cov}
                 if in_side:
                     self.outside_in_col = Collector({n: layers[n] for n in in_side}, in_side,
@@ -733,7 +734,8 @@ class _Consumers:
                 out.append((stack.enter_context(self.outside_in_col), False))
             if grads and self.outside_grad_col is None:
                 grad_side = {n: StatSpec(grad_cov=s.grad_cov, grad_input_sq=s.grad_input_sq,
-                                         output_taylor=s.output_taylor, bias_column=s.bias_column)
+                                         output_taylor=s.output_taylor, bias_column=s.bias_column,
+                                         param_fisher=s.param_fisher)
                              for n, s in ((n, spec_of(spec, n)) for n in layers) if s.needs_backward}
                 if grad_side:
                     self.outside_grad_col = Collector({n: layers[n] for n in grad_side}, grad_side,

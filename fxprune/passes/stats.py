@@ -15,7 +15,12 @@ For every *linear-like* layer (``nn.Linear``, HF ``Conv1D``, non-grouped ``Conv1
   head whose output width is the vocabulary and whose rows are never removed);
 * ``y · g`` per output feature (``output_taylor``, any module whose output's last dim is its
   feature dim: embeddings, norms): the first-order change of the per-token loss when that output
-  feature is zeroed, the first-order fallback for members that are no linear contraction.
+  feature is zeroed, the first-order fallback for members that are no linear contraction;
+* ``(∂L_b/∂θ)²`` elementwise for the module's own parameters named in ``param_fisher``, with
+  ``L_b`` the batch's summed per-token loss (``pg_sq``): the diagonal empirical Fisher from
+  per-batch gradients, the fallback for parameters no module hook can read per token (the 3-D
+  weights of fused expert layers that index ``weight[e]`` inside their forward).  This one side
+  uses a hook on the parameter's accumulated gradient, which needs the parameter whole on the rank.
 
 ``spec`` is one :class:`StatSpec` for every layer, or a mapping ``{layer: StatSpec}`` (curvature
 criteria ask for ``G`` only where rows can go).  Layers sharing an input slot must agree on the
@@ -191,10 +196,11 @@ class StatSpec:
     bias_column: bool = False
     grad_input_sq: bool = False
     output_taylor: bool = False
+    param_fisher: tuple[str, ...] = ()  # the module's own parameters (attribute names), in this order
 
     @property
     def needs_backward(self) -> bool:
-        return self.grad_cov or self.grad_input_sq or self.output_taylor
+        return self.grad_cov or self.grad_input_sq or self.output_taylor or bool(self.param_fisher)
 
     @property
     def needs_cov(self) -> bool:
@@ -202,8 +208,8 @@ class StatSpec:
 
     @property
     def output_only(self) -> bool:
-        """Only output-side statistics that need no layer adapter (``output_taylor``)."""
-        return self.output_taylor and not (self.input_moments or self.needs_cov)
+        """Only statistics that need no layer adapter (``output_taylor``, ``param_fisher``)."""
+        return (self.output_taylor or bool(self.param_fisher)) and not (self.input_moments or self.needs_cov)
 
 
 
@@ -242,6 +248,20 @@ class LayerStats:
     ggT: torch.Tensor | None = None
     gx_sq: torch.Tensor | None = None  # sum over rows of (Wᵀ g)² per input feature (grad_input_sq)
     yg: torch.Tensor | None = None  # sum over rows of y · g per output feature (output_taylor)
+    # param_fisher: sum over batches of (∂L_b/∂θ)², the named parameters flattened and concatenated
+    # in the spec's order; ``pg_count`` the tokens of those batches
+    pg_sq: torch.Tensor | None = None
+    pg_count: int = 0
+
+    def param_fisher(self, attr: str, params: Mapping[str, torch.Tensor], order: Sequence[str]) -> torch.Tensor:
+        """The diagonal Fisher ``E_token[(∂ℓ/∂θ)²]`` of parameter ``attr``, in its own shape."""
+        start = 0
+        for a in order:
+            n = params[a].numel()
+            if a == attr:
+                return (self.pg_sq[start:start + n] / max(self.pg_count, 1)).reshape(params[a].shape)
+            start += n
+        raise KeyError(attr)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -264,7 +284,8 @@ class LayerStats:
         return self.ggT / max(self.grad_count, 1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("x_sum", "x_sq", "xxT", "ggT", "gx_sq", "yg") if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ("x_sum", "x_sq", "xxT", "ggT", "gx_sq", "yg", "pg_sq")
+                if getattr(self, k) is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +338,7 @@ class Stats(Mapping[str, LayerStats]):
                 fields[key] = done[id(ta)]
             merged[name] = dataclasses.replace(
                 a, count=a.count + b.count, cov_count=a.cov_count + b.cov_count,
-                grad_count=a.grad_count + b.grad_count, **fields,
+                grad_count=a.grad_count + b.grad_count, pg_count=a.pg_count + b.pg_count, **fields,
             )
         return Stats(types.MappingProxyType(merged), self.spec, self.n_batches + other.n_batches,
                      self.n_tokens + other.n_tokens, self.fisher)
@@ -337,8 +358,9 @@ class Stats(Mapping[str, LayerStats]):
         reduced: dict[int, torch.Tensor] = {}
         out: dict[str, LayerStats] = {}
         names = sorted(self.layers)  # the same order on every rank
-        counts = torch.tensor([[self.layers[n].count, self.layers[n].cov_count, self.layers[n].grad_count]
-                               for n in names] + [[self.n_batches, self.n_tokens, 0]], dtype=torch.float64)
+        counts = torch.tensor([[self.layers[n].count, self.layers[n].cov_count, self.layers[n].grad_count,
+                                self.layers[n].pg_count] for n in names] + [[self.n_batches, self.n_tokens, 0, 0]],
+                              dtype=torch.float64)
         if comm_device is not None:
             counts = counts.to(comm_device)
         dist.all_reduce(counts, group=group)
@@ -353,7 +375,8 @@ class Stats(Mapping[str, LayerStats]):
                     reduced[id(t)] = r.to(t.device)
                 fields[key] = reduced[id(t)]
             c = counts[i]
-            out[name] = dataclasses.replace(ls, count=int(c[0]), cov_count=int(c[1]), grad_count=int(c[2]), **fields)
+            out[name] = dataclasses.replace(ls, count=int(c[0]), cov_count=int(c[1]), grad_count=int(c[2]),
+                                            pg_count=int(c[3]), **fields)
         return Stats(types.MappingProxyType(out), self.spec, int(counts[-1, 0]), int(counts[-1, 1]), self.fisher)
 
     def __repr__(self) -> str:
@@ -399,8 +422,9 @@ class _Slot:
         self.x_sum: torch.Tensor | None = None
         self.x_sq: torch.Tensor | None = None
         self.xxT: torch.Tensor | None = None
-        self.batch_input: Any = None  # weakref to the tensor added this batch
+        self.batch_input: Any = None  # weakref to the tensor added last, this batch
         self.batch_done = False
+        self.readers: set[str] = set()  # layers that read that tensor
 
 
 _RECENT = 8  # how many recent inputs are held to recognise layers reading the same tensor
@@ -441,6 +465,9 @@ class Collector:
         self._gx_sq: dict[str, torch.Tensor] = {}
         self._yg: dict[str, torch.Tensor] = {}
         self._grad_count: dict[str, int] = {}
+        self._pg_sq: dict[str, torch.Tensor] = {}
+        self._pg_count: dict[str, int] = {}
+        self._param_state: list[tuple[torch.Tensor, bool, Any]] = []  # (param, requires_grad, .grad) to restore
         self._dims: dict[str, tuple[int, int, bool]] = {}
         self._handles: list[Any] = []
         self.nonfinite: str | None = None
@@ -451,8 +478,11 @@ class Collector:
             spec = spec_of(self.spec, name)
             cov = spec.needs_cov
             adapter = adapter_of(module, cov)
+            if spec.param_fisher:
+                self._hook_params(name, module, spec.param_fisher)
             if spec.output_only:
-                self._handles.append(module.register_forward_hook(self._post_hook(name, module, adapter)))
+                if spec.output_taylor:
+                    self._handles.append(module.register_forward_hook(self._post_hook(name, module, adapter)))
                 continue
             if adapter is None:
                 raise BadInputError(f"no statistics adapter for {name} ({type(module).__name__})"
@@ -467,12 +497,48 @@ class Collector:
             h.remove()
         self._handles.clear()
         self._recent.clear()
+        for p, flag, grad in reversed(self._param_state):
+            p.grad = grad
+            p.requires_grad_(flag)
+        self._param_state.clear()
+
+    def _hook_params(self, name: str, module: nn.Module, attrs: Sequence[str]) -> None:
+        """Hooks summing ``(scale · ∂loss/∂θ)²`` for ``module.<attr>`` after each backward (``param_fisher``)."""
+        params = []
+        for attr in attrs:
+            p = getattr(module, attr, None)
+            if not isinstance(p, nn.Parameter):
+                raise BadInputError(f"param_fisher: {name}.{attr} is not a parameter of {type(module).__name__}")
+            params.append(p)
+        sizes = [p.numel() for p in params]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._dims.setdefault(name, (0, 0, False))
+        for p, off, n in zip(params, offsets, sizes):
+            self._param_state.append((p, p.requires_grad, p.grad))
+            p.grad = None
+            p.requires_grad_(True)
+
+            def grad_hook(param: torch.Tensor, off: int = off, n: int = n) -> None:
+                g, param.grad = param.grad, None  # read this backward's gradient; hold no .grad
+                with torch.no_grad():
+                    sq = (g.detach().to(self.dtype) * self.batch_scale).pow(2).reshape(-1)
+                    if not bool(torch.isfinite(sq).all()):
+                        self.nonfinite = self.nonfinite or name
+                    acc = self._pg_sq.get(name)
+                    if acc is None:
+                        acc = self._pg_sq[name] = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
+                    acc[off:off + n] += sq.to(self.device)
+                    if off == 0:
+                        self._pg_count[name] = self._pg_count.get(name, 0) + int(round(self.batch_scale))
+
+            self._handles.append(p.register_post_accumulate_grad_hook(grad_hook))
 
     def next_batch(self, scale: float = 1.0) -> None:
         """Call before each batch (sharing of input slots is tracked per batch)."""
         self._recent.clear()
         for slot in self._slots.values():
             slot.batch_input, slot.batch_done = None, False
+            slot.readers = set()
         self.batch_scale = float(scale)
         self.n_batches += 1
 
@@ -494,13 +560,16 @@ class Collector:
             bias_col = spec.bias_column and getattr(module, "bias", None) is not None
             self._dims.setdefault(name, (int(w.shape[1]), int(w.shape[0]), bias_col))
             if slot.batch_input is not None and slot.batch_input() is x:
+                slot.readers.add(name)
                 return  # another layer already added this input, this batch
-            if slot.batch_done:
+            if slot.batch_done and name not in slot.readers:
                 raise ScoringError(
                     f"layers sharing one input slot ({slot_name}, {name}) read different inputs in "
                     f"batch {self.n_batches - 1}; gather them separately"
                 )
-            slot.batch_input, slot.batch_done = weakref.ref(x), True
+            # a layer that already read this batch's input is called again (a module reused in
+            # one forward, e.g. a shared router or a looped block): its statistics sum over calls
+            slot.batch_input, slot.batch_done, slot.readers = weakref.ref(x), True, {name}
             self._recent = [*self._recent[-(_RECENT - 1):], (x, slot_name)]
             with torch.no_grad():
                 x = x.detach()
@@ -570,7 +639,7 @@ class Collector:
                 name=name, slot=slot_name, d_in=d_in, d_out=d_out, bias_column=bias_col,
                 count=slot.count, x_sum=slot.x_sum, x_sq=slot.x_sq, xxT=slot.xxT, cov_count=slot.cov_count,
                 grad_count=self._grad_count.get(name, 0), ggT=self._ggT.get(name), gx_sq=self._gx_sq.get(name),
-                yg=self._yg.get(name),
+                yg=self._yg.get(name), pg_sq=self._pg_sq.get(name), pg_count=self._pg_count.get(name, 0),
             )
         return Stats(types.MappingProxyType(layers), self.spec, self.n_batches, n_tokens, fisher)
 
