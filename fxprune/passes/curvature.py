@@ -677,10 +677,10 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
             roles_here = by_layer.get(layer, [])
             if spec.param_fisher:
                 _diag_fisher(module, layer, ls, [r for r in roles_here if r.contraction is None
-                                                  and r.attr in spec.param_fisher], spec.param_fisher, costs, how)
+                                                  and r.attr in spec.param_fisher], spec.param_fisher, costs, how, scored)
                 roles_here = [r for r in roles_here if r.contraction is not None or r.attr not in spec.param_fisher]
             if spec.output_only:
-                _first_order(layer, ls, roles_here, costs, how)
+                _first_order(layer, ls, roles_here, costs, how, scored)
                 continue
             lc = LayerCurvature.of(layer, ls, weight_matrix(module), getattr(module, "bias", None),
                                    damping=damping, need_grad=method == "surgeon")
@@ -708,20 +708,20 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
                 scored.add(r.group)
             del lc
 
-    scored: set[str] = set()
+    scored: set[str] = set()  # groups at least one member of which got a cost
     source.each_chunk(model, specs, chunk)
-    scored.update(r.group for r in roles if how.get(r.key, "").startswith(("first order (", "diagonal Fisher (")))
+    gaps = {r.group for r in roles if how.get(r.key, "").startswith("not scored")}
     for gid, c in costs.items():
         if not np.all(np.isfinite(c)):
             raise ScoringError(f"group {gid!r}: non-finite curvature costs")
-        if gid not in scored and any(r.group == gid and how.get(r.key, "").startswith("not scored") for r in roles):
+        if gid in gaps and gid not in scored:
             warnings.warn(f"importance {method!r} cannot score any member of group {gid!r}; its units all "
                           "score 0 (see the report's costs per member).", stacklevel=3)
     return GroupCosts(costs, how, source.peak_stats_bytes, source.gatherings)
 
 
 def _diag_fisher(module: nn.Module, layer: str, ls: Any, roles: Sequence[Role], order: Sequence[str],
-                 costs: dict[str, np.ndarray], how: dict[str, str]) -> None:
+                 costs: dict[str, np.ndarray], how: dict[str, str], scored: set[str]) -> None:
     params = {a: getattr(module, a) for a in order}
     for r in roles:
         if ls is None or ls.pg_sq is None or ls.pg_count == 0:
@@ -733,11 +733,12 @@ def _diag_fisher(module: nn.Module, layer: str, ls: Any, roles: Sequence[Role], 
             raise ScoringError(f"layer {layer!r}: non-finite gradient statistics for {r.attr!r}")
         per = (0.5 * w.to(torch.float64).pow(2) * f).movedim(r.dim, 0).reshape(w.shape[r.dim], -1).sum(1).cpu().numpy()
         costs[r.group] += np.array([float(per[u].sum()) if len(u) else 0.0 for u in r.units])
+        scored.add(r.group)
         how[r.key] = "diagonal Fisher (per-batch gradients ½ Σ θ²·E[g²], not compensated)"
 
 
 def _first_order(layer: str, ls: Any, roles: Sequence[Role], costs: dict[str, np.ndarray],
-                 how: dict[str, str]) -> None:
+                 how: dict[str, str], scored: set[str]) -> None:
     for r in roles:
         if ls is None or ls.yg is None or ls.grad_count == 0:
             how[r.key] = "first order: no gradient reached it (cost 0)"
@@ -746,6 +747,7 @@ def _first_order(layer: str, ls: Any, roles: Sequence[Role], costs: dict[str, np
         if not np.all(np.isfinite(yg)):
             raise ScoringError(f"layer {layer!r}: non-finite first-order statistics")
         costs[r.group] += np.array([abs(float(yg[u].sum())) if len(u) else 0.0 for u in r.units])
+        scored.add(r.group)
         how[r.key] = "first order (output Taylor |Σ y·g|)"
 
 

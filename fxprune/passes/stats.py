@@ -467,6 +467,7 @@ class Collector:
         self._grad_count: dict[str, int] = {}
         self._pg_sq: dict[str, torch.Tensor] = {}
         self._pg_count: dict[str, int] = {}
+        self._pg_batch: dict[str, int] = {}  # the batch whose tokens ``_pg_count`` last added
         self._param_state: list[tuple[torch.Tensor, bool, Any]] = []  # (param, requires_grad, .grad) to restore
         self._dims: dict[str, tuple[int, int, bool]] = {}
         self._handles: list[Any] = []
@@ -528,7 +529,8 @@ class Collector:
                     if acc is None:
                         acc = self._pg_sq[name] = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
                     acc[off:off + n] += sq.to(self.device)
-                    if off == 0:
+                    if self._pg_batch.get(name) != self.n_batches:  # once a batch, whichever parameter fires
+                        self._pg_batch[name] = self.n_batches
                         self._pg_count[name] = self._pg_count.get(name, 0) + int(round(self.batch_scale))
 
             self._handles.append(p.register_post_accumulate_grad_hook(grad_hook))
