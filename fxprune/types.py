@@ -98,3 +98,21 @@ class Tag(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class NormScale(NamedTuple):
+    """An RMS normalisation ``x * rsqrt(mean(x**2) + eps) * (weight + offset)`` over a prunable dim.
+
+    With the removed units of ``x`` zero, the mean over the kept ``d'`` of ``d`` units is
+    ``d/d'`` times the original one.  The rewrite keeps the norm's output equal to the zeroed
+    original by scaling ``weight + offset`` by ``sqrt(d/d')`` and ``eps`` by ``d/d'``.
+    ``weight`` is the weight's placeholder node at analysis time, its FQN in an ``Analysis``;
+    ``layout`` the normalised dim's layout (None while the rule runs).
+    """
+
+    weight: str
+    offset: float
+    eps_node: str
+    eps_path: ArgPath
+    eps: float
+    layout: Layout | None = None

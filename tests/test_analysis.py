@@ -57,7 +57,9 @@ def test_llama_gqa_kv_groups_repeats_and_rope_pairs():
         idx = q.indices([f])
         assert idx[:2] == [f, f + hd // 2], "a RoPE pair must never be split"
     hidden = [g for g in groups if g.kind == "hidden"]
-    assert len(hidden) == 1 and not hidden[0].exact  # RMSNorm averages over it
+    # RMSNorm averages over it; the rewrite rescales each norm's weight and eps, which keeps it exact
+    assert len(hidden) == 1 and hidden[0].exact
+    assert len(groups.norm_scales) == 2 * cfg.num_hidden_layers + 1
 
 
 def test_tied_embeddings_share_one_group():

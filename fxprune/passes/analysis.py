@@ -57,7 +57,7 @@ from fxprune.passes.depth import DepthInfo, detect_branches
 from fxprune.passes.experts import detect_experts
 from fxprune.passes.op_rules import probe_zero, propagate_values
 from fxprune.passes.rules import AnalysisContext, ZeroSpec, alias_effects, find_rule, flat_args, site_of
-from fxprune.types import ArgPath, GroupKind, Layout, Tag, TensorRef
+from fxprune.types import ArgPath, GroupKind, Layout, NormScale, Tag, TensorRef
 from fxprune.util.names import common_block, matches_prefix, module_of
 
 META_KEY = "fxprune"
@@ -101,6 +101,7 @@ class Analysis:
     offset_args: Mapping[str, Mapping[ArgPath, tuple[Layout, int]]]
     sources: frozenset[str]
     attention_nodes: tuple[str, ...]
+    norm_scales: tuple[NormScale, ...] = ()  # RMS norms whose weight and eps the rewrite rescales
     ignore: tuple[str, ...] = ()
     rule_defects: tuple[str, ...] = ()
     depth: DepthInfo = dataclasses.field(default_factory=DepthInfo, repr=False)
@@ -384,6 +385,24 @@ def _finalize(ctx: AnalysisContext, graph: PrunableGraph, param_of: Mapping[str,
         check_contractions(name, zero)
     value_zero = frozenset(c for r in ctx.attention_values for c in zero.get(r, ()))
 
+    # --- RMS norms the rewrite rescales.  Only over the residual width: every norm there shrinks
+    # by the same factor, so one config eps can describe them on a reload.  A norm over another
+    # width (OLMo2's q_norm over the heads, Qwen3's over head_dim, DeepSeek's over a LoRA rank) would
+    # need its own eps, which an HF config cannot hold, and stays inexact; so does one whose weight
+    # is not a tensor of the model.
+    norm_scales = []
+    for site, ref, dim in ctx.norm_scales:
+        lay = full.get(ref, (None,) * (dim + 1))[dim]
+        fqn = param_of.get(site.weight) or buffer_of.get(site.weight)
+        if lay is None:
+            continue
+        classes = layout_classes(lay)
+        if fqn is None or not isinstance(ctx.shape(ref)[dim], int) or \
+                any(_kind_of(store, c, value_zero) != "hidden" for c in classes):
+            store.mark_inexact(classes, f"mean over this dim at {site.eps_node}")
+            continue
+        norm_scales.append(site._replace(weight=fqn, layout=lay))
+
     # --- members per leaf class (parameters and buffers)
     members: dict[int, list[Member]] = collections.defaultdict(list)
     placeholder_order: dict[str, int] = {}
@@ -441,6 +460,7 @@ def _finalize(ctx: AnalysisContext, graph: PrunableGraph, param_of: Mapping[str,
         },
         sources=frozenset(ctx.sources),
         attention_nodes=tuple(ctx.attention_nodes),
+        norm_scales=tuple(norm_scales),
         ignore=ignore,
         rule_defects=tuple(defects),
         provenance=provenance,

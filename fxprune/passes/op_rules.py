@@ -28,7 +28,7 @@ from fxprune.passes.rules import (
     norm_dim,
     register_rule,
 )
-from fxprune.types import ArgPath, Tag, TensorRef
+from fxprune.types import ArgPath, NormScale, Tag, TensorRef
 
 aten = torch.ops.aten
 TRef = TensorRef
@@ -1272,9 +1272,15 @@ def _reduce(ctx: AnalysisContext, node: fx.Node, src: TRef, dims: Sequence[int] 
             if j < ctx.rank(out):
                 ctx.tie(src, i, out, j)
             j += 1
+    site = rms_site(node) if mode == "mean" and len(dims) == 1 and keepdim else None
     for d in dims:
         if mode == "sum":
             ctx.contraction(src, d, [src], f"sum at {node.name}")
+        elif site is not None:  # RMS norm: exact once its weight and eps are rescaled (NormScale)
+            ctx.contraction(src, d, [src], f"mean at {node.name}")
+            ctx.norm_scale(site, src, d)
+            if d == rank - 1:
+                ctx.tag(src, d, Tag.NORMALIZED)
         elif mode == "index":
             ctx.freeze_dim(src, d, f"{node.target} returns positions along this dim at {node.name}")
         else:
@@ -1286,6 +1292,82 @@ def _reduce(ctx: AnalysisContext, node: fx.Node, src: TRef, dims: Sequence[int] 
             ctx.zero_pass(out, [src])
         else:
             ctx.zero_never(out)
+
+
+_CASTS = frozenset({aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone, aten.contiguous})
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    """``node``'s users other than metadata asserts."""
+    return [u for u in node.users if "_assert" not in str(u.target)]
+
+
+def _packet(node: Any) -> Any:
+    return getattr(node.target, "overloadpacket", None) if isinstance(node, fx.Node) else None
+
+
+def _through_casts(node: fx.Node, forward: bool) -> fx.Node:
+    """Follow a chain of dtype casts/copies: forward along sole users, or back to their source."""
+    for _ in range(8):
+        if forward:
+            users = _users(node)
+            if len(users) != 1 or _packet(users[0]) not in _CASTS:
+                return node
+            node = users[0]
+        else:
+            if _packet(node) not in _CASTS or not isinstance(node.args[0], fx.Node) or len(_users(node)) != 1:
+                return node
+            node = node.args[0]
+    return node
+
+
+def _other(node: fx.Node, one: fx.Node) -> Any:
+    """The other operand of a binary ``node`` one of whose operands is ``one`` (None otherwise)."""
+    a, b = (list(node.args) + [None, None])[:2]
+    return b if a is one else a if b is one else None
+
+
+def rms_site(mean: fx.Node) -> NormScale | None:
+    """The RMS norm ``mean`` opens, when its output reaches nothing but a weight multiply:
+    ``x * rsqrt(mean(x * x | x ** 2) + eps)``, cast, times ``weight`` or ``weight + c`` (Gemma).
+    Anything else (another use of the statistic or of the unweighted output, a weightless norm)
+    returns None, and the mean stays inexact."""
+    sq = mean.args[0]
+    if _packet(sq) is aten.pow and len(sq.args) == 2 and sq.args[1] == 2:
+        x = sq.args[0]
+    elif _packet(sq) is aten.mul and len(sq.args) == 2 and sq.args[0] is sq.args[1]:
+        x = sq.args[0]
+    else:
+        return None
+    users = _users(mean)
+    if len(_users(sq)) != 1 or len(users) != 1 or users[0].target is not aten.add.Tensor or users[0].kwargs:
+        return None
+    add = users[0]
+    eps = _other(add, mean)
+    if not isinstance(eps, float) or len(_users(add)) != 1:
+        return None
+    rs = _users(add)[0]
+    if _packet(rs) is not aten.rsqrt or len(_users(rs)) != 1:
+        return None
+    normed = _users(rs)[0]
+    if _packet(normed) is not aten.mul or _other(normed, rs) is not x:
+        return None
+    end = _through_casts(normed, forward=True)
+    users = _users(end)
+    if len(users) != 1 or _packet(users[0]) is not aten.mul:
+        return None
+    w = _other(users[0], end)
+    if not isinstance(w, fx.Node):
+        return None
+    w, offset = _through_casts(w, forward=False), 0.0
+    if w.target is aten.add.Tensor and not w.kwargs and len(_users(w)) == 1:
+        for a, b in (w.args, w.args[::-1]):
+            if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+                w, offset = _through_casts(a, forward=False), float(b)
+                break
+    if w.op != "placeholder" or len(_users(w)) != 1:
+        return None
+    return NormScale(w.name, offset, add.name, ArgPath("args", add.args.index(eps)), eps)
 
 
 _REDUCTIONS = {

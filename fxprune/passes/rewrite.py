@@ -84,6 +84,51 @@ def new_tensor_shapes(analysis: Any, removed: Mapping[int, Any]) -> dict[str, di
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class NormRescale:
+    """One RMS norm whose dim shrinks from ``d`` to ``d'`` (see :class:`fxprune.types.NormScale`)."""
+
+    weight: str  # FQN
+    offset: float
+    scale: float  # sqrt(d / d')
+    eps_node: str
+    eps_path: ArgPath
+    eps: float
+    new_eps: float  # eps * d / d'
+
+
+def norm_rescales(analysis: Any, removed: Mapping[int, Any]) -> list[NormRescale]:
+    """The RMS norms of ``analysis`` whose normalised dim the plan shrinks, with their factors."""
+    out = []
+    for site in getattr(analysis, "norm_scales", ()):
+        d, kept = layout_size(site.layout), kept_size(site.layout, removed)
+        if 0 < kept < d:
+            out.append(NormRescale(site.weight, site.offset, math.sqrt(d / kept), site.eps_node, site.eps_path,
+                                   site.eps, site.eps * d / kept))
+    return out
+
+
+def rescale_norm_weight(t: torch.Tensor, r: NormRescale) -> torch.Tensor:
+    """``(w + offset) * scale - offset``: the norm's output equals the zeroed original's."""
+    if t.device.type == "meta":
+        return t
+    w = t.detach().to(torch.float64)
+    return ((w + r.offset) * r.scale - r.offset).to(t.dtype)
+
+
+def _set_module_eps(model: torch.nn.Module, mod_path: str, old: float, new: float) -> list[str]:
+    """Set the float attributes of the norm module at ``mod_path`` that hold ``old`` (its eps)."""
+    try:
+        mod = model.get_submodule(mod_path) if mod_path else model
+    except AttributeError:
+        return []
+    names = [k for k, v in vars(mod).items() if isinstance(v, float) and not isinstance(v, bool)
+             and math.isclose(v, old, rel_tol=1e-6, abs_tol=0.0)]
+    for k in names:
+        setattr(mod, k, new)
+    return names
+
+
 def _slice_tensor(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
     for d, kept in dims.items():
         idx = torch.as_tensor(kept, dtype=torch.long, device=t.device)
@@ -107,6 +152,7 @@ class RewrittenProgram:
     removed: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # class -> units
     # attention node -> (original q/k head_dim, new head_dim, module path): the scale the graph pinned
     pinned_scales: dict[str, tuple[int, int, str]] = dataclasses.field(default_factory=dict)
+    norm_rescales: tuple[NormRescale, ...] = ()  # RMS norms whose weight and eps were rescaled
     _exported: Any = None
 
     @property
@@ -141,6 +187,13 @@ def rewrite_graph(analysis: Any, plan: Any, weights: WeightUpdate | None = None,
                 _set_sliced(gm, alias, src, dims)
     if weights.added:
         _add_tensors_to_graph(gm, weights, analysis, shapes)
+    rescales = norm_rescales(analysis, removed)
+    for r in rescales:  # RMS norms over a shrunk dim: weight and eps keep the zeroed original's output
+        for alias in graph.aliases.get(r.weight, [r.weight]):
+            if get_tensor(gm, alias) is not None:
+                _set_sliced(gm, alias, rescale_norm_weight(get_tensor(gm, alias), r), {})
+        if r.eps_node in nodes:
+            _set_path(nodes[r.eps_node], r.eps_path, r.new_eps)
 
     changed: dict[str, dict[ArgPath, tuple[int, int]]] = {}
     pinned_scales: dict[str, tuple[int, int, str]] = {}
@@ -226,13 +279,21 @@ def rewrite_graph(analysis: Any, plan: Any, weights: WeightUpdate | None = None,
     bypass_branches(gm, analysis, plan)
     # 8. a view that was legal on the original strides may not be after pruning (a kernel can
     #    pick another output layout for the new head_dim), so views become reshapes.
-    for node in gm.graph.nodes:
+    #    view_as_complex needs an even stride on every dim but the last: its input is made contiguous.
+    for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
+        elif node.op == "call_function" and node.target is aten.view_as_complex.default \
+                and isinstance(node.args[0], fx.Node):
+            with gm.graph.inserting_before(node):
+                dense = gm.graph.call_function(aten.clone.default, (node.args[0],),
+                                               {"memory_format": torch.contiguous_format})
+            node.args = (dense, *node.args[1:])
     gm.graph.lint()
     gm.recompile()
 
-    program = RewrittenProgram(gm, graph, dict(graph.constant_kwargs), changed, removed, pinned_scales)
+    program = RewrittenProgram(gm, graph, dict(graph.constant_kwargs), changed, removed, pinned_scales,
+                               tuple(rescales))
     if reexport:
         program.exported_program  # noqa: B018 - validates that the smaller graph traces
     return program
@@ -456,12 +517,51 @@ def rewrite_module(model: torch.nn.Module, analysis: Any, plan: Plan, program: R
     if weights is not None:  # tensors an update added are sliced like the tensors they sit beside
         shapes = {**shapes, **{f: d for f in weights.added if (d := added_dims(f, shapes))}}
     apply_shapes_to_module(new_model, shapes, analysis.graph.aliases)
+    eps_set = _rescale_module_norms(new_model, analysis, program)
     changes, problems, conflicts = _fix_int_attributes(new_model, analysis, program)
+    for path, attrs in eps_set.items():
+        changes.setdefault(path, {}).update(attrs)
     depth = None
     if removed_branches(analysis, plan):
         changes, problems, conflicts, depth = _rewrite_module_depth(new_model, model, analysis, plan, changes,
                                                                     problems, conflicts, delete_layers)
     return ModuleRewrite(new_model, changes, problems, False, conflicts, depth)
+
+
+def _rescale_module_norms(model: torch.nn.Module, analysis: Any, program: RewrittenProgram) -> dict[str, dict]:
+    """The graph's RMS-norm rescales (:func:`norm_rescales`) in the module: weights and eps attributes."""
+    nodes = {n.name: n for n in analysis.graph.exported_program.graph.nodes}
+    done: dict[str, Any] = {}
+    for r in program.norm_rescales:
+        for alias in analysis.graph.aliases.get(r.weight, [r.weight])[:1]:
+            t = get_tensor(model, alias)
+            if t is not None:
+                _set_sliced(model, alias, rescale_norm_weight(t, r), {})
+        node = nodes.get(r.eps_node)
+        if node is not None:
+            path = _module_path(node)
+            for attr in _set_module_eps(model, path, r.eps, r.new_eps):
+                done.setdefault(path, {})[attr] = (r.eps, r.new_eps)
+    _rescale_config_eps(model, done)
+    return done
+
+
+def _rescale_config_eps(model: torch.nn.Module, done: Mapping[str, Mapping[str, tuple]]) -> None:
+    """Keep a reload exact: when every norm of the model that held an eps now holds one new eps,
+    the HF config's eps field says so too (else the config keeps the old one, which a reloaded
+    model then uses: a difference of the order of eps / mean(x**2))."""
+    config = hf.config_of(model)
+    pairs = {v for attrs in done.values() for v in attrs.values()}
+    if config is None or len(pairs) != 1:
+        return
+    old, new = next(iter(pairs))
+    for path, mod in model.named_modules():
+        for k, v in vars(mod).items():
+            if isinstance(v, float) and math.isclose(v, old, rel_tol=1e-6) and k not in done.get(path, {}):
+                return  # a norm left at the old eps (Qwen3's q_norm when only the hidden width shrinks)
+    for k, v in list(vars(config).items()):
+        if "eps" in k and isinstance(v, float) and math.isclose(v, old, rel_tol=1e-6):
+            setattr(config, k, new)
 
 
 def _rewrite_module_depth(new_model: torch.nn.Module, original: torch.nn.Module, analysis: Any, plan: Plan,
@@ -919,8 +1019,8 @@ def verify(
             worst = max(worst, diff)
         return VerifyReport(True, worst, shapes_ok, finite, judged_in="float32 (rtol/atol given)", oracle=oracle)
     float64 = _float64_pair(reference, pruned) if reference is not None else None
-    verdict = judge(reference_run, _model_runner(pruned), cases, float64=float64,
-                    float64_floor=float32_casts(graph.exported_program.graph))
+    floor = float32_casts(graph.exported_program.graph) + [r.eps_node for r in norm_rescales(analysis, plan.removed_by_class)]
+    verdict = judge(reference_run, _model_runner(pruned), cases, float64=float64, float64_floor=floor)
     if not verdict:
         raise VerificationError(
             f"pruned model differs from the original with the removed units zeroed: {verdict.why}. "

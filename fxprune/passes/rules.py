@@ -316,6 +316,7 @@ class AnalysisContext:
         self.view_of: dict[TensorRef, TensorRef] = {}  # a view -> the tensor it views
         self.writes: dict[str, list[TensorRef]] = {}  # node -> the inputs it writes in place
         self.symbolic_sizes: list[tuple[str, ArgPath, Any, list[int]]] = []  # node, path, size node, atoms
+        self.norm_scales: list[tuple[Any, TensorRef, int]] = []  # (NormScale, normalised tensor, dim)
 
     # ---------------------------------------------------------------- tensor access
     def ref(self, a: Any) -> TensorRef | None:
@@ -460,6 +461,10 @@ class AnalysisContext:
     def offset_arg(self, node: fx.Node, path: ArgPath, ref: TensorRef, dim: int, offset: int) -> None:
         """``node``'s argument at ``path`` is an offset into (ref, dim)."""
         self.offset_args[node.name][path] = (ref, dim, offset)
+
+    def norm_scale(self, site: Any, ref: TensorRef, dim: int) -> None:
+        """An RMS norm over (ref, dim) whose weight and eps the rewrite rescales (``NormScale``)."""
+        self.norm_scales.append((site, ref, dim))
 
     # ---------------------------------------------------------------- value spaces
     def set_values(self, ref: TensorRef, atoms: Sequence[int], origin: str) -> None:

@@ -1680,11 +1680,13 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
     slice it to the plan and write it into ``tmp``'s shards; peak memory is one block.  Tensors keep
     the checkpoint's dtype (``dtype=`` of the prune is the compute dtype only).  Also writes
     ``fxprune.json``/``config.json`` (``fxprune.load``); returns :class:`fxprune.io.SavedModel`."""
-    from fxprune.passes.rewrite import _slice_tensor, added_dims, new_tensor_shapes
+    from fxprune.passes.rewrite import _slice_tensor, added_dims, new_tensor_shapes, norm_rescales, rescale_norm_weight
 
     ckpt, cut, graph = result.checkpoint, result.cut, result.graph
     pruned = result.rewrite.model if result.rewrite is not None else result.model
     dims_of = new_tensor_shapes(result.analysis, result.plan.removed_by_class) if result.plan else {}
+    rescale = {graph.canonical(r.weight): r for r in norm_rescales(result.analysis, result.plan.removed_by_class)} \
+        if result.plan else {}
     state_names = list(pruned.state_dict().keys())
     written: dict[str, str] = {}  # canonical -> the name it is written under
     tied: dict[str, str] = {}
@@ -1736,7 +1738,8 @@ def save_sequential_into(result: SequentialPruneResult, tmp: str, *, max_shard_b
                     if new is not None:  # the sequential update's compensated weights
                         value = new.to(value.dtype)
                     dims = dims_of.get(canonical, dims_of.get(name, {}))
-                    yield name, (_slice_tensor(value, dims) if dims else value)
+                    value = _slice_tensor(value, dims) if dims else value
+                    yield name, (rescale_norm_weight(value, rescale[canonical]) if canonical in rescale else value)
                 del values
                 bar.update(1)
         finally:
