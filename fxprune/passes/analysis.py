@@ -56,7 +56,8 @@ from fxprune.passes.base import check, fxpass
 from fxprune.passes.depth import DepthInfo, detect_branches
 from fxprune.passes.experts import detect_experts
 from fxprune.passes.op_rules import probe_zero, propagate_values
-from fxprune.passes.rules import AnalysisContext, ZeroSpec, alias_effects, find_rule, flat_args, site_of
+from fxprune.passes.rules import (AnalysisContext, ZeroSpec, alias_effects, find_rule, flat_args,
+                                   is_metadata_only, site_of)
 from fxprune.types import ArgPath, GroupKind, Layout, NormScale, Tag, TensorRef
 from fxprune.util.names import common_block, matches_prefix, module_of
 
@@ -302,7 +303,7 @@ def _visit_call(ctx: AnalysisContext, node: fx.Node, defects: list[str]) -> str 
         return None  # pure symbolic-int arithmetic, asserts on sizes
     rule = find_rule(node.target)
     if rule is None:
-        if not outs and _is_metadata_only(node):
+        if not outs and is_metadata_only(node):
             return None
         ctx.unsupported_op(node)
         _record_alias_effects(ctx, node)
@@ -336,11 +337,6 @@ def _record_alias_effects(ctx: AnalysisContext, node: fx.Node) -> None:
             ctx.view_of[out] = base
     if writes:
         ctx.writes[node.name] = writes
-
-
-def _is_metadata_only(node: fx.Node) -> bool:
-    name = str(node.target)
-    return any(k in name for k in ("_assert", "sym_constrain", "sym_size", "sym_numel", "sym_stride"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,10 +388,8 @@ def _finalize(ctx: AnalysisContext, graph: PrunableGraph, param_of: Mapping[str,
     # is not a tensor of the model.
     norm_scales = []
     for site, ref, dim in ctx.norm_scales:
-        lay = full.get(ref, (None,) * (dim + 1))[dim]
+        lay = full[ref][dim]
         fqn = param_of.get(site.weight) or buffer_of.get(site.weight)
-        if lay is None:
-            continue
         classes = layout_classes(lay)
         if fqn is None or not isinstance(ctx.shape(ref)[dim], int) or \
                 any(_kind_of(store, c, value_zero) != "hidden" for c in classes):

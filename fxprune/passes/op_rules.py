@@ -24,6 +24,7 @@ from fxprune.passes.rules import (
     arg,
     flat_args,
     int_size,
+    is_metadata_only,
     is_one,
     norm_dim,
     register_rule,
@@ -1298,8 +1299,8 @@ _CASTS = frozenset({aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone
 
 
 def _users(node: fx.Node) -> list[fx.Node]:
-    """``node``'s users other than metadata asserts."""
-    return [u for u in node.users if "_assert" not in str(u.target)]
+    """``node``'s users that compute something (metadata asserts aside)."""
+    return [u for u in node.users if not is_metadata_only(u)]
 
 
 def _packet(node: Any) -> Any:

@@ -190,8 +190,8 @@ def rewrite_graph(analysis: Any, plan: Any, weights: WeightUpdate | None = None,
     rescales = norm_rescales(analysis, removed)
     for r in rescales:  # RMS norms over a shrunk dim: weight and eps keep the zeroed original's output
         for alias in graph.aliases.get(r.weight, [r.weight]):
-            if get_tensor(gm, alias) is not None:
-                _set_sliced(gm, alias, rescale_norm_weight(get_tensor(gm, alias), r), {})
+            if (t := get_tensor(gm, alias)) is not None:
+                _set_sliced(gm, alias, rescale_norm_weight(t, r), {})
         if r.eps_node in nodes:
             _set_path(nodes[r.eps_node], r.eps_path, r.new_eps)
 

@@ -287,6 +287,12 @@ class NeedsZero:
 # ------------------------------------------------------------------------------------------
 # Context handed to rules
 # ------------------------------------------------------------------------------------------
+def is_metadata_only(node: fx.Node) -> bool:
+    """A node that asserts or reads metadata and computes no tensor (``_assert_tensor_metadata``)."""
+    name = str(node.target)
+    return any(k in name for k in ("_assert", "sym_constrain", "sym_size", "sym_numel", "sym_stride"))
+
+
 class AnalysisContext:
     """State of one analysis: atoms per tensor dim, plus what rules record for later phases."""
 
