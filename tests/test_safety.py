@@ -178,6 +178,23 @@ def _interrupt_at(ckpt: Path, out: Path, marker: str, sig: int, *, ignore_sigint
     return code, elapsed, "".join(lines)
 
 
+def _wait_until_caught(pid: int, sig: int, timeout: float = 60.0) -> None:
+    """Block until process ``pid`` catches ``sig`` (Linux: the SigCgt mask in /proc), so that a
+    signal sent next is not lost to an interpreter that is still starting on a loaded machine."""
+    status = f"/proc/{pid}/status"
+    if not os.path.exists(status):
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(status) as f:
+            caught = next((int(line.split()[1], 16) for line in f if line.startswith("SigCgt:")), 0)
+        if caught & (1 << (sig - 1)):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} never installed a handler for signal {sig}")
+
+
 def test_ctrl_c_while_the_command_starts_is_not_lost(ckpt, tmp_path):
     """The console command (fxprune_cli) owns SIGINT before torch is imported: a background run
     (SIGINT inherited as ignored) interrupted during its imports stops with 130 and writes nothing."""
@@ -186,7 +203,11 @@ def test_ctrl_c_while_the_command_starts_is_not_lost(ckpt, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fxprune_cli", "prune", str(ckpt / "llama"), "--ratio", "0.2",
                              "--importance", "l2", "--out", str(out), "--quiet"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT), preexec_fn=_ignore_sigint)
-    time.sleep(0.5)  # importing torch takes longer than this
+    _wait_until_caught(proc.pid, signal.SIGINT)  # the handler is in; importing torch takes seconds more
+    maps = f"/proc/{proc.pid}/maps"
+    if os.path.exists(maps):  # caught before torch is loaded, so the signal lands during the imports
+        with open(maps) as f:
+            assert "libtorch" not in f.read(), "SIGINT is caught only once torch is imported"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == cli.EXIT_INTERRUPTED, proc.stdout.read()[-2000:]
     assert "nothing was written" in proc.stdout.read()
