@@ -12,7 +12,8 @@ the others is the training corpus (~1M tokens).
 Tokenizer: byte-level BPE (``tokenizers``, vocab 2048) trained on the train split,
 ``<|endoftext|>`` between files.  Models (``family``): ``llama`` (``LlamaForCausalLM``, hidden 192, GQA 6 q /
 2 kv heads, RoPE, SwiGLU, untied embeddings, ~2.4M parameters) and ``qwen3``
-(``Qwen3ForCausalLM``: the same sizes with q/k RMSNorms and tied embeddings), trained with AdamW
+(``Qwen3ForCausalLM``: the same sizes with q/k RMSNorms and tied embeddings) and ``gpt_neox``
+(``GPTNeoXForCausalLM``: LayerNorm, fused qkv, partial RoPE, parallel residual, GELU MLP), trained with AdamW
 for several epochs over the training corpus (shuffled non-overlapping 128-token windows, seeded)
 until the held-out loss flattens (logged as ``train_info.json`` "curve").  The result
 (``save_pretrained`` + ``tokenizer.json`` + ``train_info.json``) is cached under
@@ -78,6 +79,9 @@ LM_SETTINGS: dict[str, Any] = {
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen3": {"family": "qwen3", "tie_word_embeddings": True, "seed": 1},
+    # A third, unlike both: GPT-NeoX (LayerNorm with biases, fused qkv with biases, partial RoPE,
+    # parallel attention + MLP residual, a plain GELU MLP as wide as the SwiGLU's three matrices).
+    "gpt_neox": {"family": "gpt_neox", "intermediate_size": 768, "num_key_value_heads": 6, "seed": 2},
 }
 # --quick: same architecture, a few steps (smoke test of the pipeline, not of quality).
 QUICK_OVERRIDES: dict[str, Any] = {"epochs": 0.05, "warmup": 5}
@@ -327,6 +331,22 @@ def settings_key(settings: dict[str, Any]) -> str:
 def build_config(settings: dict[str, Any], vocab_size: int, eos_id: int):
     import transformers
 
+    if settings["family"] == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=settings["hidden_size"],
+            intermediate_size=settings["intermediate_size"],
+            num_hidden_layers=settings["num_hidden_layers"],
+            num_attention_heads=settings["num_attention_heads"],
+            max_position_embeddings=settings["max_position_embeddings"],
+            rotary_pct=0.25,
+            rotary_emb_base=settings["rope_theta"],
+            use_parallel_residual=True,
+            tie_word_embeddings=settings["tie_word_embeddings"],
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
     cls = {"llama": transformers.LlamaConfig, "qwen3": getattr(transformers, "Qwen3Config", None)}[settings["family"]]
     return cls(
         vocab_size=vocab_size,
@@ -375,7 +395,8 @@ def causal_lm_class(family: str):
     """The transformers class of a benchmark LM family."""
     import transformers
 
-    return {"llama": transformers.LlamaForCausalLM, "qwen3": getattr(transformers, "Qwen3ForCausalLM", None)}[family]
+    return {"llama": transformers.LlamaForCausalLM, "qwen3": getattr(transformers, "Qwen3ForCausalLM", None),
+            "gpt_neox": getattr(transformers, "GPTNeoXForCausalLM", None)}[family]
 
 
 def load_lm(model_dir: str | Path):

@@ -28,12 +28,13 @@ def _tiny(config_cls, model_cls, **extra):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma_untied"])
 def test_hidden_width_of_rms_norm_models_is_exact_and_reloads(family, tmp_path):
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-           "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM)}[family]
-    model = _tiny(*cls)
+           "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+           "gemma_untied": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[family]
+    model = _tiny(*cls, **({"tie_word_embeddings": False} if family == "gemma_untied" else {}))
     ex = {"input_ids": torch.randint(0, 64, (2, 8))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -47,14 +48,17 @@ def test_hidden_width_of_rms_norm_models_is_exact_and_reloads(family, tmp_path):
     keep = [i for i in range(model.config.hidden_size) if i not in removed]
     kept = len(keep)
     w0 = model.model.norm.weight.detach()[keep]
-    offset = 1.0 if family == "gemma2" else 0.0  # Gemma's norm multiplies by (1 + weight)
+    offset = 1.0 if family.startswith("gemma") else 0.0  # Gemma's norm multiplies by (1 + weight)
     scale = (model.config.hidden_size / kept) ** 0.5
+    if family == "gemma2":  # tied lm_head: the embedding scale's factor sqrt(d'/d) is in the final norm
+        scale *= (kept / model.config.hidden_size) ** 0.5
     torch.testing.assert_close(res.model.model.norm.weight.detach(), (w0 + offset) * scale - offset)
-    if family == "llama":  # every norm holds the same new eps: the config says so and a reload is exact
+    if family != "qwen3":  # every norm holds the same new eps (the config says so), and Gemma's
+        # embedding scale, rebuilt from the pruned hidden_size, is folded into the weights
         res.model.save_pretrained(tmp_path)
         again = cls[1].from_pretrained(tmp_path).eval()
         with torch.no_grad():
-            assert torch.equal(again(**ex).logits, res.model(**ex).logits)
+            torch.testing.assert_close(again(**ex).logits, res.model(**ex).logits, rtol=1e-5, atol=1e-5)
 
 
 class WeightlessRms(nn.Module):

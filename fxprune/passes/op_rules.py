@@ -1298,31 +1298,31 @@ def _reduce(ctx: AnalysisContext, node: fx.Node, src: TRef, dims: Sequence[int] 
 _CASTS = frozenset({aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone, aten.contiguous})
 
 
-def _users(node: fx.Node) -> list[fx.Node]:
+def compute_users(node: fx.Node) -> list[fx.Node]:
     """``node``'s users that compute something (metadata asserts aside)."""
     return [u for u in node.users if not is_metadata_only(u)]
 
 
-def _packet(node: Any) -> Any:
+def op_packet(node: Any) -> Any:
     return getattr(node.target, "overloadpacket", None) if isinstance(node, fx.Node) else None
 
 
-def _through_casts(node: fx.Node, forward: bool) -> fx.Node:
+def through_casts(node: fx.Node, forward: bool) -> fx.Node:
     """Follow a chain of dtype casts/copies: forward along sole users, or back to their source."""
     for _ in range(8):
         if forward:
-            users = _users(node)
-            if len(users) != 1 or _packet(users[0]) not in _CASTS:
+            users = compute_users(node)
+            if len(users) != 1 or op_packet(users[0]) not in _CASTS:
                 return node
             node = users[0]
         else:
-            if _packet(node) not in _CASTS or not isinstance(node.args[0], fx.Node) or len(_users(node)) != 1:
+            if op_packet(node) not in _CASTS or not isinstance(node.args[0], fx.Node) or len(compute_users(node)) != 1:
                 return node
             node = node.args[0]
     return node
 
 
-def _other(node: fx.Node, one: fx.Node) -> Any:
+def other_operand(node: fx.Node, one: fx.Node) -> Any:
     """The other operand of a binary ``node`` one of whose operands is ``one`` (None otherwise)."""
     a, b = (list(node.args) + [None, None])[:2]
     return b if a is one else a if b is one else None
@@ -1334,39 +1334,39 @@ def rms_site(mean: fx.Node) -> NormScale | None:
     Anything else (another use of the statistic or of the unweighted output, a weightless norm)
     returns None, and the mean stays inexact."""
     sq = mean.args[0]
-    if _packet(sq) is aten.pow and len(sq.args) == 2 and sq.args[1] == 2:
+    if op_packet(sq) is aten.pow and len(sq.args) == 2 and sq.args[1] == 2:
         x = sq.args[0]
-    elif _packet(sq) is aten.mul and len(sq.args) == 2 and sq.args[0] is sq.args[1]:
+    elif op_packet(sq) is aten.mul and len(sq.args) == 2 and sq.args[0] is sq.args[1]:
         x = sq.args[0]
     else:
         return None
-    users = _users(mean)
-    if len(_users(sq)) != 1 or len(users) != 1 or users[0].target is not aten.add.Tensor or users[0].kwargs:
+    users = compute_users(mean)
+    if len(compute_users(sq)) != 1 or len(users) != 1 or users[0].target is not aten.add.Tensor or users[0].kwargs:
         return None
     add = users[0]
-    eps = _other(add, mean)
-    if not isinstance(eps, float) or len(_users(add)) != 1:
+    eps = other_operand(add, mean)
+    if not isinstance(eps, float) or len(compute_users(add)) != 1:
         return None
-    rs = _users(add)[0]
-    if _packet(rs) is not aten.rsqrt or len(_users(rs)) != 1:
+    rs = compute_users(add)[0]
+    if op_packet(rs) is not aten.rsqrt or len(compute_users(rs)) != 1:
         return None
-    normed = _users(rs)[0]
-    if _packet(normed) is not aten.mul or _other(normed, rs) is not x:
+    normed = compute_users(rs)[0]
+    if op_packet(normed) is not aten.mul or other_operand(normed, rs) is not x:
         return None
-    end = _through_casts(normed, forward=True)
-    users = _users(end)
-    if len(users) != 1 or _packet(users[0]) is not aten.mul:
+    end = through_casts(normed, forward=True)
+    users = compute_users(end)
+    if len(users) != 1 or op_packet(users[0]) is not aten.mul:
         return None
-    w = _other(users[0], end)
+    w = other_operand(users[0], end)
     if not isinstance(w, fx.Node):
         return None
-    w, offset = _through_casts(w, forward=False), 0.0
-    if w.target is aten.add.Tensor and not w.kwargs and len(_users(w)) == 1:
+    w, offset = through_casts(w, forward=False), 0.0
+    if w.target is aten.add.Tensor and not w.kwargs and len(compute_users(w)) == 1:
         for a, b in (w.args, w.args[::-1]):
             if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
-                w, offset = _through_casts(a, forward=False), float(b)
+                w, offset = through_casts(a, forward=False), float(b)
                 break
-    if w.op != "placeholder" or len(_users(w)) != 1:
+    if w.op != "placeholder" or len(compute_users(w)) != 1:
         return None
     return NormScale(w.name, offset, add.name, ArgPath("args", add.args.index(eps)), eps)
 

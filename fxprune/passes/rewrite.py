@@ -564,6 +564,109 @@ def _rescale_config_eps(model: torch.nn.Module, done: Mapping[str, Mapping[str, 
             setattr(config, k, new)
 
 
+def _fold_rebuilt_scalars(model: torch.nn.Module, analysis: Any) -> tuple[list[str], Callable[[], None]]:
+    """Keep a reload exact when the class recomputes a scalar buffer from its (now pruned) config.
+
+    Gemma scales its embeddings by a non-persistent ``embed_scale`` buffer built from
+    ``sqrt(hidden_size)``: the pruned module keeps the original's scale ``s`` (right), but a model
+    rebuilt from the pruned config computes ``s'``.  When the graph shows the buffer multiplying
+    nothing but an embedding lookup, the scale moves into the weights: the buffer (and the float
+    attribute it is built from) becomes ``s'``, the embedding weight is multiplied by ``s/s'``, and
+    a linear sharing that weight (tied ``lm_head``) gets its input scaled back by ``s'/s`` through
+    the RMS norm weight feeding it.  Any other use leaves everything as it was (then the saved
+    checkpoint carries the buffer and says it loads with ``fxprune.load``).  Returns the notes
+    and a function that undoes the fold."""
+    from fxprune.passes.op_rules import compute_users, op_packet, other_operand, through_casts
+
+    config = hf.config_of(model)
+    if config is None or not hasattr(type(model), "_from_config"):
+        return [], lambda: None
+    try:
+        rebuilt = dict(hf.skeleton(model, config).named_modules())
+    except Exception:  # noqa: BLE001 - a class that does not rebuild from its config: nothing to fold
+        return [], lambda: None
+    ep = analysis.graph.exported_program
+    sig = ep.graph_signature
+    placeholder = {fqn: name for name, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items()}
+    fqn_of = {name: fqn for fqn, name in placeholder.items()}
+    nodes = {n.name: n for n in ep.graph.nodes}
+    sites = {s.weight: s for s in getattr(analysis, "norm_scales", ())}
+    persistent = set(model.state_dict())
+    undo: list[Callable[[], None]] = []
+    notes: list[str] = []
+
+    def fold_plan(buf_node: fx.Node, r: float) -> list[tuple[str, float, float]] | None:
+        """[(tensor FQN, offset, factor)]: ``(t + offset) * factor - offset`` for each tensor."""
+        out: list[tuple[str, float, float]] = []
+        for use in compute_users(through_casts(buf_node, forward=True)):
+            emb = other_operand(use, through_casts(buf_node, forward=True)) if op_packet(use) is torch.ops.aten.mul else None
+            emb = through_casts(emb, forward=False) if isinstance(emb, fx.Node) else None
+            if emb is None or op_packet(emb) is not torch.ops.aten.embedding or emb.args[0].op != "placeholder":
+                return None
+            weight = emb.args[0]
+            for other in compute_users(weight):
+                if other is emb:
+                    continue
+                if op_packet(other) is torch.ops.aten.embedding:
+                    return None  # an unscaled lookup of the same table
+                if op_packet(other) is not torch.ops.aten.linear or other.args[1] is not weight:
+                    return None
+                norm_out = through_casts(other.args[0], forward=False)
+                site = None
+                if op_packet(norm_out) is torch.ops.aten.mul and through_casts(norm_out, forward=True) is other.args[0]:
+                    for arg in norm_out.args:
+                        if isinstance(arg, fx.Node):
+                            cand = through_casts(arg, forward=False)
+                            if op_packet(cand) is torch.ops.aten.add:
+                                cand = next((through_casts(a, forward=False) for a in cand.args
+                                             if isinstance(a, fx.Node)), cand)
+                            site = sites.get(fqn_of.get(cand.name, "")) or site
+                if site is None:
+                    return None
+                out.append((site.weight, site.offset, 1.0 / r))
+            out.append((fqn_of[weight.name], 0.0, r))
+        return out or None
+
+    for path, mod in model.named_modules():
+        ref = rebuilt.get(path)
+        if ref is None:
+            continue
+        for bname, buf in list(mod._buffers.items()):
+            fqn = f"{path}.{bname}" if path else bname
+            if buf is None or fqn in persistent or buf.numel() != 1 or buf.device.type == "meta":
+                continue
+            value = float(buf)
+            attrs = [k for k, v in vars(mod).items() if type(v) is float and math.isclose(v, value, rel_tol=1e-6)
+                     and type(vars(ref).get(k)) is float and not math.isclose(vars(ref)[k], v, rel_tol=1e-6)]
+            node = nodes.get(placeholder.get(fqn, ""))
+            if not attrs or node is None or not value:
+                continue
+            new = float(vars(ref)[attrs[0]])
+            steps = fold_plan(node, value / new) if new else None
+            if steps is None:
+                continue
+            for tfqn, offset, factor in steps:
+                t = get_tensor(model, tfqn)
+                old_data = t.data
+                t.data = ((t.detach().to(torch.float64) + offset) * factor - offset).to(t.dtype)
+                undo.append(lambda t=t, d=old_data: setattr(t, "data", d))
+            old_buf, old_attrs = buf, {k: getattr(mod, k) for k in attrs}
+            mod._buffers[bname] = torch.full_like(buf, new)
+            for k in attrs:
+                setattr(mod, k, new)
+            undo.append(lambda m=mod, b=bname, ob=old_buf, oa=old_attrs: (
+                m._buffers.__setitem__(b, ob), [setattr(m, k, v) for k, v in oa.items()]))
+            notes.append(f"{fqn}: the class rebuilds it from the pruned config as {new:g} (was {value:g}); "
+                         f"the factor {value / new:.6g} moved into {', '.join(t for t, _, _ in steps)}, "
+                         "so a reload with from_pretrained is exact")
+
+    def revert() -> None:
+        for step in reversed(undo):
+            step()
+
+    return notes, revert
+
+
 def _rewrite_module_depth(new_model: torch.nn.Module, original: torch.nn.Module, analysis: Any, plan: Plan,
                           changes: dict, problems: list[str], conflicts: list, delete_layers: bool) -> tuple:
     """Removed branches in the module (see :func:`fxprune.passes.depth.rewrite_depth`); the
@@ -1155,6 +1258,12 @@ def rewrite(
         if not verdict and (mod.config_updated or _per_block_configs(mod, search, analysis, plan, check)):
             verdict = matches(mod.module)
             mod.problems.clear()
+    if verdict and mod.config_updated:
+        folded, unfold = _fold_rebuilt_scalars(mod.module, analysis)
+        if folded and matches(mod.module):
+            notes.extend(folded)
+        else:
+            unfold()
     if verdict and not mod.config_updated and mod.depth is not None and mod.depth.changed:
         mod.config_updated = _config_describes(mod.module)
     if mod.depth is not None:
