@@ -37,8 +37,9 @@ embeddings are half of the model), so the "50%" column reports what fxprune reac
 criteria use ``loss_fn`` = an in-batch contrastive loss (MultipleNegativesRanking, scale 20, the
 loss all-MiniLM-L6-v2 was trained with) between the two halves of each calibration sentence.
 
-Usage:  python bench/quality.py [--quick] [--cache DIR] [--skip-tp] [--threads N] [--parts lm,lm_qwen3,minilm]
-Writes: bench/results/quality.json (atomically)
+Usage:  python bench/quality.py [--quick] [--cache DIR] [--skip-tp] [--threads N] [--parts lm,lm_qwen3,lm_gpt_neox,minilm]
+Writes: bench/results/quality.json (atomically; the parts not run this time keep their earlier
+results, and ``meta.kept_from_earlier_run`` says from when)
 """
 
 from __future__ import annotations
@@ -164,7 +165,11 @@ LM_RATIO_METHODS: dict[float, list[str]] = {
 }
 # which row is fxprune's default (``fxprune.prune(model, ratio, calib=...)`` with no options runs exactly it)
 DEFAULT_ROW = "default"
-LM_FAMILIES = ["llama", "qwen3"]
+LM_FAMILIES = ["llama", "qwen3", "gpt_neox"]
+# The peer's LLM example (examples/LLMs/prune_llm.py) prunes Llama-style separate q/k/v/o projections;
+# GPT-NeoX's fused, head-interleaved query_key_value is outside it, so that family is compared with
+# dense and with the published criteria fxprune implements (FLAP, Wanda-sp, LLM-Pruner's Taylor).
+TP_FAMILIES = {"llama", "qwen3"}
 TARGETS = {0.2: 0.75, 0.3: None, 0.5: 0.70}  # fxprune best / torch-pruning best at the same parameter count
 
 
@@ -243,6 +248,8 @@ def part_lm(args, out: dict, family: str) -> None:
 
     if args.skip_tp:
         part["torch_pruning"] = {"skipped": "--skip-tp"}
+    elif family not in TP_FAMILIES:
+        part["torch_pruning"] = {"skipped": f"torch-pruning's LLM example does not cover {family} (fused qkv)"}
     else:
         part["torch_pruning"] = run_tp(args, model_dir, windows, calib_w, part, ratios, family)
     part["seconds"] = round(time.perf_counter() - t_part, 1)
@@ -388,6 +395,16 @@ def summarize_lm(part: dict, ratios: list[float]) -> None:
                     f"ratio {fx[bf] / tpr[bt]:.3f} (default {d / tpr[bt]:.3f})"
                     + (f" (need <= {factor}) -> best {'MET' if t['met'] else 'NOT MET'}, default "
                        f"{'MET' if t['default_met'] else 'NOT MET'}" if factor is not None else ""))
+        elif fx and tp.get("skipped"):  # no peer: the default next to the published criteria fxprune runs
+            published = {k: v for k, v in fx.items() if k.startswith(("flap", "taylor"))}
+            d = fx.get(DEFAULT_ROW, float("nan"))
+            t.update(met=None, skipped=tp["skipped"], default_ppl=d)
+            line = f"TARGET at {label(r)} removed: no torch-pruning run ({tp['skipped']})"
+            if published:
+                bp = min(published, key=published.get)
+                t.update(published_best=bp, published_ppl=published[bp], ratio_default_over_published=d / published[bp])
+                line += (f"; default {d:.3f} vs the best published criterion ({bp}) {published[bp]:.3f}: "
+                         f"ratio {d / published[bp]:.3f}")
         else:
             t["met"] = None
             line = f"TARGET at {label(r)} removed: not evaluated (missing fxprune or torch-pruning results)"
@@ -600,7 +617,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny LM training, fewer windows/sentences")
     ap.add_argument("--cache", default="~/.cache/fxprune-bench", help="trained LM + torch-pruning venv")
     ap.add_argument("--skip-tp", action="store_true", help="skip the torch-pruning peer")
-    ap.add_argument("--parts", default="lm,lm_qwen3,minilm")
+    ap.add_argument("--parts", default="lm,lm_qwen3,lm_gpt_neox,minilm")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tp-timeout", type=int, default=3600)
     ap.add_argument("--out", default=str(RESULTS), help="JSON path (a --quick run writes here too, marked quick)")
@@ -636,6 +653,15 @@ def main() -> None:
         }
     }
     parts = [p.strip() for p in args.parts.split(",")]
+    if args.out.exists() and not args.quick:  # a run of some parts keeps the others' earlier results
+        try:
+            earlier = json.loads(args.out.read_text())
+        except ValueError:
+            earlier = {}
+        kept = {k: v for k, v in earlier.items() if k != "meta" and k not in parts and not earlier.get("meta", {}).get("quick")}
+        if kept:
+            out["meta"]["kept_from_earlier_run"] = {k: earlier.get("meta", {}).get("started") for k in kept}
+            out.update(kept)
     for family in LM_FAMILIES:
         if ("lm" if family == "llama" else f"lm_{family}") in parts:
             part_lm(args, out, family)
