@@ -13,7 +13,8 @@ Tokenizer: byte-level BPE (``tokenizers``, vocab 2048) trained on the train spli
 ``<|endoftext|>`` between files.  Models (``family``): ``llama`` (``LlamaForCausalLM``, hidden 192, GQA 6 q /
 2 kv heads, RoPE, SwiGLU, untied embeddings, ~2.4M parameters) and ``qwen3``
 (``Qwen3ForCausalLM``: the same sizes with q/k RMSNorms and tied embeddings) and ``gpt_neox``
-(``GPTNeoXForCausalLM``: LayerNorm, fused qkv, partial RoPE, parallel residual, GELU MLP), trained with AdamW
+(``GPTNeoXForCausalLM``: LayerNorm, fused qkv, partial RoPE, parallel residual, GELU MLP) and
+``mixtral`` (``MixtralForCausalLM``: 8 experts of width 128, top-2), trained with AdamW
 for several epochs over the training corpus (shuffled non-overlapping 128-token windows, seeded)
 until the held-out loss flattens (logged as ``train_info.json`` "curve").  The result
 (``save_pretrained`` + ``tokenizer.json`` + ``train_info.json``) is cached under
@@ -82,6 +83,10 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # A third, unlike both: GPT-NeoX (LayerNorm with biases, fused qkv with biases, partial RoPE,
     # parallel attention + MLP residual, a plain GELU MLP as wide as the SwiGLU's three matrices).
     "gpt_neox": {"family": "gpt_neox", "intermediate_size": 768, "num_key_value_heads": 6, "seed": 2},
+    # Mixture of experts: Mixtral (8 SwiGLU experts of width 128, top-2 routing, trained with the
+    # router's load-balancing loss), the Llama attention otherwise.
+    "mixtral": {"family": "mixtral", "intermediate_size": 128, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "router_aux_loss_coef": 0.02, "seed": 3},
 }
 # --quick: same architecture, a few steps (smoke test of the pipeline, not of quality).
 QUICK_OVERRIDES: dict[str, Any] = {"epochs": 0.05, "warmup": 5}
@@ -347,8 +352,11 @@ def build_config(settings: dict[str, Any], vocab_size: int, eos_id: int):
             eos_token_id=eos_id,
             pad_token_id=eos_id,
         )
-    cls = {"llama": transformers.LlamaConfig, "qwen3": getattr(transformers, "Qwen3Config", None)}[settings["family"]]
+    moe = {k: settings[k] for k in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef") if k in settings}
+    cls = {"llama": transformers.LlamaConfig, "qwen3": getattr(transformers, "Qwen3Config", None),
+           "mixtral": getattr(transformers, "MixtralConfig", None)}[settings["family"]]
     return cls(
+        **moe,
         vocab_size=vocab_size,
         head_dim=settings["head_dim"],
         hidden_size=settings["hidden_size"],
@@ -396,7 +404,8 @@ def causal_lm_class(family: str):
     import transformers
 
     return {"llama": transformers.LlamaForCausalLM, "qwen3": getattr(transformers, "Qwen3ForCausalLM", None),
-            "gpt_neox": getattr(transformers, "GPTNeoXForCausalLM", None)}[family]
+            "gpt_neox": getattr(transformers, "GPTNeoXForCausalLM", None),
+            "mixtral": getattr(transformers, "MixtralForCausalLM", None)}[family]
 
 
 def load_lm(model_dir: str | Path):
@@ -459,7 +468,10 @@ def _train(settings: dict[str, Any], out_dir: Path, log: Any) -> None:
         starts = [w * seq for w in order[:bs]]
         del order[:bs]
         ids = torch.from_numpy(np.stack([train_ids[s:s + seq] for s in starts]).astype(np.int64))
-        loss = model(input_ids=ids, labels=ids).loss
+        # an MoE model trains with its router's load-balancing loss (its config keeps it off, so
+        # the saved model's loss, which pruning calibrates on, is the LM loss alone)
+        extra = {"output_router_logits": True} if "router_aux_loss_coef" in settings else {}
+        loss = model(input_ids=ids, labels=ids, **extra).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])

@@ -37,7 +37,7 @@ embeddings are half of the model), so the "50%" column reports what fxprune reac
 criteria use ``loss_fn`` = an in-batch contrastive loss (MultipleNegativesRanking, scale 20, the
 loss all-MiniLM-L6-v2 was trained with) between the two halves of each calibration sentence.
 
-Usage:  python bench/quality.py [--quick] [--cache DIR] [--skip-tp] [--threads N] [--parts lm,lm_qwen3,lm_gpt_neox,minilm]
+Usage:  python bench/quality.py [--quick] [--cache DIR] [--skip-tp] [--threads N] [--parts lm,lm_qwen3,lm_gpt_neox,lm_mixtral,minilm]
 Writes: bench/results/quality.json (atomically; the parts not run this time keep their earlier
 results, and ``meta.kept_from_earlier_run`` says from when)
 """
@@ -159,17 +159,26 @@ LM_METHODS: dict[str, dict[str, Any]] = {
     "flap (before: no update)": {"importance": "flap", "update_method": "none", "allocation": "uniform"},
     "taylor (before: default)": {"importance": "taylor", "allocation": "uniform"},
 }
+# Methods only a family has: whole MoE experts (REAP, the router-weighted expert activation norm,
+# and the routing frequency), the width kinds left as they are.
+_EXPERTS_ONLY = {"experts": True, "channels": False, "heads": False, "kv_heads": False, "head_repeat": False,
+                 "head_dim": False, "hidden": False}
+FAMILY_METHODS: dict[str, dict[str, dict[str, Any]]] = {
+    "mixtral": {"experts only (reap)": {"kinds": _EXPERTS_ONLY, "expert_importance": "reap"},
+                "experts only (frequency)": {"kinds": _EXPERTS_ONLY, "expert_importance": "frequency"}},
+}
 # which methods run at which ratio (time on a shared 2-core machine)
 LM_RATIO_METHODS: dict[float, list[str]] = {
-    0.3: ["default", "surgeon (1 shot)", "obs (1 shot)", "flap (before: no update)"],
+    0.3: ["default", "surgeon (1 shot)", "obs (1 shot)", "flap (before: no update)", "experts only (reap)"],
 }
 # which row is fxprune's default (``fxprune.prune(model, ratio, calib=...)`` with no options runs exactly it)
 DEFAULT_ROW = "default"
-LM_FAMILIES = ["llama", "qwen3", "gpt_neox"]
+LM_FAMILIES = ["llama", "qwen3", "gpt_neox", "mixtral"]
 # The peer's LLM example (examples/LLMs/prune_llm.py) prunes Llama-style separate q/k/v/o projections;
 # GPT-NeoX's fused, head-interleaved query_key_value is outside it, so that family is compared with
 # dense and with the published criteria fxprune implements (FLAP, Wanda-sp, LLM-Pruner's Taylor).
 TP_FAMILIES = {"llama", "qwen3"}
+TP_WHY = {"gpt_neox": "fused qkv", "mixtral": "fused 3-D experts"}
 TARGETS = {0.2: 0.75, 0.3: None, 0.5: 0.70}  # fxprune best / torch-pruning best at the same parameter count
 
 
@@ -222,15 +231,15 @@ def part_lm(args, out: dict, family: str) -> None:
         "ppl_dense": ppl_dense,
         "ppl_unigram": uni,
         "trace_analyze_s": round(time.perf_counter() - t1, 1),
-        "methods": {k: v for k, v in LM_METHODS.items()},
+        "methods": {**LM_METHODS, **FAMILY_METHODS.get(family, {})},
         "fxprune": {},
         "torch_pruning": None,
     }
     out[key_out] = part
     ratios = [r for r in (RATIOS if not quick else RATIOS[:1]) if not args.ratios or r in args.ratios]
     for ratio in ratios:
-        for name, opts in LM_METHODS.items():
-            if name not in LM_RATIO_METHODS.get(ratio, LM_METHODS) or (args.methods and name not in args.methods):
+        for name, opts in part["methods"].items():
+            if name not in LM_RATIO_METHODS.get(ratio, part["methods"]) or (args.methods and name not in args.methods):
                 continue
             key = f"{name}@{label(ratio)}"
             log(f"  fxprune {key} ...")
@@ -249,7 +258,7 @@ def part_lm(args, out: dict, family: str) -> None:
     if args.skip_tp:
         part["torch_pruning"] = {"skipped": "--skip-tp"}
     elif family not in TP_FAMILIES:
-        part["torch_pruning"] = {"skipped": f"torch-pruning's LLM example does not cover {family} (fused qkv)"}
+        part["torch_pruning"] = {"skipped": f"torch-pruning's LLM example does not cover {family} ({TP_WHY.get(family, '')})"}
     else:
         part["torch_pruning"] = run_tp(args, model_dir, windows, calib_w, part, ratios, family)
     part["seconds"] = round(time.perf_counter() - t_part, 1)
@@ -345,7 +354,7 @@ def summarize_lm(part: dict, ratios: list[float]) -> None:
               *[f"s {label(r)}" for r in ratios], *[f"+MB {label(r)}" for r in ratios]]
     rows = [["dense", *[f"{part['ppl_dense']:.3f}"] * len(ratios), *[fmt_params(dense, dense)] * len(ratios),
              *["-"] * (2 * len(ratios))]]
-    for name in LM_METHODS:
+    for name in part["methods"]:
         cells = [part["fxprune"].get(f"{name}@{label(r)}", {}) for r in ratios]
         rows.append([f"fxprune {name}",
                      *[f"{c['ppl']:.3f}" if "ppl" in c else ("error" if "error" in c else "-") for c in cells],
@@ -375,7 +384,7 @@ def summarize_lm(part: dict, ratios: list[float]) -> None:
 
     targets = {}
     for r in ratios:
-        fx = {m: part["fxprune"].get(f"{m}@{label(r)}", {}).get("ppl") for m in LM_METHODS}
+        fx = {m: part["fxprune"].get(f"{m}@{label(r)}", {}).get("ppl") for m in part["methods"]}
         fx = {k: v for k, v in fx.items() if v is not None and math.isfinite(v)}
         tpr = {i: tp.get("results", {}).get(f"{i}@{label(r)}", {}).get("ppl") for i in TP_IMPORTANCES}
         tpr = {k: v for k, v in tpr.items() if v is not None and math.isfinite(v)}
@@ -396,7 +405,7 @@ def summarize_lm(part: dict, ratios: list[float]) -> None:
                     + (f" (need <= {factor}) -> best {'MET' if t['met'] else 'NOT MET'}, default "
                        f"{'MET' if t['default_met'] else 'NOT MET'}" if factor is not None else ""))
         elif fx and tp.get("skipped"):  # no peer: the default next to the published criteria fxprune runs
-            published = {k: v for k, v in fx.items() if k.startswith(("flap", "taylor"))}
+            published = {k: v for k, v in fx.items() if k.startswith(("flap", "taylor", "experts"))}
             d = fx.get(DEFAULT_ROW, float("nan"))
             t.update(met=None, skipped=tp["skipped"], default_ppl=d)
             line = f"TARGET at {label(r)} removed: no torch-pruning run ({tp['skipped']})"
@@ -617,7 +626,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny LM training, fewer windows/sentences")
     ap.add_argument("--cache", default="~/.cache/fxprune-bench", help="trained LM + torch-pruning venv")
     ap.add_argument("--skip-tp", action="store_true", help="skip the torch-pruning peer")
-    ap.add_argument("--parts", default="lm,lm_qwen3,lm_gpt_neox,minilm")
+    ap.add_argument("--parts", default="lm,lm_qwen3,lm_gpt_neox,lm_mixtral,minilm")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tp-timeout", type=int, default=3600)
     ap.add_argument("--out", default=str(RESULTS), help="JSON path (a --quick run writes here too, marked quick)")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fxprune.calib import load_calibration
-from fxprune.errors import DataError, PlanError
+from fxprune.errors import DataError, PlanError, ScoringError
 from fxprune.graph import PrunableGraph
 from fxprune.passes.analysis import Analysis, analyze
 from fxprune.passes.block_scoring import BLOCK_IMPORTANCE, score_blocks
@@ -284,6 +284,14 @@ def prune(
     check_prune_arguments(ratio=ratio, **{k: kwargs[k] for k in (
         "importance", "allocation", "round_to", "n_samples", "seq_len", "batch_size", "aggregate", "update_method",
         "max_group_ratio") if k in kwargs}, **({} if "importance" in kwargs else {"importance": None}))
+    moe_note, upfront, asked_shots = None, {}, shots
+    if kwargs.get("kinds") is None:  # the graph decides the default kinds: is it a mixture of experts?
+        model_or_graph, kwargs, upfront = _analysed(model_or_graph, kwargs)
+        if model_or_graph.experts:
+            kwargs["kinds"] = {"experts": True}
+            moe_note = (f"mixture of experts: whole experts ({kwargs.get('expert_importance', 'reap')}) are pruned "
+                        "next to the width kinds, one shot, uniform allocation; kinds={'experts': False} keeps "
+                        "every expert")
     if shots == "auto":
         target = model_or_graph.graph.module if isinstance(model_or_graph, Analysis) else getattr(
             model_or_graph, "module", model_or_graph)
@@ -293,9 +301,71 @@ def prune(
             shots = 1  # the multi-shot gain was measured for width; depth and expert criteria run once
     if not isinstance(shots, int) or shots < 1:
         raise PlanError(f"shots must be a positive integer, got {shots!r}")
-    if shots == 1 and not shot_lora_steps:
-        return prune_once(model_or_graph, ratio, **kwargs)
-    return _multi_shot(model_or_graph, ratio, shots, shot_lora_steps, kwargs)
+    try:
+        if shots == 1 and not shot_lora_steps:
+            result = prune_once(model_or_graph, ratio, **kwargs)
+        else:
+            result = _multi_shot(model_or_graph, ratio, shots, shot_lora_steps, kwargs)
+    except ScoringError as exc:
+        if moe_note is None or "expert" not in str(exc):
+            raise
+        # the experts were the default's choice, not the caller's: score them by routing frequency
+        # (REAP needs the router weights applied to the expert outputs), else prune the width alone
+        if kwargs.get("expert_importance", "reap") != "frequency":
+            try:
+                result = prune(model_or_graph, ratio, shots=shots, shot_lora_steps=shot_lora_steps,
+                               **{**kwargs, "expert_importance": "frequency"})
+                moe_note = f"{moe_note.replace('(reap)', '(frequency)')} (reap could not score them: {exc})"
+            except ScoringError as again:
+                exc = again
+                result = None
+        else:
+            result = None
+        if result is None:
+            result = prune(model_or_graph, ratio, shots=asked_shots, shot_lora_steps=shot_lora_steps,
+                           **{**kwargs, "kinds": {"experts": False}})
+            moe_note = f"mixture of experts: the experts are not pruned ({exc})"
+    if not upfront and moe_note is None:
+        return result
+    rep = result.report
+    timings = {**rep.timings, **{k: round(rep.timings.get(k, 0.0) + v, 3) for k, v in upfront.items()}}
+    if "total" in timings:
+        timings["total"] = round(rep.timings["total"] + sum(upfront.values()), 3)
+    notes = ([moe_note] if moe_note else []) + list(rep.notes)
+    return dataclasses.replace(result, report=dataclasses.replace(rep, timings=timings, notes=notes))
+
+
+def _analysed(model_or_graph: Any, kwargs: dict) -> tuple[Analysis, dict, dict[str, float]]:
+    """``model_or_graph`` traced and analysed as :func:`prune_once` would (the calibration loaded
+    once, the example inputs taken from it), for decisions that need the graph before the shots;
+    the seconds spent, to add to the report."""
+    timings: dict[str, float] = {}
+    if isinstance(model_or_graph, Analysis) and tuple(kwargs.get("ignore", ())) == model_or_graph.ignore:
+        return model_or_graph, kwargs, timings
+    kwargs = dict(kwargs)
+    t0 = time.perf_counter()
+    if kwargs.get("calib") is not None:
+        kwargs["calib"] = load_calibration(kwargs["calib"], tokenizer=kwargs.get("tokenizer"),
+                                           n_samples=kwargs.get("n_samples", 32), seq_len=kwargs.get("seq_len", 128),
+                                           seed=kwargs.get("seed", 0), batch_size=kwargs.get("batch_size", 1))
+        if not kwargs["calib"]:
+            raise DataError("calibration data is empty")
+    timings["calibration"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if isinstance(model_or_graph, Analysis):
+        graph = model_or_graph.graph
+    elif isinstance(model_or_graph, PrunableGraph):
+        graph = model_or_graph
+    else:
+        example = kwargs.get("example_inputs")
+        if example is None:
+            example = kwargs["example_inputs"] = _default_inputs(model_or_graph, kwargs.get("calib"))
+        graph = trace(model_or_graph, *split_example_inputs(example))
+    timings["capture"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    analysis = analyze(graph, ignore=kwargs.get("ignore", ()))
+    timings["analyze"] = time.perf_counter() - t0
+    return analysis, kwargs, timings
 
 
 def _multi_shot(model_or_graph: Any, ratio: float, shots: int, lora_steps: int, kwargs: dict) -> PruneResult:
@@ -425,8 +495,11 @@ def prune_once(
             sleb, ppl, taylor+, curvature, random).  Depth alone:
             ``kinds={"blocks": True, "channels": False, "heads": False, "kv_heads": False}``.
             ``block_options`` go to the criterion (``{"steps": 8}``, ``{"per_param": True}`` for SLEB).
-        expert_importance: with ``kinds={"experts": True}`` (MoE), the criterion that scores the
-            experts, from ``fxprune.passes.experts.EXPERT_IMPORTANCE`` (reap, frequency, random).
+        expert_importance: with experts enabled (MoE), the criterion that scores the experts,
+            from ``fxprune.passes.experts.EXPERT_IMPORTANCE`` (reap, frequency, random).
+            :func:`prune` with no ``kinds`` enables them whenever the graph has routed experts
+            (one shot, uniform allocation; ``frequency`` where reap cannot score them);
+            ``kinds={"experts": False}`` keeps every expert.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient criteria on models without a
             built-in loss (encoders); HF causal LMs use their LM loss by default.
         update_method: a weight-update method from ``fxprune.passes.update.UPDATES``; ``"auto"``
@@ -521,6 +594,8 @@ def prune_once(
             plan = distributed.broadcast_plan(analysis, plan)
     if update_method == "auto":
         update_method = scores.update_method
+        if plan and all(analysis.by_id[g].kind in WHOLE_UNIT_KINDS for g in plan if g in analysis.by_id):
+            update_method = "none"  # whole experts or branches alone: no width statistics to update from
     with clock("update"):
         weights = update(model, analysis, plan, scores, method=update_method)
     with clock("rewrite+verify"):

@@ -171,3 +171,18 @@ def test_prune_removes_experts_by_reap():
                  kinds={"experts": True, "channels": False, "heads": False, "kv_heads": False})
     assert res.plan and all("experts" in gid for gid in res.plan)
     assert "masked in the router" in res.report.verification
+
+
+def test_a_mixture_of_experts_loses_whole_experts_by_default_and_keeps_them_when_asked():
+    """With no kinds given, a graph with routed experts has them pruned next to the width kinds
+    (one shot, uniform: measured better than width alone on the trained MoE benchmark LM); the
+    report says so, and kinds={"experts": False} keeps every expert."""
+    zm = zoo.ZOO["qwen2_moe"]
+    calib = [zm.make_inputs(2, 16) for _ in range(2)]
+    res = _quiet(fxprune.prune, zm.build(), 0.3, calib=calib, example_inputs=zm.make_inputs(2, 8), progress=False)
+    assert res.report.by_kind["experts"]["units"] > 0 and res.report.by_kind["channels"]["units"] > 0
+    assert "mixture of experts" in res.report.notes[0]
+    assert res.report.timings["capture"] > 0  # the up-front trace is accounted for
+    kept = _quiet(fxprune.prune, zm.build(), 0.3, calib=calib, example_inputs=zm.make_inputs(2, 8), progress=False,
+                  kinds={"experts": False})
+    assert kept.report.by_kind["experts"]["units"] == 0 and not any("mixture" in n for n in kept.report.notes)

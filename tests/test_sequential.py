@@ -70,6 +70,9 @@ def test_block_local_scores_equal_in_memory_exactly(root, importance):
     assert run.mode == "forward"
     assert set(ref) == set(run.scores)
     for gid in ref:
+        if gid in ref.fallback:  # flap cannot score q/k head dims: in memory they are ranked by weight
+            assert gid in run.scores.unscored  # norm, on meta (no weights left to rank by) kept whole
+            continue
         np.testing.assert_array_equal(ref[gid], run.scores[gid], err_msg=gid)
     if importance == "flap":  # the means bias compensation adds back
         assert set(ref.input_mean) == set(run.scores.input_mean)

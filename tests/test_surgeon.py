@@ -150,8 +150,9 @@ def test_the_default_criterion_prunes_and_verifies_across_architectures(name):
         warnings.simplefilter("ignore")
         res = fxprune.prune(model, 0.2, calib=calib, example_inputs=zm.make_inputs(2, 8), progress=False)
     rep = res.report
-    assert rep.importance == default_importance(model, None, calib)
-    assert rep.update == rep.importance and (not res.weights.is_identity or name == "mixtral")
+    width, _, experts = rep.importance.partition("+")  # a mixture of experts also loses experts (reap)
+    assert width == default_importance(model, None, calib) and experts == ("reap" if res.analysis.experts else "")
+    assert rep.update == width and (not res.weights.is_identity or name == "mixtral")
     v = res.rewrite.verification
     exact = all(res.analysis.by_id[g].exact for g in res.plan)  # LayerNorm's hidden width is not
     assert v.finite and v.output_shapes_ok and v.exact_checked == exact  # exact: = the updated model, zeroed
@@ -187,8 +188,36 @@ def test_fused_expert_weights_get_a_diagonal_fisher_cost_that_ranks_a_dead_chann
     assert 5 in res.plan.get("model.layers.0.mlp.experts:channels", ())
 
 
-def test_a_group_the_forward_only_criterion_cannot_cost_warns_instead_of_being_free():
+@pytest.mark.parametrize("importance,allocation,outcome", [
+    ("obs", "cost", "kept"),  # forward-only curvature: no cost, and a norm ranking is not one
+    ("flap", "cost", "kept"),
+    ("flap", "uniform", "by norm"),  # every channel group loses the same share, ranked by weight norm
+    ("obs", "uniform", "by norm"),
+])
+def test_a_group_the_criterion_cannot_score_is_never_taken_as_free(importance, allocation, outcome):
+    """Forward hooks cannot see the per-expert inputs of fused 3-D experts: those channel groups
+    score nothing.  They are not cut first as "free": a uniform allocation ranks their units by
+    weight norm, any other keeps them whole; a warning says which."""
     zm = zoo.ZOO["mixtral"]
-    with pytest.warns(UserWarning, match=r"'obs' cannot score any member of group 'model\.layers\.0\.mlp\.experts:channels'"):
-        fxprune.prune(zm.build(), 0.1, calib=[zm.make_inputs(2, 16) for _ in range(2)], importance="obs",
-                      example_inputs=zm.make_inputs(2, 8), progress=False)
+    model = zm.build()
+    gid = "model.layers.0.mlp.experts:channels"
+    experts = model.model.layers[0].mlp.experts
+    inter = experts.down_proj.shape[-1]
+    with torch.no_grad():  # channel 5 of every expert of layer 0 is dead; channel 7 is loud
+        for c, k in ((5, 0.0), (7, 3.0)):
+            experts.gate_up_proj[:, c].mul_(k)
+            experts.gate_up_proj[:, inter + c].mul_(k)
+            experts.down_proj[:, :, c].mul_(k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fxprune.prune(model, 0.3, calib=[zm.make_inputs(2, 16) for _ in range(2)], importance=importance,
+                            example_inputs=zm.make_inputs(2, 8), progress=False, allocation=allocation,
+                            kinds={"experts": False})
+    said = [str(w.message) for w in caught if f"cannot score any member of group '{gid}'" in str(w.message)]
+    assert said, [str(w.message) for w in caught]
+    if outcome == "kept":
+        assert gid not in res.plan and gid in res.plan.info["skipped"], res.plan.info["skipped"]
+    else:
+        assert gid in res.scores.fallback and "weight norm" in said[0]
+        removed = res.plan[gid]
+        assert 5 in removed and 7 not in removed  # the planted dead channel goes first, the loud one stays

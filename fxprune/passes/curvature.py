@@ -638,6 +638,7 @@ class GroupCosts:
     how: Mapping[str, str]
     stats_bytes: int
     gatherings: int
+    unscored: frozenset[str] = frozenset()  # groups none of whose members could be costed
 
 
 def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource, method: str, *,
@@ -711,13 +712,13 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
     scored: set[str] = set()  # groups at least one member of which got a cost
     source.each_chunk(model, specs, chunk)
     gaps = {r.group for r in roles if how.get(r.key, "").startswith("not scored")}
+    unscored = set()
     for gid, c in costs.items():
         if not np.all(np.isfinite(c)):
             raise ScoringError(f"group {gid!r}: non-finite curvature costs")
-        if gid in gaps and gid not in scored:
-            warnings.warn(f"importance {method!r} cannot score any member of group {gid!r}; its units all "
-                          "score 0 (see the report's costs per member).", stacklevel=3)
-    return GroupCosts(costs, how, source.peak_stats_bytes, source.gatherings)
+        if gid in gaps and gid not in scored:  # the criterion ranks it by weight norm (scoring._norm_fallback)
+            unscored.add(gid)
+    return GroupCosts(costs, how, source.peak_stats_bytes, source.gatherings, frozenset(unscored))
 
 
 def _diag_fisher(module: nn.Module, layer: str, ls: Any, roles: Sequence[Role], order: Sequence[str],

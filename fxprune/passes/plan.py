@@ -385,6 +385,7 @@ def _candidates(
     ignore: Sequence[str],
     round_to: int | Mapping[str, int],
     min_kept: Mapping[str, int] | None = None,
+    unscored: Mapping[str, str] | None = None,
 ) -> tuple[list[_Candidate], dict[str, str]]:
     """The prunable groups, and why every other group is skipped."""
     min_kept = min_kept or {}
@@ -393,6 +394,8 @@ def _candidates(
     for i, g in enumerate(groups):
         setting = _kind_setting(g.kind, kinds)
         reason = _skip_reason(g, setting, counter, kept_blocks, ignore)
+        if not reason and g.id in (unscored or {}):
+            reason = unscored[g.id]
         if reason:
             skipped[g.id] = reason
             continue
@@ -714,6 +717,12 @@ def make_plan(
     """
     _check_args(ratio, allocation, max_group_ratio, kinds)
     kind_notes: dict[str, str] = {}
+    unscored = {gid: "the criterion could score none of its members (see the report's costs per member)"
+                for gid in getattr(scores, "unscored", ()) or ()}
+    if allocation != "uniform":
+        unscored.update({gid: f"ranked by weight norm only (the criterion could score none of its members): not "
+                              f"comparable with the other groups under allocation={allocation!r}"
+                         for gid in getattr(scores, "fallback", ()) or ()})
     if allocation == "cost":
         scores, kinds, kind_notes = _cost_inputs(scores, kinds)
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
@@ -724,7 +733,7 @@ def make_plan(
     kept_blocks = _blocks_kept(groups, keep_blocks_first, keep_blocks_last)
     cands, skipped = _candidates(
         groups, scores, counter, kinds=kinds, max_group_ratio=max_group_ratio,
-        kept_blocks=kept_blocks, ignore=ignore, round_to=round_to, min_kept=_min_kept(source),
+        kept_blocks=kept_blocks, ignore=ignore, round_to=round_to, min_kept=_min_kept(source), unscored=unscored,
     )
     target = ratio * counter.total
     fixed = {c.index: c.nearest_step(c.fixed * c.group.size) for c in cands if c.fixed is not None}

@@ -231,6 +231,8 @@ class ScoringContext:
     input_stats: dict[int, InputStats] = dataclasses.field(default_factory=dict)  # id(module)
     n_batches: int = 0
     model: nn.Module | None = None
+    unscored: set[str] = dataclasses.field(default_factory=set)  # groups no member of which got a score
+    fallback: set[str] = dataclasses.field(default_factory=set)  # ... ranked by weight norm instead
 
     @functools.cached_property
     def by_name(self) -> dict[str, Target]:
@@ -408,13 +410,29 @@ class Importance:
             if s is not None:
                 per_member.append(s)
         if not per_member:
-            warnings.warn(
-                f"importance {self.name!r} cannot score any member of group {group.id!r}; "
-                "its units all score 0.",
-                stacklevel=4,
-            )
-            return np.zeros(group.size, dtype=np.float64)
+            return _norm_fallback(self.name, group, ctx, aggregate)
         return np.asarray(aggregate(per_member), dtype=np.float64)
+
+
+def _norm_fallback(name: str, group: Group, ctx: ScoringContext,
+                   aggregate: Callable[[list[np.ndarray]], np.ndarray]) -> np.ndarray:
+    """Scores of a group ``name`` could score no member of (fused 3-D experts under forward hooks).
+
+    Its units are ranked by weight norm instead (``Scores.fallback``): comparable within the
+    group, so a uniform allocation uses them, but not with other groups' scores, so any other
+    allocation keeps the group whole.  Without a parameter to rank by, it is not pruned at all
+    (``Scores.unscored``): never are its units taken as free.
+    """
+    readable = all(ctx.by_name[m.name].param.device.type != "meta" for m in group.params if m.name in ctx.by_name)
+    if group.params and name != "l2" and readable:  # (sequential mode scores a model on meta)
+        warnings.warn(f"importance {name!r} cannot score any member of group {group.id!r}; its units are ranked "
+                      "by weight norm (l2) instead, and it is pruned only under allocation='uniform'.", stacklevel=5)
+        ctx.fallback.add(group.id)
+        return L2Importance().group_scores(group, ctx, aggregate)
+    warnings.warn(f"importance {name!r} cannot score any member of group {group.id!r}; it is not pruned.",
+                  stacklevel=5)
+    ctx.unscored.add(group.id)
+    return np.zeros(group.size, dtype=np.float64)
 
 
 class _GradImportance(Importance):
@@ -659,6 +677,7 @@ class _CurvatureImportance(Importance):
         gc = curvature.group_costs(model, groups, self.source, self.method, damping=self.damping,
                                    relative=self.relative)
         self._costs, self.how = dict(gc.costs), dict(gc.how)
+        self._uncosted = set(gc.unscored)
         ctx.n_batches = len(batches)
         return sum(count_tokens(b) for b in batches)
 
@@ -666,6 +685,8 @@ class _CurvatureImportance(Importance):
         return None
 
     def group_scores(self, group, ctx, aggregate):
+        if group.id in getattr(self, "_uncosted", ()):  # no member costed: ranked by weight norm, as
+            return _norm_fallback(self.name, group, ctx, aggregate)  # the other criteria do
         return self._costs[group.id]
 
 
@@ -735,6 +756,12 @@ class Scores(Mapping[str, np.ndarray]):
     member_methods: Mapping[str, str] = dataclasses.field(default_factory=dict)
     is_cost: bool = False  # raw scores are removal costs (curvature criteria)
     uncosted_kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # groups the criterion could score no member of (fused 3-D experts under forward hooks): the
+    # planner leaves them whole instead of taking their all-zero scores as free
+    unscored: frozenset[str] = frozenset()
+    # groups ranked by weight norm because the criterion could score none of their members: their
+    # scores order their own units only, so only a uniform allocation uses them
+    fallback: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         frozen = {}
@@ -755,8 +782,9 @@ class Scores(Mapping[str, np.ndarray]):
 
     @property
     def update_method(self) -> str:
-        """The weight update that goes with this criterion (``"none"`` for most)."""
-        cls = IMPORTANCE.get(self.importance)
+        """The weight update that goes with this criterion (``"none"`` for most); the width
+        criterion's in a combined one (``"surgeon+reap"``: experts or blocks scored beside it)."""
+        cls = IMPORTANCE.get(self.importance.partition("+")[0])
         return cls.update_method if cls is not None else "none"
 
     def __getitem__(self, group_id: str) -> np.ndarray:
@@ -1038,7 +1066,8 @@ def score(
         scores, raw = _all_group_scores(groups, crit, ctx, agg, norm)
         means, counts = {}, {}
     return Scores(scores, importance, aggregate, normalize, ctx.n_batches, tokens, means, counts, raw,
-                  getattr(crit, "source", None), getattr(crit, "how", {}), crit.costs, dict(crit.uncosted_kinds))
+                  getattr(crit, "source", None), getattr(crit, "how", {}), crit.costs, dict(crit.uncosted_kinds),
+                  frozenset(ctx.unscored), frozenset(ctx.fallback))
 
 
 def _check_finite_weights(targets: dict[int, Target]) -> None:

@@ -825,7 +825,8 @@ class _Consumers:
         ctx = ScoringContext(_collect_targets(self.model, self.groups), n_batches=self.n_batches)
         by_group, raw = _all_group_scores(self.groups, final, ctx, agg, norm)
         return Scores(by_group, importance, aggregate, normalize, self.n_batches, self.tokens, self.means, self.counts,
-                      raw, None, {}, crit.costs, dict(crit.uncosted_kinds))
+                      raw, None, {}, crit.costs, dict(crit.uncosted_kinds), frozenset(ctx.unscored),
+                      frozenset(ctx.fallback))
 
     def stats(self) -> Stats | None:
         if self.spec is None or not self.keep_stats:
@@ -1268,7 +1269,7 @@ def _score_curvature(model: nn.Module, checkpoint: Checkpoint, analysis: Any, ba
     agg, norm = _lookup(AGGREGATES, aggregate, "aggregate"), _lookup(NORMALIZERS, normalize, "normalize")
     by_group, raw = _all_group_scores(groups, crit, ctx, agg, norm)
     scores = Scores(by_group, importance, aggregate, normalize, source.n_batches, source.n_tokens, {}, {}, raw,
-                    source, dict(crit.how), crit.costs, dict(crit.uncosted_kinds))
+                    source, dict(crit.how), crit.costs, dict(crit.uncosted_kinds), frozenset(ctx.unscored))
     run = source.runs[-1] if source.runs else None
     return SequentialScores(scores, None, sweep["cut"], run.timings if run else (),
                             run.activation_bytes if run else types.MappingProxyType({}),
