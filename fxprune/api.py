@@ -748,12 +748,22 @@ def count_flops(model: Any, inputs: Mapping[str, torch.Tensor], constant_kwargs:
     """FLOPs of one forward pass on ``inputs`` (torch's FlopCounterMode), or None if it fails."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    custom = {torch.ops.aten._grouped_mm: _grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {}
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
             model(*args, **inputs, **(constant_kwargs or {}))
         return float(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - FLOPs are informative only
         return None
+
+
+def _grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int], *args: Any, out_shape: Sequence[int] = (),
+                      **kwargs: Any) -> int:
+    """FLOPs of ``aten._grouped_mm`` (fused MoE experts; torch's counter has no formula for it):
+    every output element is a dot product over the contraction width."""
+    if len(a_shape) == 2 and len(b_shape) == 2:  # groups split the contraction dim
+        return 2 * int(out_shape[-2]) * int(out_shape[-1]) * int(a_shape[-1])
+    return 2 * math.prod(int(d) for d in out_shape) * int(a_shape[-1])
 
 
 def _report(model, pruned, graph, groups, plan, scores, ratio, importance, allocation, timings, notes,

@@ -186,3 +186,20 @@ def test_a_mixture_of_experts_loses_whole_experts_by_default_and_keeps_them_when
     kept = _quiet(fxprune.prune, zm.build(), 0.3, calib=calib, example_inputs=zm.make_inputs(2, 8), progress=False,
                   kinds={"experts": False})
     assert kept.report.by_kind["experts"]["units"] == 0 and not any("mixture" in n for n in kept.report.notes)
+
+
+def test_flops_count_the_fused_experts_grouped_matmuls():
+    """torch's FlopCounterMode has no formula for aten._grouped_mm (transformers 5.x fused experts):
+    without one the report's FLOPs would leave the experts out and show no gain from cutting them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fxprune.api import count_flops
+
+    a, b = torch.randn(10, 8), torch.randn(2, 8, 4)
+    offs = torch.tensor([4, 10], dtype=torch.int32)
+    assert count_flops(lambda: torch._grouped_mm(a, b, offs=offs), {}) == 2 * 10 * 8 * 4
+    zm = zoo.ZOO["mixtral_grouped_mm"]
+    model, inputs = zm.build(), zm.make_inputs(2, 8)
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        model(**inputs)
+    assert count_flops(model, inputs) > plain.get_total_flops()

@@ -303,3 +303,22 @@ def test_benchmark_latency_runs(pruned_kv):
     for r in (plain, bound):
         assert r.prefill_ms > 0 and r.decode_ms_per_token > 0 and len(r.decode_samples_ms) == 2
     assert bound.io_binding and not plain.io_binding and plain.provider == "CPUExecutionProvider"
+
+
+def test_a_grouped_mm_mixture_of_experts_exports_and_keeps_its_implementation(tmp_path):
+    """transformers 5's default experts implementation ("grouped_mm") is a custom op the ONNX
+    exporter cannot convert: the export runs the experts as gather + bmm, checks parity, says so,
+    and leaves the model's own implementation in place."""
+    import warnings
+
+    from tests import zoo
+
+    zm = zoo.ZOO["mixtral_grouped_mm"]
+    model = zm.build()
+    assert model.config._experts_implementation == "grouped_mm"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = export_onnx(model, tmp_path / "moe.onnx", example_inputs=zm.make_inputs(2, 8))
+    assert res.max_abs_diff is not None and res.max_abs_diff < 1e-4
+    assert any("batched_mm" in n for n in res.notes) and any("batched_mm" in str(w.message) for w in caught)
+    assert model.config._experts_implementation == "grouped_mm"

@@ -50,6 +50,9 @@ class ExportBackend(abc.ABC):
     suffix: ClassVar[str]
     runtime: ClassVar[str] = ""
     requires: ClassVar[str] = ""
+    #: the transformers ``experts_implementation`` an MoE model is exported with (None: as it is),
+    #: for targets that cannot convert an implementation's custom ops
+    experts_implementation: ClassVar[str | None] = None
 
     @classmethod
     def available(cls) -> bool:

@@ -141,6 +141,9 @@ class OnnxBackend(ExportBackend):
     suffix = ".onnx"
     runtime = "ONNX Runtime"
     requires = _REQUIRES
+    # transformers' default "grouped_mm" is the custom op transformers::grouped_mm_fallback on CPU,
+    # which the exporter has no ONNX function for; "batched_mm" is plain gather + bmm
+    experts_implementation = "batched_mm"
 
     def __init__(
         self, *, optimize: bool = True, external_data: bool | None = None, providers: Sequence[str] | None = None

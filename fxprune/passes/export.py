@@ -32,11 +32,12 @@ Public entry points: :func:`export`, :func:`export_onnx`, :func:`build_recipe`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -699,9 +700,11 @@ def export(
                               protect=_sources_of(model_or_ep))
     providers = target.providers(device)
 
-    with eval_mode(model_or_ep):
+    with eval_mode(model_or_ep), _experts_as(model_or_ep, target.experts_implementation) as switched:
         recipe = build_recipe(model_or_ep, example_inputs, dynamic=dynamic, kv_cache=kv_cache,
                               check_batch=check_batch, check_seq=check_seq)
+        if switched:
+            recipe = dataclasses.replace(recipe, notes=(*recipe.notes, switched))
         for note in recipe.notes:
             warnings.warn(note, stacklevel=2)
         with publication as pub:
@@ -720,6 +723,34 @@ def export(
         external_data=len(written) > 1, check_shapes=recipe.check_shapes if check else {},
         notes=list(recipe.notes), backend=target.name, files=files,
     )
+
+
+@contextlib.contextmanager
+def _experts_as(model: Any, implementation: str | None) -> Iterator[str | None]:
+    """Run an HF mixture of experts with the ``experts_implementation`` a backend needs, and put the
+    model's own back afterwards; yields the note saying so (None when nothing changed)."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_experts_implementation", None)
+    if (implementation is None or not isinstance(model, nn.Module) or not hasattr(model, "set_experts_implementation")
+            or current in (None, implementation) or not _has_experts(model)):
+        yield None
+        return
+    try:
+        model.set_experts_implementation(implementation)
+    except (ValueError, RuntimeError, AttributeError):  # a model that cannot switch exports as it is
+        yield None
+        return
+    try:
+        yield (f"experts exported with experts_implementation={implementation!r} (the model's {current!r} "
+               "is not convertible by this backend); same weights, same outputs")
+    finally:
+        model.set_experts_implementation(current)
+
+
+def _has_experts(model: nn.Module) -> bool:
+    """Whether ``model`` holds experts that dispatch on ``config._experts_implementation``
+    (modules wrapped by transformers' ``use_experts_implementation``)."""
+    return any(hasattr(m, "_is_expert_parallel") and hasattr(m, "is_concatenated") for m in model.modules())
 
 
 def export_onnx(
