@@ -165,18 +165,24 @@ def test_the_default_criterion_prunes_and_verifies_across_architectures(name):
     assert torch.isfinite(logits).all()
 
 
-def test_fused_expert_weights_get_a_diagonal_fisher_cost_that_ranks_a_dead_channel_first():
-    """HF 5.x experts are 3-D parameters indexed in the forward: no module hook sees their tokens,
-    so they are costed from per-batch gradients instead of being left free (cost 0)."""
-    zm = zoo.ZOO["mixtral"]
+def _mixtral_with_dead_and_loud_channel(zm):
+    """The zoo Mixtral with channel 5 of every expert of layer 0 dead and channel 7 loud (x3)."""
     model = zm.build()
     ex = model.model.layers[0].mlp.experts
     inter = ex.down_proj.shape[-1]
-    with torch.no_grad():  # channel 5 of every expert of layer 0 is dead; channel 7 is loud
+    with torch.no_grad():
         for c, k in ((5, 0.0), (7, 3.0)):
             ex.gate_up_proj[:, c].mul_(k)
             ex.gate_up_proj[:, inter + c].mul_(k)
             ex.down_proj[:, :, c].mul_(k)
+    return model
+
+
+def test_fused_expert_weights_get_a_diagonal_fisher_cost_that_ranks_a_dead_channel_first():
+    """HF 5.x experts are 3-D parameters indexed in the forward: no module hook sees their tokens,
+    so they are costed from per-batch gradients instead of being left free (cost 0)."""
+    zm = zoo.ZOO["mixtral"]
+    model = _mixtral_with_dead_and_loud_channel(zm)
     calib = [zm.make_inputs(2, 16) for _ in range(3)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -199,15 +205,8 @@ def test_a_group_the_criterion_cannot_score_is_never_taken_as_free(importance, a
     score nothing.  They are not cut first as "free": a uniform allocation ranks their units by
     weight norm, any other keeps them whole; a warning says which."""
     zm = zoo.ZOO["mixtral"]
-    model = zm.build()
+    model = _mixtral_with_dead_and_loud_channel(zm)
     gid = "model.layers.0.mlp.experts:channels"
-    experts = model.model.layers[0].mlp.experts
-    inter = experts.down_proj.shape[-1]
-    with torch.no_grad():  # channel 5 of every expert of layer 0 is dead; channel 7 is loud
-        for c, k in ((5, 0.0), (7, 3.0)):
-            experts.gate_up_proj[:, c].mul_(k)
-            experts.gate_up_proj[:, inter + c].mul_(k)
-            experts.down_proj[:, :, c].mul_(k)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = fxprune.prune(model, 0.3, calib=[zm.make_inputs(2, 16) for _ in range(2)], importance=importance,
