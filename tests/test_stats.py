@@ -90,9 +90,11 @@ def test_shards_merge_to_the_whole():
     merged = a.merge(b)
     for name in whole:
         torch.testing.assert_close(merged[name].xxT, whole[name].xxT)
+        torch.testing.assert_close(merged[name].xspread, whole[name].xspread)  # per-batch spread sums too
         assert merged[name].count == whole[name].count
     assert merged["q"].xxT is merged["k"].xxT
-    assert whole.nbytes == (6 + 6 + 36 + 5 + 5 + 25) * 8  # q and k share one slot: counted once
+    # q and k share one slot: counted once (sums, squares, A and the 2 spread sums per slot)
+    assert whole.nbytes == (6 + 6 + 36 + 2 + 5 + 5 + 25 + 2) * 8
 
 
 class Looped(nn.Module):
@@ -148,3 +150,30 @@ def test_param_fisher_sums_squared_per_batch_gradients_of_the_summed_loss():
     assert ls.pg_count == 3 * 2
     torch.testing.assert_close(ls.param_fisher("w", {"w": model.w}, ("w",)), want / 6)
     assert model.w.grad is None and model.w.requires_grad, "the model must be left as it was"
+
+
+def test_the_shrinkage_of_A_follows_how_well_the_batches_agree():
+    """Ledoit-Wolf between batches: none from one batch, little from many batches of one
+    distribution, much from few batches of a wide layer; and the value is the textbook one."""
+    from fxprune.passes.curvature import shrinkage
+
+    def gathered(batches):
+        cs = [x.t() @ x for x in batches]
+        n = sum(x.shape[0] for x in batches)
+        spread = torch.tensor([sum(float((c * c).sum()) for c in cs), sum(float(x.shape[0]) ** 2 for x in batches)], dtype=torch.float64)
+        return sum(cs), spread, n
+
+    g = torch.Generator().manual_seed(0)
+    assert shrinkage(*gathered([torch.randn(64, 8, generator=g, dtype=torch.float64)])) == 0.0
+    assert shrinkage(torch.eye(4), None, 10) == 0.0  # statistics without the spread: no shrinkage
+    mix = torch.randn(32, 32, generator=g, dtype=torch.float64)
+    many = shrinkage(*gathered([torch.randn(256, 32, generator=g, dtype=torch.float64) @ mix for _ in range(64)]))
+    few = shrinkage(*gathered([torch.randn(8, 32, generator=g, dtype=torch.float64) @ mix for _ in range(4)]))
+    assert 0.0 < many < 0.05 < few
+    xs = [torch.randn(16, 6, generator=g, dtype=torch.float64) for _ in range(5)]
+    xxT, spread, n = gathered(xs)
+    a, mu = xxT / n, float(torch.trace(xxT / n)) / 6
+    b2 = sum(float(((x.t() @ x / n - a * x.shape[0] / n) ** 2).sum()) for x in xs)  # equal batches
+    d2 = float(((a - mu * torch.eye(6, dtype=torch.float64)) ** 2).sum())
+    alpha = min(b2, d2) / d2
+    assert abs(shrinkage(xxT, spread, n) - alpha / (1 - alpha)) < 1e-9

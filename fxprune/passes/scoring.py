@@ -652,10 +652,14 @@ class _CurvatureImportance(Importance):
     costs = True
     method: ClassVar[str] = "?"
 
-    def __init__(self, seed: int = 0, damping: float = curvature.DAMPING, budget: int | None = None,
+    def __init__(self, seed: int = 0, damping: float | None = None, budget: int | None = None,
                  relative: bool = False) -> None:
         super().__init__(seed)
-        self.damping = float(damping)
+        # the default damping, 0.01 · mean(diag), is raised for surgeon's A to its Ledoit-Wolf
+        # shrinkage where the calibration batches disagree (curvature.shrinkage); a damping given
+        # explicitly is used as it is
+        self.damping = curvature.DAMPING if damping is None else float(damping)
+        self.shrink = damping is None
         self.budget = budget
         self.relative = bool(relative)
         self._costs: dict[str, np.ndarray] = {}
@@ -673,7 +677,7 @@ class _CurvatureImportance(Importance):
                 budget = max(weight_bytes // 2, 128 * 2**20)
             self.source = curvature.CurvatureSource(model, batches, loss_fn=loss_fn, device=device, budget=budget,
                                                     progress=progress, reduce=self.reduce_stats)
-        self.source.damping = self.damping
+        self.source.damping, self.source.shrink = self.damping, self.shrink
         gc = curvature.group_costs(model, groups, self.source, self.method, damping=self.damping,
                                    relative=self.relative)
         self._costs, self.how = dict(gc.costs), dict(gc.how)

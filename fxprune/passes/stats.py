@@ -244,6 +244,10 @@ class LayerStats:
     x_sq: torch.Tensor | None = None
     xxT: torch.Tensor | None = None
     cov_count: int = 0
+    # [sum over batches of ||C_b||²_F, sum of n_b²] for the batches' sums C_b = Σ x xᵀ (n_b rows
+    # each, the bias column included): how noisy the estimate A is, for the Ledoit-Wolf shrinkage
+    # (:func:`fxprune.passes.curvature.shrinkage`)
+    xspread: torch.Tensor | None = None
     grad_count: int = 0
     ggT: torch.Tensor | None = None
     gx_sq: torch.Tensor | None = None  # sum over rows of (Wᵀ g)² per input feature (grad_input_sq)
@@ -284,7 +288,7 @@ class LayerStats:
         return self.ggT / max(self.grad_count, 1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("x_sum", "x_sq", "xxT", "ggT", "gx_sq", "yg", "pg_sq")
+        return {k: getattr(self, k) for k in ("x_sum", "x_sq", "xxT", "xspread", "ggT", "gx_sq", "yg", "pg_sq")
                 if getattr(self, k) is not None}
 
 
@@ -422,6 +426,7 @@ class _Slot:
         self.x_sum: torch.Tensor | None = None
         self.x_sq: torch.Tensor | None = None
         self.xxT: torch.Tensor | None = None
+        self.xspread: torch.Tensor | None = None
         self.batch_input: Any = None  # weakref to the tensor added last, this batch
         self.batch_done = False
         self.readers: set[str] = set()  # layers that read that tensor
@@ -585,7 +590,12 @@ class Collector:
                     cols = adapter.columns(module, x).to(self.dtype)
                     if bias_col:
                         cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1)], dim=1)
-                    slot.xxT = _add(slot.xxT, cols.t() @ cols, self.device)
+                    cc = cols.t() @ cols
+                    slot.xxT = _add(slot.xxT, cc, self.device)
+                    # the spread of the estimate between calls (batches): sum ||C_b||²_F and sum n_b²
+                    # (tokens of one window are correlated: their spread is the honest one)
+                    slot.xspread = _add(slot.xspread, torch.stack([(cc * cc).sum(), cc.new_tensor(
+                        float(cols.shape[0]) ** 2)]), self.device)
                     slot.cov_count += cols.shape[0]
 
         return hook
@@ -640,7 +650,9 @@ class Collector:
             layers[name] = LayerStats(
                 name=name, slot=slot_name, d_in=d_in, d_out=d_out, bias_column=bias_col,
                 count=slot.count, x_sum=slot.x_sum, x_sq=slot.x_sq, xxT=slot.xxT, cov_count=slot.cov_count,
-                grad_count=self._grad_count.get(name, 0), ggT=self._ggT.get(name), gx_sq=self._gx_sq.get(name),
+                xspread=slot.xspread,
+                grad_count=self._grad_count.get(name, 0), ggT=self._ggT.get(name),
+                gx_sq=self._gx_sq.get(name),
                 yg=self._yg.get(name), pg_sq=self._pg_sq.get(name), pg_count=self._pg_count.get(name, 0),
             )
         return Stats(types.MappingProxyType(layers), self.spec, self.n_batches, n_tokens, fisher)
