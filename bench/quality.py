@@ -669,7 +669,9 @@ def main() -> None:
             earlier = {}
         kept = {k: v for k, v in earlier.items() if k != "meta" and k not in parts and not earlier.get("meta", {}).get("quick")}
         if kept:
-            out["meta"]["kept_from_earlier_run"] = {k: earlier.get("meta", {}).get("started") for k in kept}
+            em = earlier.get("meta", {})
+            out["meta"]["kept_from_earlier_run"] = {  # when each kept part was measured
+                k: em.get("kept_from_earlier_run", {}).get(k, em.get("started")) for k in kept}
             out.update(kept)
     for family in LM_FAMILIES:
         if ("lm" if family == "llama" else f"lm_{family}") in parts:
