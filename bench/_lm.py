@@ -336,41 +336,26 @@ def settings_key(settings: dict[str, Any]) -> str:
 def build_config(settings: dict[str, Any], vocab_size: int, eos_id: int):
     import transformers
 
-    if settings["family"] == "gpt_neox":
-        return transformers.GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=settings["hidden_size"],
-            intermediate_size=settings["intermediate_size"],
-            num_hidden_layers=settings["num_hidden_layers"],
-            num_attention_heads=settings["num_attention_heads"],
-            max_position_embeddings=settings["max_position_embeddings"],
-            rotary_pct=0.25,
-            rotary_emb_base=settings["rope_theta"],
-            use_parallel_residual=True,
-            tie_word_embeddings=settings["tie_word_embeddings"],
-            bos_token_id=eos_id,
-            eos_token_id=eos_id,
-            pad_token_id=eos_id,
-        )
-    moe = {k: settings[k] for k in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef") if k in settings}
-    cls = {"llama": transformers.LlamaConfig, "qwen3": getattr(transformers, "Qwen3Config", None),
-           "mixtral": getattr(transformers, "MixtralConfig", None)}[settings["family"]]
-    return cls(
-        **moe,
+    common = dict(
         vocab_size=vocab_size,
-        head_dim=settings["head_dim"],
         hidden_size=settings["hidden_size"],
         intermediate_size=settings["intermediate_size"],
         num_hidden_layers=settings["num_hidden_layers"],
         num_attention_heads=settings["num_attention_heads"],
-        num_key_value_heads=settings["num_key_value_heads"],
         max_position_embeddings=settings["max_position_embeddings"],
-        rope_theta=settings["rope_theta"],
         tie_word_embeddings=settings["tie_word_embeddings"],
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
+    if settings["family"] == "gpt_neox":
+        return transformers.GPTNeoXConfig(**common, rotary_pct=0.25, rotary_emb_base=settings["rope_theta"],
+                                          use_parallel_residual=True)
+    moe = {k: settings[k] for k in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef") if k in settings}
+    cls = {"llama": transformers.LlamaConfig, "qwen3": getattr(transformers, "Qwen3Config", None),
+           "mixtral": getattr(transformers, "MixtralConfig", None)}[settings["family"]]
+    return cls(**common, **moe, head_dim=settings["head_dim"], num_key_value_heads=settings["num_key_value_heads"],
+               rope_theta=settings["rope_theta"])
 
 
 def train_or_load_lm(cache_dir: str | Path, quick: bool = False, log: Any = print,
