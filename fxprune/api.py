@@ -309,22 +309,8 @@ def prune(
     except ScoringError as exc:
         if moe_note is None or "expert" not in str(exc):
             raise
-        # the experts were the default's choice, not the caller's: score them by routing frequency
-        # (REAP needs the router weights applied to the expert outputs), else prune the width alone
-        if kwargs.get("expert_importance", "reap") != "frequency":
-            try:
-                result = prune(model_or_graph, ratio, shots=shots, shot_lora_steps=shot_lora_steps,
-                               **{**kwargs, "expert_importance": "frequency"})
-                moe_note = f"{moe_note.replace('(reap)', '(frequency)')} (reap could not score them: {exc})"
-            except ScoringError as again:
-                exc = again
-                result = None
-        else:
-            result = None
-        if result is None:
-            result = prune(model_or_graph, ratio, shots=asked_shots, shot_lora_steps=shot_lora_steps,
-                           **{**kwargs, "kinds": {"experts": False}})
-            moe_note = f"mixture of experts: the experts are not pruned ({exc})"
+        result, moe_note = _default_experts_fallback(model_or_graph, ratio, asked_shots, shot_lora_steps, kwargs,
+                                                     moe_note, exc)
     if not upfront and moe_note is None:
         return result
     rep = result.report
@@ -333,6 +319,47 @@ def prune(
         timings["total"] = round(rep.timings["total"] + sum(upfront.values()), 3)
     notes = ([moe_note] if moe_note else []) + list(rep.notes)
     return dataclasses.replace(result, report=dataclasses.replace(rep, timings=timings, notes=notes))
+
+
+def _graph_of(model_or_graph: Any, example_inputs: Any, batches: list | None) -> PrunableGraph:
+    """The graph to prune: the given one, or ``model_or_graph`` traced on ``example_inputs``
+    (default: the first calibration batch, or token ids built from the model config)."""
+    if isinstance(model_or_graph, Analysis):
+        return model_or_graph.graph
+    if isinstance(model_or_graph, PrunableGraph):
+        return model_or_graph
+    if example_inputs is None:
+        return trace(model_or_graph, (), _default_inputs(model_or_graph, batches))
+    return trace(model_or_graph, *split_example_inputs(example_inputs))
+
+
+def _default_experts_fallback(model_or_graph: Any, ratio: float, shots: Any, shot_lora_steps: int, kwargs: dict,
+                              note: str, exc: ScoringError) -> tuple[PruneResult, str]:
+    """The experts were the default's choice, not the caller's, and their criterion failed: score
+    them by routing frequency (REAP needs the router weights applied to the expert outputs), else
+    prune the width alone; the result and the note that says which."""
+    if kwargs.get("expert_importance", "reap") != "frequency":
+        try:
+            result = prune(model_or_graph, ratio, shots=1, shot_lora_steps=shot_lora_steps,
+                           **{**kwargs, "expert_importance": "frequency"})
+            return result, f"{note.replace('(reap)', '(frequency)')} (reap could not score them: {exc})"
+        except ScoringError as again:
+            exc = again
+    result = prune(model_or_graph, ratio, shots=shots, shot_lora_steps=shot_lora_steps,
+                   **{**kwargs, "kinds": {"experts": False}})
+    return result, f"mixture of experts: the experts are not pruned ({exc})"
+
+
+def _loaded_calibration(kwargs: Mapping[str, Any]) -> list | None:
+    """``kwargs["calib"]`` loaded once into batches (every shot and pass reads the same ones)."""
+    if kwargs.get("calib") is None:
+        return None
+    batches = load_calibration(kwargs["calib"], tokenizer=kwargs.get("tokenizer"),
+                               n_samples=kwargs.get("n_samples", 32), seq_len=kwargs.get("seq_len", 128),
+                               seed=kwargs.get("seed", 0), batch_size=kwargs.get("batch_size", 1))
+    if not batches:
+        raise DataError("calibration data is empty")
+    return batches
 
 
 def _analysed(model_or_graph: Any, kwargs: dict) -> tuple[Analysis, dict, dict[str, float]]:
@@ -344,23 +371,10 @@ def _analysed(model_or_graph: Any, kwargs: dict) -> tuple[Analysis, dict, dict[s
         return model_or_graph, kwargs, timings
     kwargs = dict(kwargs)
     t0 = time.perf_counter()
-    if kwargs.get("calib") is not None:
-        kwargs["calib"] = load_calibration(kwargs["calib"], tokenizer=kwargs.get("tokenizer"),
-                                           n_samples=kwargs.get("n_samples", 32), seq_len=kwargs.get("seq_len", 128),
-                                           seed=kwargs.get("seed", 0), batch_size=kwargs.get("batch_size", 1))
-        if not kwargs["calib"]:
-            raise DataError("calibration data is empty")
+    kwargs["calib"] = _loaded_calibration(kwargs)
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if isinstance(model_or_graph, Analysis):
-        graph = model_or_graph.graph
-    elif isinstance(model_or_graph, PrunableGraph):
-        graph = model_or_graph
-    else:
-        example = kwargs.get("example_inputs")
-        if example is None:
-            example = kwargs["example_inputs"] = _default_inputs(model_or_graph, kwargs.get("calib"))
-        graph = trace(model_or_graph, *split_example_inputs(example))
+    graph = _graph_of(model_or_graph, kwargs.get("example_inputs"), kwargs["calib"])
     timings["capture"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     analysis = analyze(graph, ignore=kwargs.get("ignore", ()))
@@ -375,12 +389,7 @@ def _multi_shot(model_or_graph: Any, ratio: float, shots: int, lora_steps: int, 
         model_or_graph.module if isinstance(model_or_graph, PrunableGraph) else model_or_graph)
     t0 = time.perf_counter()
     kwargs = dict(kwargs)
-    if kwargs.get("calib") is not None:  # load once; every shot reads the same batches
-        kwargs["calib"] = load_calibration(kwargs["calib"], tokenizer=kwargs.get("tokenizer"),
-                                           n_samples=kwargs.get("n_samples", 32), seq_len=kwargs.get("seq_len", 128),
-                                           seed=kwargs.get("seed", 0), batch_size=kwargs.get("batch_size", 1))
-        if not kwargs["calib"]:
-            raise DataError("calibration data is empty")
+    kwargs["calib"] = _loaded_calibration(kwargs)  # load once; every shot reads the same batches
     if kwargs.get("example_inputs") is None:
         kwargs["example_inputs"] = _default_inputs(model, kwargs.get("calib"))
     p0 = count_params(model)
@@ -534,16 +543,7 @@ def prune_once(
                 raise DataError("calibration data is empty")
     analysis = model_or_graph if isinstance(model_or_graph, Analysis) else None
     with clock("capture"):
-        if analysis is not None:
-            graph = analysis.graph
-        elif isinstance(model_or_graph, PrunableGraph):
-            graph = model_or_graph
-        else:
-            if example_inputs is not None:
-                ex_args, ex_kwargs = split_example_inputs(example_inputs)
-            else:
-                ex_args, ex_kwargs = (), _default_inputs(model_or_graph, batches)
-            graph = trace(model_or_graph, ex_args, ex_kwargs)
+        graph = _graph_of(model_or_graph, example_inputs, batches)
         model = graph.module
     with clock("analyze"):
         if analysis is None or tuple(ignore) != analysis.ignore:

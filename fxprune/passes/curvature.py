@@ -690,6 +690,7 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
     """
     roles = roles_of(model, groups)
     specs = stat_specs(model, roles, method)
+    shrink = method == "surgeon" and getattr(source, "shrink", False)
     sizes = {g.id: g.size for g in groups}
     costs = {gid: np.zeros(n, dtype=np.float64) for gid, n in sizes.items()}
     how: dict[str, str] = {}
@@ -721,7 +722,7 @@ def group_costs(model: nn.Module, groups: Sequence[Any], source: CurvatureSource
                 continue
             lc = LayerCurvature.of(layer, ls, weight_matrix(module), getattr(module, "bias", None),
                                    damping=damping, need_grad=method == "surgeon",
-                                   shrink=method == "surgeon" and getattr(source, "shrink", False))
+                                   shrink=shrink)
             for r in roles_here:
                 if r.contraction is None:
                     how[r.key] = ("bias: with its layer's rows (bias column of A)" if r.attr == "bias"
@@ -837,6 +838,7 @@ def plan_update(model: nn.Module, analysis: Any, plan: Any, source: CurvatureSou
     from fxprune.passes.stats import StatSpec
 
     removals = layer_removals(model, analysis, plan, compensated_rows_only=method == "surgeon")
+    shrink = method == "surgeon" and getattr(source, "shrink", False)
     names = tensor_names(model)
     specs: dict[str, Any] = {}
     notes: list[str] = []
@@ -861,7 +863,7 @@ def plan_update(model: nn.Module, analysis: Any, plan: Any, source: CurvatureSou
             bias = getattr(module, "bias", None)
             lc = LayerCurvature.of(layer, stats.layers.get(layer), weight_matrix(module), bias,
                                    damping=damping, need_grad=method == "surgeon" and bool(len(r)),
-                                   shrink=method == "surgeon" and getattr(source, "shrink", False))
+                                   shrink=shrink)
             if method == "surgeon":
                 w, b = kfac_update(lc, r, c)
             else:

@@ -598,8 +598,9 @@ def _fold_rebuilt_scalars(model: torch.nn.Module, analysis: Any) -> tuple[list[s
     def fold_plan(buf_node: fx.Node, r: float) -> list[tuple[str, float, float]] | None:
         """[(tensor FQN, offset, factor)]: ``(t + offset) * factor - offset`` for each tensor."""
         out: list[tuple[str, float, float]] = []
-        for use in compute_users(through_casts(buf_node, forward=True)):
-            emb = other_operand(use, through_casts(buf_node, forward=True)) if op_packet(use) is torch.ops.aten.mul else None
+        scale = through_casts(buf_node, forward=True)
+        for use in compute_users(scale):
+            emb = other_operand(use, scale) if op_packet(use) is torch.ops.aten.mul else None
             emb = through_casts(emb, forward=False) if isinstance(emb, fx.Node) else None
             if emb is None or op_packet(emb) is not torch.ops.aten.embedding or emb.args[0].op != "placeholder":
                 return None

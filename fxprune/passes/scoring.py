@@ -663,6 +663,7 @@ class _CurvatureImportance(Importance):
         self.budget = budget
         self.relative = bool(relative)
         self._costs: dict[str, np.ndarray] = {}
+        self._uncosted: set[str] = set()  # groups no member of which got a cost
         self.how: dict[str, str] = {}
         self.source: curvature.CurvatureSource | None = None
         self.reduce_stats: Callable[[Any], Any] | None = None  # set by a distributed sync's prepare()
@@ -689,8 +690,8 @@ class _CurvatureImportance(Importance):
         return None
 
     def group_scores(self, group, ctx, aggregate):
-        if group.id in getattr(self, "_uncosted", ()):  # no member costed: ranked by weight norm, as
-            return _norm_fallback(self.name, group, ctx, aggregate)  # the other criteria do
+        if group.id in self._uncosted:  # no member costed: ranked by weight norm, as the others do
+            return _norm_fallback(self.name, group, ctx, aggregate)
         return self._costs[group.id]
 
 

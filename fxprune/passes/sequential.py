@@ -1269,7 +1269,8 @@ def _score_curvature(model: nn.Module, checkpoint: Checkpoint, analysis: Any, ba
     agg, norm = _lookup(AGGREGATES, aggregate, "aggregate"), _lookup(NORMALIZERS, normalize, "normalize")
     by_group, raw = _all_group_scores(groups, crit, ctx, agg, norm)
     scores = Scores(by_group, importance, aggregate, normalize, source.n_batches, source.n_tokens, {}, {}, raw,
-                    source, dict(crit.how), crit.costs, dict(crit.uncosted_kinds), frozenset(ctx.unscored))
+                    source, dict(crit.how), crit.costs, dict(crit.uncosted_kinds), frozenset(ctx.unscored),
+                    frozenset(ctx.fallback))
     run = source.runs[-1] if source.runs else None
     return SequentialScores(scores, None, sweep["cut"], run.timings if run else (),
                             run.activation_bytes if run else types.MappingProxyType({}),
